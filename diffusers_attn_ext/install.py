@@ -1,0 +1,98 @@
+"""Putting processors on the right attention modules, composing methods, and restoring stock processors.
+
+``layers`` uses the pattern language of diffusers' ``pag_applied_layers``: each pattern is a regular
+expression searched in the module name (``re.search``), and a pattern ending in a number does not match a
+longer number ("blocks.1" selects blocks.1 but not blocks.10).
+
+Several processors given to one :func:`install` compose into one :class:`ComposedProcessor`; their stages
+run in the order given (positions, then scores, then outputs; see :mod:`diffusers_attn_ext.processors.base`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from .context import _split_target, attach_context, detach_context
+from .processors.base import AttnExtProcessor, ComposedProcessor
+
+SAVED_PROCESSORS_ATTR = "_attn_ext_saved_processors"
+
+
+def attention_modules(transformer: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every attention module of ``transformer`` (anything with a settable processor), by name."""
+    return {
+        name: module
+        for name, module in transformer.named_modules()
+        if hasattr(module, "processor") and hasattr(module, "set_processor")
+    }
+
+
+def _ends_in_other_number(pattern: str, name: str) -> bool:
+    """diffusers' guard against "blocks.1" matching "blocks.10": both end in different numbers."""
+    last_pattern, last_name = pattern.split(".")[-1], name.split(".")[-1]
+    return last_pattern.isnumeric() and last_name.isnumeric() and last_pattern != last_name
+
+
+def select_modules(transformer: torch.nn.Module, layers: str | list[str] | None) -> dict[str, torch.nn.Module]:
+    """Attention modules whose names match any of ``layers`` (all of them for None)."""
+    modules = attention_modules(transformer)
+    if layers is None:
+        return modules
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+    selected: dict[str, torch.nn.Module] = {}
+    for pattern in patterns:
+        matched = {
+            name: module
+            for name, module in modules.items()
+            if re.search(pattern, name) is not None and not _ends_in_other_number(pattern, name)
+        }
+        if not matched:
+            examples = ", ".join(list(modules)[:3])
+            raise ValueError(
+                f"layers pattern {pattern!r} matches no attention module of {type(transformer).__name__} "
+                f"(module names look like: {examples})"
+            )
+        selected.update(matched)
+    return selected
+
+
+def install(target: Any, *processors: AttnExtProcessor, layers: str | list[str] | None = None) -> AttnExtProcessor:
+    """Install processors on a pipeline's transformer (or a transformer) and attach the context hook.
+
+    Args:
+        target: a diffusers pipeline with a ``transformer``, or the transformer itself.
+        processors: one or more processors of this package; several compose in the order given.
+        layers: name patterns selecting attention modules (see module docstring); None for all.
+
+    Returns the installed processor (the composed one when several are given). :func:`uninstall`
+    restores the processors that were there before the first install.
+    """
+    if not processors:
+        raise ValueError("install needs at least one processor")
+    for processor in processors:
+        if not isinstance(processor, AttnExtProcessor):
+            raise ValueError(
+                f"install takes diffusers_attn_ext processors, got an object of type {type(processor).__name__!r}"
+            )
+    transformer, _ = _split_target(target)
+    modules = select_modules(transformer, layers)
+    processor = processors[0] if len(processors) == 1 else ComposedProcessor(*processors)
+    attach_context(target)
+    saved = transformer.__dict__.setdefault(SAVED_PROCESSORS_ATTR, {})
+    for name, module in modules.items():
+        saved.setdefault(name, module.processor)
+        module.set_processor(processor)
+    return processor
+
+
+def uninstall(target: Any) -> None:
+    """Restore the processors that were there before :func:`install` and remove the context hook."""
+    transformer, _ = _split_target(target)
+    saved = transformer.__dict__.pop(SAVED_PROCESSORS_ATTR, {})
+    modules = attention_modules(transformer)
+    for name, processor in saved.items():
+        modules[name].set_processor(processor)
+    detach_context(target)

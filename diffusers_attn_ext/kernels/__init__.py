@@ -1,0 +1,77 @@
+"""The attention math: one function, :func:`attend`, chooses the kernel for an attention call.
+
+- no score modification and no block mask: the dense kernel of the stock processor (bit-identical to it);
+- otherwise FlexAttention with the composed ``score_mod`` and the block mask (compiled on CUDA, eager on
+  CPU, the same function either way).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..families.base import AttentionCall
+from .dense import dense_attention
+from .flex import compose_score_mods, flex_attention_bnhd, flex_block_mask
+from .xformers_backend import xformers_status
+
+DENSE, FLEX = "dense", "flex"
+
+
+def choose_kernel(call: AttentionCall) -> str:
+    """The kernel for ``call``: dense unless methods modified scores or gave a block mask."""
+    if not call.score_mods and call.block_mask is None:
+        return DENSE
+    if call.attn_mask is not None:
+        raise ValueError(
+            "attention_mask together with a score modification or block mask is not supported: the "
+            f"{call.family} model passed a mask to {type(call.module).__name__}"
+        )
+    return FLEX
+
+
+def attend(call: AttentionCall) -> torch.Tensor:
+    """Run the attention of ``call``; returns ``[B, N, H, D]``."""
+    if choose_kernel(call) == DENSE:
+        return dense_attention(
+            call.query, call.key, call.value, attn_mask=call.attn_mask, scale=call.scale, via=call.dense_via,
+            backend=call.backend, parallel_config=call.parallel_config,
+        )
+    block_mask = None
+    if call.block_mask is not None:
+        block_mask = flex_block_mask(call.block_mask, call.block_size, call.query.shape[1], call.key.shape[1])
+    return flex_attention_bnhd(
+        call.query, call.key, call.value, score_mod=compose_score_mods(call.score_mods),
+        block_mask=block_mask, scale=call.scale,
+    )
+
+
+def kernel_report() -> dict[str, str]:
+    """What is available on this machine and which kernel each kind of call gets."""
+    cuda = torch.cuda.is_available()
+    report = {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "dense": "stock kernel (diffusers dispatch_attention_fn or F.scaled_dot_product_attention)",
+        "flex": "compiled FlexAttention (Triton)" if cuda else "eager FlexAttention (reference, CPU)",
+    }
+    if cuda:
+        from torch.backends import cuda as cuda_backends
+
+        report["sdpa_backends"] = ", ".join(
+            name for name, on in (
+                ("cudnn", cuda_backends.cudnn_sdp_enabled()), ("flash", cuda_backends.flash_sdp_enabled()),
+                ("efficient", cuda_backends.mem_efficient_sdp_enabled()), ("math", cuda_backends.math_sdp_enabled()),
+            ) if on
+        )
+    works, reason = xformers_status()
+    report["xformers"] = reason
+    try:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+        report["diffusers_active_backend"] = str(_AttentionBackendRegistry.get_active_backend()[0].value)
+    except (ImportError, AttributeError) as error:
+        report["diffusers_active_backend"] = f"unknown ({error})"
+    return report
+
+
+__all__ = ["DENSE", "FLEX", "attend", "choose_kernel", "dense_attention", "flex_attention_bnhd", "flex_block_mask", "kernel_report"]

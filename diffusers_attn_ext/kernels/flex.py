@@ -1,0 +1,80 @@
+"""FlexAttention with score modifications and block-sparse masks.
+
+On CUDA the kernel is ``torch.compile``d (the fused Triton kernel); elsewhere the eager FlexAttention
+runs, which computes the same function with the explicit score matrix: that is the CPU reference path for
+tests and small inputs, never a default at video lengths on GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Callable
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def compose_score_mods(score_mods: list[ScoreMod]) -> ScoreMod | None:
+    """One score_mod applying ``score_mods`` in order (None for an empty list)."""
+    if not score_mods:
+        return None
+    if len(score_mods) == 1:
+        return score_mods[0]
+
+    def composed(score, b, h, q_idx, kv_idx):
+        for mod in score_mods:
+            score = mod(score, b, h, q_idx, kv_idx)
+        return score
+
+    return composed
+
+
+def flex_block_mask(blocks: torch.Tensor, block_size: int, q_len: int, kv_len: int) -> BlockMask:
+    """A FlexAttention ``BlockMask`` from a boolean block table ``[B|1, H|1, q_blocks, kv_blocks]``.
+
+    Kept blocks are passed as full blocks (no mask_mod evaluated inside them); tokens past ``q_len`` /
+    ``kv_len`` in the last block are excluded by FlexAttention's sequence lengths.
+    """
+    if blocks.dim() != 4 or blocks.dtype != torch.bool:
+        raise ValueError(f"blocks must be a 4-d bool tensor [B, H, q_blocks, kv_blocks], got {tuple(blocks.shape)} {blocks.dtype}")
+    q_blocks, kv_blocks = -(-q_len // block_size), -(-kv_len // block_size)
+    if blocks.shape[-2:] != (q_blocks, kv_blocks):
+        raise ValueError(
+            f"block table of shape {tuple(blocks.shape[-2:])} does not cover q_len={q_len}, kv_len={kv_len} "
+            f"with block_size={block_size}: expected ({q_blocks}, {kv_blocks})"
+        )
+    counts = blocks.sum(-1, dtype=torch.int32)
+    indices = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    empty = torch.zeros_like(counts)
+    return BlockMask.from_kv_blocks(
+        empty, indices, full_kv_num_blocks=counts, full_kv_indices=indices,
+        BLOCK_SIZE=block_size, seq_lengths=(q_len, kv_len),
+    )
+
+
+def flex_attention_bnhd(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    score_mod: ScoreMod | None = None,
+    block_mask: BlockMask | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """FlexAttention on ``[B, N, H, D]`` tensors, returning ``[B, N, H, D]``."""
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    if q.is_cuda:
+        out = _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    return out.transpose(1, 2)
