@@ -6,7 +6,10 @@ transformer holds a reference to the same object, so a processor reaches it from
 called with. Nothing lives in globals.
 
 Per-generation state (``AttnContext.state``) is cleared when a generation ends: diffusers pipelines call
-``maybe_free_model_hooks()`` at the end of ``__call__``, which resets every stateful hook, ours included.
+``maybe_free_model_hooks()`` at the end of ``__call__``, which resets every stateful hook, ours included
+(for transformers with diffusers' ``CacheMixin``); and when the hook knows the pipeline, a new
+``scheduler.timesteps`` tensor (``set_timesteps`` runs once at the start of every pipeline call) starts a
+new generation too, so transformers without ``CacheMixin`` (SD3) reset at the start of each call.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ class AttnContext:
     state: dict[str, Any] = field(default_factory=dict)
     branch_labels: tuple[str, ...] | None = None
     _last_timestep: float | None = None
+    _fresh: bool = True
 
     def set_branch_labels(self, labels: tuple[str, ...] | None) -> None:
         """Declare how the batch splits into guidance branches, in equal chunks: e.g.
@@ -111,7 +115,11 @@ class AttnContext:
         return [i * chunk + r for i, label in enumerate(labels) if label == branch for r in range(chunk)]
 
     def new_generation(self) -> None:
-        """Forget everything that belongs to the generation that just ended."""
+        """Forget everything that belongs to the generation that just ended (once: a second call before
+        the next forward changes nothing)."""
+        if self._fresh:
+            return
+        self._fresh = True
         self.generation += 1
         self.state.clear()
         self.step_index = -1
@@ -123,6 +131,7 @@ class AttnContext:
         """Record the timestep of a new forward. The step index comes from the pipeline's cache context
         when it gives one, else it advances whenever the timestep changes (so separate cond and uncond
         forwards of one step share a step index)."""
+        self._fresh = False
         self.timestep = timestep
         if num_steps is not None:
             self.num_steps = num_steps
@@ -187,9 +196,22 @@ class ContextHook(ModelHook):
         self.context = context
         self.cache_context = _CacheContextListener()
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
+        self._seen_timesteps = None
+
+    def _pipeline_started_new_call(self) -> bool:
+        """Whether the pipeline's scheduler got new timesteps since the last forward."""
+        pipeline = self._pipeline() if self._pipeline is not None else None
+        timesteps = getattr(getattr(pipeline, "scheduler", None), "timesteps", None)
+        if timesteps is None or timesteps is self._seen_timesteps:
+            return False
+        started = self._seen_timesteps is not None
+        self._seen_timesteps = timesteps
+        return started
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         ctx = self.context
+        if self._pipeline_started_new_call():
+            ctx.new_generation()
         named = _forward_kwargs(module, args, kwargs)
         ctx.grid, ctx.text_len = _grid_and_text(ctx.family, module, named)
         ctx.batch_size = named["hidden_states"].shape[0]

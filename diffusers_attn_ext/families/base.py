@@ -8,8 +8,9 @@ transformer block expects. Methods edit the call between those steps; they never
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

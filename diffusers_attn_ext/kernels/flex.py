@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -37,14 +37,27 @@ def compose_score_mods(score_mods: list[ScoreMod]) -> ScoreMod | None:
     return composed
 
 
+def block_table_mask_mod(blocks: torch.Tensor, block_size: int):
+    """The token-level mask_mod of a block table: (q, kv) allowed when its block is kept."""
+    batch_wide, head_wide = blocks.shape[0] == 1, blocks.shape[1] == 1
+
+    def block_table(b, h, q_idx, kv_idx):
+        return blocks[0 if batch_wide else b, 0 if head_wide else h, q_idx // block_size, kv_idx // block_size]
+
+    return block_table
+
+
 def flex_block_mask(blocks: torch.Tensor, block_size: int, q_len: int, kv_len: int) -> BlockMask:
     """A FlexAttention ``BlockMask`` from a boolean block table ``[B|1, H|1, q_blocks, kv_blocks]``.
 
-    Kept blocks are passed as full blocks (no mask_mod evaluated inside them); tokens past ``q_len`` /
-    ``kv_len`` in the last block are excluded by FlexAttention's sequence lengths.
+    Kept blocks are full blocks, so the compiled kernel evaluates no mask inside them; the mask_mod reads
+    the same table (eager FlexAttention evaluates it at every position). Tokens past ``q_len`` / ``kv_len``
+    in the last block are excluded by FlexAttention's sequence lengths.
     """
     if blocks.dim() != 4 or blocks.dtype != torch.bool:
-        raise ValueError(f"blocks must be a 4-d bool tensor [B, H, q_blocks, kv_blocks], got {tuple(blocks.shape)} {blocks.dtype}")
+        raise ValueError(
+            f"blocks must be a 4-d bool tensor [B, H, q_blocks, kv_blocks], got {tuple(blocks.shape)} {blocks.dtype}"
+        )
     q_blocks, kv_blocks = -(-q_len // block_size), -(-kv_len // block_size)
     if blocks.shape[-2:] != (q_blocks, kv_blocks):
         raise ValueError(
@@ -53,10 +66,9 @@ def flex_block_mask(blocks: torch.Tensor, block_size: int, q_len: int, kv_len: i
         )
     counts = blocks.sum(-1, dtype=torch.int32)
     indices = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-    empty = torch.zeros_like(counts)
     return BlockMask.from_kv_blocks(
-        empty, indices, full_kv_num_blocks=counts, full_kv_indices=indices,
-        BLOCK_SIZE=block_size, seq_lengths=(q_len, kv_len),
+        torch.zeros_like(counts), indices, full_kv_num_blocks=counts, full_kv_indices=indices,
+        BLOCK_SIZE=block_size, mask_mod=block_table_mask_mod(blocks, block_size), seq_lengths=(q_len, kv_len),
     )
 
 

@@ -1,0 +1,115 @@
+"""The demo: every method that exists, on tiny pipelines (or a real checkpoint), written to a folder.
+
+Each method registers :class:`DemoEntry` items in :data:`DEMOS`; ``python -m diffusers_attn_ext demo``
+runs them, saves each output as PNG (images) or GIF (videos), and writes ``summary.md`` with the time
+and the difference from the stock run of the same pipeline and seed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .install import install, uninstall
+from .processors import StockAttnProcessor
+from .testing import FAMILIES, tiny_call_kwargs, tiny_pipeline
+
+
+@dataclass
+class DemoEntry:
+    """One demo run: a method's processors on one family, with extra call arguments."""
+
+    method: str
+    family: str
+    processors: Callable[[], list]
+    call_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+DEMOS: list[DemoEntry] = [
+    DemoEntry("stock (StockAttnProcessor)", family, lambda: [StockAttnProcessor()]) for family in FAMILIES
+]
+
+
+def _frames(output: Any) -> list[np.ndarray]:
+    """HWC uint8 frames of a pipeline output (images or one video)."""
+    array = output[0] if isinstance(output, (tuple, list)) else output
+    array = torch.as_tensor(np.asarray(array)).float()
+    if array.dim() == 5:  # [B, F, C, H, W] video
+        array = array[0]
+    elif array.dim() == 4 and array.shape[1] not in (1, 3):  # [B, H, W, C] numpy images
+        array = array.permute(0, 3, 1, 2)
+    array = array.clamp(0, 1).permute(0, 2, 3, 1).mul(255).round().to(torch.uint8)
+    return list(array.numpy())
+
+
+def _save(frames: list[np.ndarray], path: Path) -> Path:
+    images = [Image.fromarray(frame) for frame in frames]
+    if len(images) == 1:
+        path = path.with_suffix(".png")
+        images[0].save(path)
+    else:
+        path = path.with_suffix(".gif")
+        images[0].save(path, save_all=True, append_images=images[1:], duration=125, loop=0)
+    return path
+
+
+def _output(pipe, family: str, overrides: dict[str, Any], model: str | None) -> Any:
+    kwargs = tiny_call_kwargs(family, **overrides) if model is None else {"prompt": "a red fox in the snow", **overrides}
+    return pipe(**kwargs)[0]
+
+
+def run_demo(output_dir: str | Path, model: str | None = None, family: str | None = None) -> Path:
+    """Run every registered demo (of ``family`` when given) and write outputs and ``summary.md``.
+
+    With ``model`` (a checkpoint id or path) the pipeline is loaded with ``DiffusionPipeline.from_pretrained``
+    and only the entries of its family run; otherwise tiny random pipelines are built.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = ["| method | family | seconds | max abs diff vs stock | file |", "|---|---|---|---|---|"]
+    pipes: dict[str, Any] = {}
+    for entry in DEMOS:
+        if family is not None and entry.family != family:
+            continue
+        if entry.family not in pipes:
+            pipes[entry.family] = _load(entry.family, model)
+        pipe = pipes[entry.family]
+        if pipe is None:
+            continue
+        stock = torch.as_tensor(np.asarray(_output(pipe, entry.family, entry.call_overrides, model))).float()
+        install(pipe, *entry.processors())
+        start = time.perf_counter()
+        try:
+            result = _output(pipe, entry.family, entry.call_overrides, model)
+        finally:
+            uninstall(pipe)
+        seconds = time.perf_counter() - start
+        result_t = torch.as_tensor(np.asarray(result)).float()
+        diff = (result_t - stock).abs().max().item() if result_t.shape == stock.shape else float("nan")
+        slug = "".join(c if c.isalnum() else "_" for c in f"{entry.method}_{entry.family}").strip("_")
+        path = _save(_frames(result), out / slug)
+        rows.append(f"| {entry.method} | {entry.family} | {seconds:.2f} | {diff:.3g} | {path.name} |")
+    summary = out / "summary.md"
+    summary.write_text("\n".join(rows) + "\n")
+    return summary
+
+
+def _load(family: str, model: str | None):
+    """A tiny pipeline, or the real checkpoint when its family is ``family`` (else None)."""
+    if model is None:
+        return tiny_pipeline(family)[0]
+    from diffusers import DiffusionPipeline
+
+    from .context import family_of_transformer
+
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch.bfloat16)
+    if family_of_transformer(pipe.transformer) != family:
+        return None
+    return pipe.to("cuda" if torch.cuda.is_available() else "cpu")
