@@ -72,6 +72,8 @@ class AttnContext:
         num_steps: steps of this generation when the pipeline tells it, else None.
         generation: counts generations; processors key per-generation caches on it.
         state: scratch space for per-generation state of processors, cleared at each generation.
+        branch_labels: how the batch splits into guidance branches, when a pipeline declares it.
+        config: the transformer's config (model facts such as its training length derive from it).
     """
 
     family: str
@@ -86,6 +88,7 @@ class AttnContext:
     generation: int = 0
     state: dict[str, Any] = field(default_factory=dict)
     branch_labels: tuple[str, ...] | None = None
+    config: Any = None
     _last_timestep: float | None = None
     _fresh: bool = True
 
@@ -249,7 +252,8 @@ def attach_context(target: Any) -> AttnContext:
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     hook = registry.get_hook(CONTEXT_HOOK_NAME)
     if hook is None:
-        hook = ContextHook(AttnContext(family=family_of_transformer(transformer)), pipeline)
+        context = AttnContext(family=family_of_transformer(transformer), config=transformer.config)
+        hook = ContextHook(context, pipeline)
         registry.register_hook(hook, CONTEXT_HOOK_NAME)
     for name, module in transformer.named_modules():
         if hasattr(module, "processor") and hasattr(module, "set_processor"):

@@ -8,6 +8,9 @@ Tokenizers cannot be built offline, so every text encoder and tokenizer is ``Non
 random prompt embeddings instead. A ``torch.Generator`` is consumed by a pipeline call, so never reuse
 call kwargs: build fresh ones with :func:`tiny_call_kwargs` for every call.
 
+A call does 15-90 ms of single-threaded work. On a small CPU shared with other processes, torch's default
+intra-op threads can make it 10-30x slower; ``torch.set_num_threads(1)`` in the test session avoids that.
+
 Typical use::
 
     pipe, kwargs = tiny_pipeline("wan")

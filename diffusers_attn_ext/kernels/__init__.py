@@ -1,6 +1,8 @@
 """The attention math: one function, :func:`attend`, chooses the kernel for an attention call.
 
 - no score modification and no block mask: the dense kernel of the stock processor (bit-identical to it);
+- a score_mod that carries a fused kernel (``score_mod.fused = (name, params)``), alone and on CUDA
+  inputs the fused kernel supports: that kernel (e.g. UltraViCo's Triton kernel);
 - otherwise FlexAttention with the composed ``score_mod`` and the block mask (compiled on CUDA, eager on
   CPU, the same function either way).
 """
@@ -14,13 +16,28 @@ from .dense import dense_attention
 from .flex import compose_score_mods, flex_attention_bnhd, flex_block_mask
 from .xformers_backend import xformers_status
 
-DENSE, FLEX = "dense", "flex"
+DENSE, FLEX, FUSED = "dense", "flex", "fused"
+
+
+def _fused_kernel(call: AttentionCall):
+    """The fused kernel that computes ``call`` exactly, or None."""
+    if len(call.score_mods) != 1 or call.block_mask is not None or not call.query.is_cuda:
+        return None
+    name, params = getattr(call.score_mods[0], "fused", (None, None))
+    if name == "ultravico":
+        from . import ultravico_triton
+
+        if ultravico_triton.supports(call.query, params["window"]):
+            return lambda: ultravico_triton.ultravico_attention(call.query, call.key, call.value, scale=call.scale, **params)
+    return None
 
 
 def choose_kernel(call: AttentionCall) -> str:
     """The kernel for ``call``: dense unless methods modified scores or gave a block mask."""
     if not call.score_mods and call.block_mask is None:
         return DENSE
+    if call.attn_mask is None and _fused_kernel(call) is not None:
+        return FUSED
     if call.attn_mask is not None:
         raise ValueError(
             "attention_mask together with a score modification or block mask is not supported: the "
@@ -31,11 +48,14 @@ def choose_kernel(call: AttentionCall) -> str:
 
 def attend(call: AttentionCall) -> torch.Tensor:
     """Run the attention of ``call``; returns ``[B, N, H, D]``."""
-    if choose_kernel(call) == DENSE:
+    kernel = choose_kernel(call)
+    if kernel == DENSE:
         return dense_attention(
             call.query, call.key, call.value, attn_mask=call.attn_mask, scale=call.scale, via=call.dense_via,
             backend=call.backend, parallel_config=call.parallel_config,
         )
+    if kernel == FUSED:
+        return _fused_kernel(call)()
     block_mask = None
     if call.block_mask is not None:
         block_mask = flex_block_mask(call.block_mask, call.block_size, call.query.shape[1], call.key.shape[1])
@@ -74,4 +94,4 @@ def kernel_report() -> dict[str, str]:
     return report
 
 
-__all__ = ["DENSE", "FLEX", "attend", "choose_kernel", "dense_attention", "flex_attention_bnhd", "flex_block_mask", "kernel_report"]
+__all__ = ["DENSE", "FLEX", "FUSED", "attend", "choose_kernel", "dense_attention", "flex_attention_bnhd", "flex_block_mask", "kernel_report"]

@@ -1,0 +1,150 @@
+"""A fused Triton attention kernel for UltraViCo (CUDA only).
+
+FlashAttention-2 forward (online softmax over key blocks) with UltraViCo's rule inside the inner loop.
+For each query block the key blocks split into three ranges: keys all within W/2 of every query of the
+block (and, for first-frame queries, inside the training length) run the plain loop; the blocks before and
+after run the loop that applies the rule per element. So the modification costs nothing on the near band
+and one compare-select per score elsewhere. Scores are kept in the log2 domain (scale * log2(e)), where
+multiplying a positive logit by alpha is the same operation.
+
+Supports video-only sequences (Wan self-attention: the video starts at token 0 and fills the sequence),
+head dims 64 and 128, fp16/bf16. Everything else goes through FlexAttention.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..masks import ULTRAVICO_BLOCKED_LOGIT, ExtrapolationWindow
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_block(
+    acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
+    qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit,
+    APPLY_RULE: tl.constexpr, RESTRICT: tl.constexpr,
+):
+    offs_kv = start_n + offs_n
+    if APPLY_RULE:
+        in_range = offs_kv < N
+        k = tl.load(K + offs_kv[None, :] * stride_kn + offs_d[:, None], mask=in_range[None, :], other=0.0)
+        v = tl.load(V + offs_kv[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+    else:
+        k = tl.load(K + offs_kv[None, :] * stride_kn + offs_d[:, None])
+        v = tl.load(V + offs_kv[:, None] * stride_vn + offs_d[None, :])
+    qk = tl.dot(q, k) * qk_scale
+    if APPLY_RULE:
+        distance = tl.abs(offs_m[:, None] - offs_kv[None, :])
+        qk = tl.where((distance > half) & (qk > 0), qk * alpha, qk)
+        if RESTRICT:
+            blocked = (offs_m[:, None] < frame_tokens) & (offs_kv[None, :] >= train_tokens)
+            qk = tl.where(blocked, blocked_logit, qk)
+        qk = tl.where(in_range[None, :], qk, float("-inf"))
+    m_ij = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_ij[:, None])
+    correction = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * correction + tl.sum(p, 1)
+    acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_ij
+
+
+@triton.jit
+def _ultravico_forward(
+    Q, K, V, Out,
+    stride_qz, stride_qm, stride_qh, stride_kz, stride_kn, stride_kh,
+    stride_vz, stride_vn, stride_vh, stride_oz, stride_om, stride_oh,
+    H, N, qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit,
+    RESTRICT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    off_hz = tl.program_id(1)
+    z, h = off_hz // H, off_hz % H
+    Q += z * stride_qz + h * stride_qh
+    K += z * stride_kz + h * stride_kh
+    V += z * stride_vz + h * stride_vh
+    Out += z * stride_oz + h * stride_oh
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=offs_m[:, None] < N, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # Key blocks [lo, hi) are near every query of this block (and not blocked): no rule applies there.
+    q_first = start_m * BLOCK_M
+    q_last = tl.minimum(q_first + BLOCK_M, N) - 1
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    lo = tl.minimum(tl.maximum(tl.cdiv(q_last - half, BLOCK_N), 0), n_blocks)
+    hi = tl.minimum(tl.maximum((q_first + half + 1) // BLOCK_N, 0), N // BLOCK_N)
+    if RESTRICT:
+        if q_first < frame_tokens:
+            hi = tl.minimum(hi, train_tokens // BLOCK_N)
+    hi = tl.maximum(hi, lo)
+
+    for start_n in range(0, lo * BLOCK_N, BLOCK_N):
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
+            qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit, True, RESTRICT,
+        )
+    for start_n in range(lo * BLOCK_N, hi * BLOCK_N, BLOCK_N):
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
+            qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit, False, RESTRICT,
+        )
+    for start_n in range(hi * BLOCK_N, n_blocks * BLOCK_N, BLOCK_N):
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
+            qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit, True, RESTRICT,
+        )
+
+    acc = acc / l_i[:, None]
+    tl.store(Out + offs_m[:, None] * stride_om + offs_d[None, :], acc.to(Out.dtype.element_ty), mask=offs_m[:, None] < N)
+
+
+# Chosen by measurement on the H100 (benchmarks/ultravico.py); overridable for tuning.
+DEFAULT_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+
+
+def supports(query: torch.Tensor, window: ExtrapolationWindow) -> bool:
+    """Whether the fused kernel handles this call (else FlexAttention does)."""
+    return (
+        query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and query.shape[-1] in (64, 128)
+        and window.video_start == 0
+        and window.video_tokens == query.shape[1]
+    )
+
+
+def ultravico_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window: ExtrapolationWindow, alpha: float,
+    restrict_first_frame: bool = True, scale: float | None = None, config: dict | None = None,
+) -> torch.Tensor:
+    """UltraViCo attention on ``[B, N, H, D]`` CUDA tensors (video-only sequence), returning ``[B, N, H, D]``."""
+    if not supports(query, window):
+        raise ValueError("ultravico_attention needs CUDA fp16/bf16 [B, N, H, 64|128] video-only tensors")
+    config = {**DEFAULT_CONFIG, **(config or {})}
+    batch, n, heads, head_dim = query.shape
+    key, value = key.contiguous() if key.stride(-1) != 1 else key, value.contiguous() if value.stride(-1) != 1 else value
+    query = query.contiguous() if query.stride(-1) != 1 else query
+    out = torch.empty_like(query)
+    scale = head_dim**-0.5 if scale is None else scale
+    grid = (triton.cdiv(n, config["BLOCK_M"]), batch * heads)
+    _ultravico_forward[grid](
+        query, key, value, out,
+        query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        heads, n, scale * LOG2E, alpha, window.half_window, window.frame_tokens, window.train_tokens,
+        ULTRAVICO_BLOCKED_LOGIT * LOG2E,
+        RESTRICT=restrict_first_frame, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], HEAD_DIM=head_dim,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return out
+

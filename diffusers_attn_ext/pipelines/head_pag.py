@@ -1,0 +1,237 @@
+"""Head-level perturbation guidance (HeadHunter / SoftPAG, arXiv 2506.10978) for SD3 and FLUX.1.
+
+Guidance combines as in diffusers' PAG pipelines (``pipelines/pag/pag_utils.py``), batch
+``[uncond, cond, perturbed]``::
+
+    eps = eps_uncond + cfg (eps_cond - eps_uncond) + pag (eps_cond - eps_perturbed)      (SD3, CFG)
+    eps = eps_cond + pag (eps_cond - eps_perturbed)                                      (FLUX, distilled)
+
+with ``pag = max(0, pag_scale - pag_adaptive_scale (1000 - t))``. The perturbed rows run
+:class:`~diffusers_attn_ext.processors.softpag.SoftPAGProcessor` on the heads of ``pag_heads`` with weight
+``pag_alpha`` (Eq. 7); every other row and head is the stock computation.
+
+- :class:`StableDiffusion3HeadPAGPipeline` is diffusers' ``StableDiffusion3PAGPipeline`` with head sets in
+  place of ``pag_applied_layers``: same batch, same guidance code, SoftPAG instead of PAG's layer processor.
+- :class:`FluxHeadPAGPipeline` is ``FluxPipeline`` with a transformer hook that runs each conditional forward
+  on the batch ``[cond, perturbed]`` and returns the guided prediction. With true CFG
+  (``true_cfg_scale > 1`` and a negative prompt) the hook applies ``pag / true_cfg_scale``, so the pipeline's
+  ``uncond + true_cfg (cond' - uncond)`` is the three-term formula above.
+- :class:`HeadPerturbedAttentionGuidance` is the same guidance as a guider for modular diffusers (its
+  perturbed pass labels its rows "perturbed").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from diffusers import FluxPipeline, StableDiffusion3PAGPipeline
+from diffusers.guiders import PerturbedAttentionGuidance
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import StateManager
+
+from ..context import _forward_kwargs, attach_context
+from ..headset import HeadSet, as_headset
+from ..install import attention_modules
+from ..processors.base import AttnExtProcessor, ComposedProcessor
+from ..processors.softpag import SoftPAGProcessor
+
+PAG_HOOK_NAME = "diffusers_attn_ext.head_pag"
+AlphaSpec = float | Mapping[str, float | Sequence[float]]
+
+
+def put_on_heads(transformer: torch.nn.Module, processor: SoftPAGProcessor) -> dict[str, Any]:
+    """Set ``processor`` on the attention modules of its head set (composed after a method of this package
+    already there); returns the replaced processors by module name, for :func:`restore_processors`."""
+    modules = attention_modules(transformer)
+    saved = {}
+    for name in processor.validate(transformer):
+        current = modules[name].processor
+        saved[name] = current
+        modules[name].set_processor(
+            ComposedProcessor(current, processor) if isinstance(current, AttnExtProcessor) else processor
+        )
+    return saved
+
+
+def restore_processors(transformer: torch.nn.Module, saved: dict[str, Any]) -> None:
+    modules = attention_modules(transformer)
+    for name, processor in saved.items():
+        modules[name].set_processor(processor)
+
+
+class HeadPAGMixin:
+    """Default head set and alpha of a head-PAG pipeline (``pag_heads`` / ``pag_alpha`` of ``__init__``),
+    overridable per call; diffusers' ``set_pag_applied_layers`` becomes :meth:`set_pag_heads`."""
+
+    def set_pag_heads(self, pag_heads: HeadSet | Mapping | str | None, pag_alpha: AlphaSpec = 1.0) -> None:
+        """Set the default head set (a HeadSet, ``{layer: [heads]}`` or a JSON path) and alpha."""
+        self._pag_heads = None if pag_heads is None else as_headset(pag_heads)
+        self._pag_alpha = pag_alpha
+
+    def softpag_processor(self, pag_heads=None, pag_alpha: AlphaSpec | None = None, pag_identity: str = "image"):
+        """The SoftPAG processor of a call (the defaults where an argument is None), or None without heads;
+        ValueError when the head set does not fit this transformer."""
+        heads = self._pag_heads if pag_heads is None else as_headset(pag_heads)
+        if heads is None or not len(heads):
+            return None
+        processor = SoftPAGProcessor(heads, self._pag_alpha if pag_alpha is None else pag_alpha, pag_identity)
+        processor.validate(self.transformer)
+        return processor
+
+
+class StableDiffusion3HeadPAGPipeline(HeadPAGMixin, StableDiffusion3PAGPipeline):
+    """diffusers' ``StableDiffusion3PAGPipeline`` with SoftPAG on a head set instead of PAG on whole layers.
+
+    Extra ``__call__`` arguments: ``pag_heads`` (head set; default the one given to ``__init__``),
+    ``pag_alpha`` (u of Eq. 7, scalar or per head), ``pag_identity`` ("image" as diffusers' PAG, "all" as
+    the authors' code); ``pag_scale`` and ``pag_adaptive_scale`` as in diffusers. No head set or
+    ``pag_scale=0`` is the plain pipeline.
+    """
+
+    def __init__(self, transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
+                 text_encoder_3, tokenizer_3, pag_heads=None, pag_alpha: AlphaSpec = 1.0):
+        super().__init__(transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
+                         text_encoder_3, tokenizer_3, pag_applied_layers=[])
+        self.set_pag_heads(pag_heads, pag_alpha)
+        self._active_softpag = None
+        self._replaced_processors = {}
+
+    def __call__(self, *args, pag_heads=None, pag_alpha: AlphaSpec | None = None, pag_identity: str = "image",
+                 **kwargs):
+        processor = self.softpag_processor(pag_heads, pag_alpha, pag_identity)
+        # PAGMixin runs PAG when pag_scale > 0 and pag_applied_layers is not empty.
+        self.pag_applied_layers = list(processor.headset.layers) if processor is not None else []
+        self._active_softpag = processor
+        context = attach_context(self)
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            restore_processors(self.transformer, self._replaced_processors)
+            self._replaced_processors, self._active_softpag = {}, None
+            context.set_branch_labels(None)
+
+    def _set_pag_attn_processor(self, pag_applied_layers, do_classifier_free_guidance):
+        """Called by the parent's ``__call__`` after it built the batch [uncond, cond, cond] (or [cond, cond])."""
+        labels = ("uncond", "cond", "perturbed") if do_classifier_free_guidance else ("cond", "perturbed")
+        attach_context(self).set_branch_labels(labels)
+        self._replaced_processors = put_on_heads(self.transformer, self._active_softpag)
+
+
+class _PerturbedBranchHook(ModelHook):
+    """Runs each conditional FLUX forward on ``[cond, perturbed]`` and returns the guided prediction."""
+
+    _is_stateful = True  # receives the pipeline's cache context ("cond" / "uncond")
+    BATCHED = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
+
+    def __init__(self, context, pag_scale: float, pag_adaptive_scale: float, divisor: float):
+        super().__init__()
+        self.context = context
+        self.pag_scale, self.pag_adaptive_scale, self.divisor = pag_scale, pag_adaptive_scale, divisor
+        self.cache_context = StateManager(None)
+        self._scale = None
+
+    def pre_forward(self, module, *args, **kwargs):
+        cache = self.cache_context._context
+        if cache is not None and cache.name == "uncond":
+            self._scale = None
+            return args, kwargs
+        kwargs = _forward_kwargs(module, args, kwargs)
+        kwargs.pop("self", None)
+        t = float(kwargs["timestep"].flatten()[0]) * 1000  # FluxPipeline passes t / 1000
+        self._scale = max(0.0, self.pag_scale - self.pag_adaptive_scale * (1000 - t)) / self.divisor
+        for name in self.BATCHED:
+            if isinstance(kwargs.get(name), torch.Tensor):
+                kwargs[name] = torch.cat([kwargs[name], kwargs[name]])
+        self.context.set_branch_labels(("cond", "perturbed"))
+        return (), kwargs
+
+    def post_forward(self, module, output):
+        if self._scale is None:
+            return output
+        self.context.set_branch_labels(None)
+        prediction = output[0] if isinstance(output, tuple) else output.sample
+        cond, perturbed = prediction.chunk(2)
+        guided = cond + self._scale * (cond - perturbed)
+        if isinstance(output, tuple):
+            return (guided, *output[1:])
+        output.sample = guided
+        return output
+
+    def reset_state(self, module):
+        return module
+
+
+class FluxHeadPAGPipeline(HeadPAGMixin, FluxPipeline):
+    """``FluxPipeline`` with head-level perturbation guidance; arguments as in
+    :class:`StableDiffusion3HeadPAGPipeline` (``pag_scale``, ``pag_adaptive_scale``, ``pag_heads``,
+    ``pag_alpha``, ``pag_identity``). Layers are "transformer_blocks.i" (double) and
+    "single_transformer_blocks.j" (single blocks)."""
+
+    def __init__(self, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
+                 image_encoder=None, feature_extractor=None, pag_heads=None, pag_alpha: AlphaSpec = 1.0):
+        super().__init__(scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
+                         image_encoder, feature_extractor)
+        self.set_pag_heads(pag_heads, pag_alpha)
+
+    def __call__(self, *args, pag_scale: float = 3.0, pag_adaptive_scale: float = 0.0, pag_heads=None,
+                 pag_alpha: AlphaSpec | None = None, pag_identity: str = "image", **kwargs):
+        processor = self.softpag_processor(pag_heads, pag_alpha, pag_identity)
+        if processor is None or pag_scale == 0:
+            return super().__call__(*args, **kwargs)
+        has_negative = kwargs.get("negative_prompt") is not None or (
+            kwargs.get("negative_prompt_embeds") is not None and kwargs.get("negative_pooled_prompt_embeds") is not None
+        )
+        true_cfg_scale = kwargs.get("true_cfg_scale", 1.0)
+        divisor = true_cfg_scale if true_cfg_scale > 1 and has_negative else 1.0
+        context = attach_context(self)
+        registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
+        registry.register_hook(_PerturbedBranchHook(context, pag_scale, pag_adaptive_scale, divisor), PAG_HOOK_NAME)
+        saved = put_on_heads(self.transformer, processor)
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            restore_processors(self.transformer, saved)
+            registry.remove_hook(PAG_HOOK_NAME, recurse=False)
+            context.set_branch_labels(None)
+
+
+class HeadPerturbedAttentionGuidance(PerturbedAttentionGuidance):
+    """diffusers' ``PerturbedAttentionGuidance`` guider (modular diffusers) with SoftPAG on a head set.
+
+    Its passes are [cond, uncond, perturbed] (or [cond, perturbed] without CFG), as in diffusers; the
+    perturbed pass installs SoftPAG on the head set and labels its rows "perturbed". Guidance:
+    ``uncond + guidance_scale (cond - uncond) + perturbed_guidance_scale (cond - perturbed)``, with PAG active
+    between ``perturbed_guidance_start`` and ``perturbed_guidance_stop`` (fractions of the steps).
+    """
+
+    ignore_for_config = ["perturbed_guidance_layers", "perturbed_guidance_config"]
+
+    def __init__(self, pag_heads, pag_alpha: AlphaSpec = 1.0, pag_identity: str = "image", guidance_scale: float = 7.0,
+                 perturbed_guidance_scale: float = 3.0, perturbed_guidance_start: float = 0.0,
+                 perturbed_guidance_stop: float = 1.0, guidance_rescale: float = 0.0,
+                 use_original_formulation: bool = False, start: float = 0.0, stop: float = 1.0, enabled: bool = True):
+        super().__init__(guidance_scale, perturbed_guidance_scale, perturbed_guidance_start, perturbed_guidance_stop,
+                         perturbed_guidance_config=[], guidance_rescale=guidance_rescale,
+                         use_original_formulation=use_original_formulation, start=start, stop=stop, enabled=enabled)
+        self.processor = SoftPAGProcessor(pag_heads, pag_alpha, pag_identity)
+        self.register_to_config(pag_heads=dict(self.processor.headset.heads), pag_alpha=pag_alpha,
+                                pag_identity=pag_identity)
+        self._replaced_processors = {}
+
+    def _is_perturbed_pass(self) -> bool:
+        """The perturbed pass is the last prepared one when PAG is active."""
+        return self._is_slg_enabled() and self.num_conditions > 1 and self._count_prepared == self.num_conditions
+
+    def prepare_models(self, denoiser: torch.nn.Module) -> None:
+        self._count_prepared += 1
+        if self._is_perturbed_pass():
+            attach_context(denoiser).set_branch_labels(("perturbed",))
+            self._replaced_processors = put_on_heads(denoiser, self.processor)
+
+    def cleanup_models(self, denoiser: torch.nn.Module) -> None:
+        if self._is_perturbed_pass():
+            restore_processors(denoiser, self._replaced_processors)
+            self._replaced_processors = {}
+            attach_context(denoiser).set_branch_labels(None)

@@ -1,0 +1,150 @@
+"""SoftPAG: selected attention heads interpolated toward identity attention on the perturbed branch.
+
+"Fine-Grained Perturbation Guidance via Attention Head Selection" (Ahn et al., arXiv 2506.10978), Sec. 4.2,
+Eq. 7: for each selected (layer, head) on the perturbed rows of the batch,
+
+    A'_h = (1 - alpha) A_h + alpha A_h^PAG,   so   O'_h = (1 - alpha) softmax(Q_h K_h^T / sqrt(d)) V_h + alpha A_h^PAG V_h.
+
+Both terms are attention outputs, so no attention map is materialized: the dense kernel runs once and its
+output is blended per head with the output of the perturbed map. alpha = 0 is no perturbation, alpha = 1 is
+PAG's identity perturbation restricted to the selected heads. ``A^PAG`` depends on ``identity``:
+
+- ``"image"`` (default): diffusers' ``PAGJointAttnProcessor2_0``. The image-image block of the joint map is
+  the identity; an image query still attends to itself and to every text key (its scores keep those
+  entries), and text queries are unchanged. For an image query i: ``softmax([s_ii, s_it for text t])``.
+  At alpha = 1 on every head of a layer this equals diffusers' SD3 PAG pipeline.
+- ``"all"``: the authors' code (``[PROB_PERTURB]attention_identity``): the whole joint map is the identity,
+  so every token, text tokens included, outputs its own value: ``A^PAG V = V``.
+
+In self-attention without text tokens (SD3.5 ``attn2``) both are ``A^PAG V = V``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from ..families.base import AttentionCall
+from ..headset import HeadSet, as_headset
+from .base import AttnExtProcessor
+
+IDENTITY_MODES = ("image", "all")
+
+
+def image_identity_output(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, text: slice | None, visual: slice, scale: float
+) -> torch.Tensor:
+    """Output of the visual queries under diffusers' PAG map: each visual query attends to its own key and
+    to every text key. ``[B, N, H, D]`` in, ``[B, N_visual, H, D]`` out; O(N_visual x N_text) memory."""
+    q, k, v = query[:, visual], key[:, visual], value[:, visual]
+    self_score = (q * k).sum(-1, keepdim=True) * scale
+    if text is None or text.stop == text.start:
+        return v
+    text_key, text_value = key[:, text], value[:, text]
+    text_scores = torch.einsum("bnhd,bthd->bnht", q, text_key) * scale
+    weights = torch.cat([self_score, text_scores], dim=-1).softmax(dim=-1)
+    return weights[..., :1] * v + torch.einsum("bnht,bthd->bnhd", weights[..., 1:], text_value)
+
+
+def identity_target(call: AttentionCall, query, key, value, out, identity: str) -> torch.Tensor:
+    """``A^PAG V`` for the given rows and heads of ``call`` (see the module docstring), in the compute dtype
+    (float32 at least). ``out`` is the dense attention output of the same rows and heads."""
+    compute = torch.promote_types(query.dtype, torch.float32)
+    query, key, value = query.to(compute), key.to(compute), value.to(compute)
+    if identity == "all":
+        return value
+    scale = call.scale if call.scale is not None else query.shape[-1] ** -0.5
+    target = out.to(compute).clone()
+    target[:, call.visual] = image_identity_output(query, key, value, call.text, call.visual, scale)
+    return target
+
+
+def per_head_alpha(
+    headset: HeadSet, alpha: float | Mapping[str, float | Sequence[float]]
+) -> dict[str, tuple[float, ...]]:
+    """alpha per layer and head, aligned with ``headset.heads``, from a scalar or a ``{layer: alpha or
+    [alpha per head]}`` mapping that covers every layer; ValueError outside [0, 1] or on a mismatch."""
+    if isinstance(alpha, Mapping):
+        missing = [layer for layer in headset.layers if layer not in alpha]
+        extra = [layer for layer in alpha if layer not in headset.heads]
+        if missing or extra:
+            raise ValueError(f"alpha has layers {sorted(alpha)}; it must cover exactly the head set's layers "
+                             f"{list(headset.layers)}")
+    per_layer = {}
+    for layer, heads in headset.heads.items():
+        value = alpha[layer] if isinstance(alpha, Mapping) else alpha
+        values = [value] * len(heads) if isinstance(value, (int, float)) else list(value)
+        if len(values) != len(heads):
+            raise ValueError(f"alpha[{layer!r}] has {len(values)} values for the {len(heads)} heads {list(heads)}")
+        for item in values:
+            if isinstance(item, bool) or not isinstance(item, (int, float)) or not 0.0 <= item <= 1.0:
+                raise ValueError(f"alpha={item!r} (layer {layer!r}) is outside the allowed range [0, 1]")
+        per_layer[layer] = tuple(float(item) for item in values)
+    return per_layer
+
+
+class SoftPAGProcessor(AttnExtProcessor):
+    """SoftPAG on the heads of ``heads``, on the perturbed rows of the batch only.
+
+    The perturbed rows come from the context (``AttnContext.rows("perturbed")``), which the head-PAG
+    pipelines and guider declare; with no perturbed branch the processor changes nothing, so it can stay
+    installed on every module.
+
+    Args:
+        heads: a :class:`~diffusers_attn_ext.headset.HeadSet`, a ``{layer: [heads]}`` mapping (e.g.
+            ``{"transformer_blocks.12": [3, 7]}``) or the path of a head set JSON.
+        alpha: interpolation weight u of Eq. 7 in [0, 1]: a scalar, or ``{layer: alpha or [alpha per head]}``.
+        identity: ``"image"`` (diffusers' PAG treatment of text tokens) or ``"all"`` (the authors' code).
+    """
+
+    def __init__(self, heads, alpha: float | Mapping[str, float | Sequence[float]] = 1.0, identity: str = "image"):
+        if identity not in IDENTITY_MODES:
+            raise ValueError(f"identity={identity!r} is not one of {IDENTITY_MODES}")
+        self.headset = as_headset(heads)
+        self.alpha = per_head_alpha(self.headset, alpha)
+        self.identity = identity
+        self._layer_of_module: dict[str, str | None] = {}
+
+    def layer_of(self, module_name: str | None) -> str | None:
+        """The head set's layer that contains the attention module ``module_name``, or None."""
+        if module_name is None:
+            return None
+        if module_name not in self._layer_of_module:
+            self._layer_of_module[module_name] = next(
+                (layer for layer in self.headset.layers if module_name == layer or module_name.startswith(layer + ".")),
+                None,
+            )
+        return self._layer_of_module[module_name]
+
+    def validate(self, transformer: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+        """Check the head set against ``transformer`` (ValueError for an unknown layer or head out of range);
+        returns attention module name -> heads."""
+        return self.headset.modules(transformer)
+
+    def applies_to(self, call: AttentionCall) -> bool:
+        if call.context is None or not call.is_self_attention or self.layer_of(call.module_name) is None:
+            return False
+        return bool(call.context.rows("perturbed"))
+
+    def edit_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
+        """Blend the selected heads of the perturbed rows of ``out`` toward ``A^PAG V`` (in place)."""
+        layer = self.layer_of(call.module_name)
+        heads = self.headset.heads[layer]
+        if heads[-1] >= call.heads:
+            raise ValueError(
+                f"heads[{layer!r}] has head index {heads[-1]}; allowed range for {call.module_name}: 0..{call.heads - 1}"
+            )
+        rows = torch.tensor(call.context.rows("perturbed"), device=out.device)
+        index = torch.tensor(heads, device=out.device)
+        picked = [x.index_select(0, rows).index_select(2, index) for x in (call.query, call.key, call.value, out)]
+        target = identity_target(call, *picked, identity=self.identity)
+        alpha = torch.tensor(self.alpha[layer], dtype=target.dtype, device=out.device).view(1, 1, -1, 1)
+        blended = torch.lerp(picked[3].to(target.dtype), target, alpha).to(out.dtype)
+        perturbed = out.index_select(0, rows)
+        perturbed[:, :, index] = blended
+        out[rows] = perturbed
+        return out
+
+    def __repr__(self) -> str:
+        return f"SoftPAGProcessor(heads={dict(self.headset.heads)}, alpha={self.alpha}, identity={self.identity!r})"

@@ -1,0 +1,96 @@
+"""UltraViCo: video length extrapolation by damping attention beyond the training window.
+
+Paper: "UltraViCo: Breaking Extrapolation Limits in Video Diffusion Transformers" (arXiv 2511.20123);
+the authors' Wan kernel (thu-ml/DiT-Extrapolation). In every video self-attention, on the scaled logits
+s = q.k / sqrt(d), a positive logit of a pair farther apart than half the training window is multiplied by
+alpha, and first-frame queries do not attend to keys beyond the training length (see
+:func:`diffusers_attn_ext.masks.ultravico_score_mod` for the exact rule).
+"""
+
+from __future__ import annotations
+
+from ..families.base import AttentionCall
+from ..masks import ExtrapolationWindow, ultravico_score_mod
+from .base import AttnExtProcessor
+
+VIDEO_FAMILIES = ("wan", "cogvideox")
+
+
+def default_train_frames(family: str, config) -> int | None:
+    """Latent frames a checkpoint was trained on, from its transformer config (None if unknown).
+
+    - Wan2.1 and Wan2.2-A14B: 81 frames, temporal compression 4 -> 21 latent frames; Wan2.2-TI2V-5B (48
+      latent channels): 121 frames -> 31 latent frames.
+    - CogVideoX: ``sample_frames`` (49, or 81 for 1.5) through the VAE's temporal compression and the
+      temporal patch (1.5 pads latent frames to a multiple of ``patch_size_t``).
+    """
+    if config is None:
+        return None
+    if family == "wan":
+        return 31 if config.get("in_channels") == 48 else 21
+    if family == "cogvideox":
+        sample_frames, compression = config.get("sample_frames"), config.get("temporal_compression_ratio")
+        if sample_frames is None or compression is None:
+            return None
+        latent = (sample_frames - 1) // compression + 1
+        patch_t = config.get("patch_size_t") or 1
+        return -(-latent // patch_t)
+    return None
+
+
+class UltraViCoProcessor(AttnExtProcessor):
+    """Constant decay on attention to tokens beyond the training window (video self-attention only).
+
+    Args:
+        alpha: factor on positive logits of far pairs, in (0, 1]; the authors' default 0.9.
+        train_frames: latent frames of the training window (after temporal patching); None takes the
+            family default from the transformer config (Wan2.1: 21, CogVideoX: 13).
+        restrict_first_frame: first-frame queries attend only inside the training length (authors: on).
+
+    A video no longer than the training window has no far pair and no key beyond the training length:
+    the processor is then the identity (stock attention, stock kernel). So it is at ``alpha=1`` with
+    ``restrict_first_frame=False``.
+    """
+
+    def __init__(self, alpha: float = 0.9, train_frames: int | None = None, restrict_first_frame: bool = True):
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha={alpha} is outside the allowed range (0, 1]")
+        if train_frames is not None and (not isinstance(train_frames, int) or train_frames <= 0):
+            raise ValueError(f"train_frames={train_frames!r} must be a positive integer (latent frames) or None")
+        self.alpha = float(alpha)
+        self.train_frames = train_frames
+        self.restrict_first_frame = bool(restrict_first_frame)
+
+    def applies_to(self, call: AttentionCall) -> bool:
+        if call.family not in VIDEO_FAMILIES:
+            raise ValueError(
+                f"UltraViCoProcessor applies to video families {VIDEO_FAMILIES}, not family={call.family!r}"
+            )
+        return call.is_self_attention and not (self.alpha == 1.0 and not self.restrict_first_frame)
+
+    def window(self, call: AttentionCall) -> ExtrapolationWindow:
+        """The training window of this call, from the context's grid and the training length."""
+        grid = call.require_grid("UltraViCoProcessor")
+        train_frames = self.train_frames
+        if train_frames is None:
+            train_frames = default_train_frames(call.family, call.context.config)
+        if train_frames is None:
+            raise ValueError(
+                "train_frames=None and the training length of this checkpoint is unknown: pass "
+                "UltraViCoProcessor(train_frames=...) in latent frames"
+            )
+        return ExtrapolationWindow(
+            frame_tokens=grid.tokens_per_frame, train_frames=train_frames,
+            video_start=call.visual.start, video_tokens=grid.num_tokens,
+        )
+
+    def edit_attention(self, call: AttentionCall) -> None:
+        window = self.window(call)
+        if window.extrapolates:
+            call.score_mods.append(ultravico_score_mod(window, self.alpha, self.restrict_first_frame))
+
+    def __repr__(self) -> str:
+        return (
+            f"UltraViCoProcessor(alpha={self.alpha}, train_frames={self.train_frames}, "
+            f"restrict_first_frame={self.restrict_first_frame})"
+        )

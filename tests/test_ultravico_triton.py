@@ -1,0 +1,48 @@
+"""The fused UltraViCo Triton kernel, run by Triton's CPU interpreter against the float64 reference.
+
+The interpreter needs TRITON_INTERPRET=1 before Triton is imported, so the check runs in a subprocess.
+On a GPU, benchmarks/ultravico.py checks the compiled kernel the same way.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+CHECK = textwrap.dedent(
+    """
+    import torch, triton
+    from diffusers_attn_ext.kernels import ultravico_triton as ut
+    from diffusers_attn_ext.masks import ExtrapolationWindow, ultravico_reference
+
+    # (tokens per frame, trained frames, frames, BLOCK_M, BLOCK_N, first-frame rule): partial last blocks,
+    # a 2-frame window, the rule off, and blocks smaller than a frame.
+    for frame, train, frames, bm, bn, restrict in [(37, 3, 8, 64, 32, True), (36, 2, 8, 32, 32, True),
+                                                   (37, 3, 8, 64, 32, False), (16, 4, 12, 32, 16, True)]:
+        w = ExtrapolationWindow(frame, train, 0, frame * frames)
+        n, heads, dim = w.video_tokens, 2, 64
+        g = torch.Generator().manual_seed(frame + train)
+        q, k, v = (torch.randn(2, n, heads, dim, generator=g) for _ in range(3))
+        out = torch.full_like(q, float("nan"))
+        ut._ultravico_forward[(triton.cdiv(n, bm), 2 * heads)](
+            q, k, v, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            heads, n, dim**-0.5 * ut.LOG2E, 0.7, w.half_window, w.frame_tokens, w.train_tokens,
+            -1e4 * ut.LOG2E, RESTRICT=restrict, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=dim)
+        ref = ultravico_reference(q, k, v, w, 0.7, restrict_first_frame=restrict)
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert err < 1e-5, (frame, train, frames, bm, bn, restrict, err)
+    print("ok")
+    """
+)
+
+
+def test_kernel_matches_reference_in_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    result = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
