@@ -83,10 +83,9 @@ def main() -> None:
     configs = [DEFAULT_CONFIG]
     if args.configs:
         configs += [
-            dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
-            dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-            dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
             dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+            dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
+            dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
         ]
     print(write_results("ultravico_accuracy", accuracy_rows(), f"UltraViCo accuracy, bf16 inputs, {device_name()}"))
     print(write_results("ultravico_speed", [row for ratio in (1, 2, 3, 4) for row in length_rows(ratio, configs)], f"UltraViCo attention, 12 heads, d 128, bf16, {device_name()}"))

@@ -63,8 +63,9 @@ def test_block_classes_cover_every_modified_pair():
     assert torch.equal(per_block, classes.bool())  # exact: a block is class 1 iff it has a modified pair
 
 
+@pytest.mark.parametrize("center_keys", [True, False])
 @torch.no_grad()
-def test_processor_matches_reference_inside_wan_attention():
+def test_processor_matches_reference_inside_wan_attention(center_keys):
     """The processor inside a Wan self-attention module equals adapter q/k/v + float64 reference."""
     from diffusers.models.transformers.transformer_wan import WanAttention
 
@@ -77,15 +78,29 @@ def test_processor_matches_reference_inside_wan_attention():
     setattr(attn, CONTEXT_ATTR, AttnContext(family="wan", grid=grid))
     hidden = torch.randn(1, grid.num_tokens, 32, dtype=torch.float64)
     cos, sin = torch.randn(2, 1, grid.num_tokens, 1, 16, dtype=torch.float64)
-    attn.set_processor(UltraViCoProcessor(alpha=0.8, train_frames=2))
+    attn.set_processor(UltraViCoProcessor(alpha=0.8, train_frames=2, center_keys=center_keys))
     out = attn(hidden, None, None, (cos, sin))
 
     q = wan_apply_rotary(attn.norm_q(attn.to_q(hidden)).unflatten(2, (2, -1)), cos, sin)
     k = wan_apply_rotary(attn.norm_k(attn.to_k(hidden)).unflatten(2, (2, -1)), cos, sin)
     v = attn.to_v(hidden).unflatten(2, (2, -1))
+    if center_keys:  # the authors' kernel tests signs of logits against mean-centred keys
+        k = k - k.mean(dim=1, keepdim=True)
     window = ExtrapolationWindow(frame_tokens=6, train_frames=2, video_start=0, video_tokens=36)
     ref = attn.to_out[0](ultravico_reference(q, k, v, window, 0.8).flatten(2, 3))
     assert ((out - ref).norm() / ref.norm()).item() < 1e-6
+
+
+def test_key_centring_matters_only_with_the_rule():
+    """Centring keys leaves plain attention unchanged but changes which logits count as positive."""
+    window = ExtrapolationWindow(frame_tokens=8, train_frames=2, video_start=0, video_tokens=48)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 48, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    k = k + 2.0  # keys with a large common component
+    centred = k - k.mean(dim=1, keepdim=True)
+    plain = ultravico_reference(q, k, v, window, 1.0, restrict_first_frame=False)
+    assert torch.allclose(plain, ultravico_reference(q, centred, v, window, 1.0, restrict_first_frame=False))
+    assert not torch.allclose(ultravico_reference(q, k, v, window, 0.5), ultravico_reference(q, centred, v, window, 0.5))
 
 
 @pytest.mark.parametrize("family", ["wan", "cogvideox"])

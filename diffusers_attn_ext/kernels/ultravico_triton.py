@@ -1,11 +1,12 @@
 """A fused Triton attention kernel for UltraViCo (CUDA only).
 
 FlashAttention-2 forward (online softmax over key blocks) with UltraViCo's rule inside the inner loop.
-For each query block the key blocks split into three ranges: keys all within W/2 of every query of the
-block (and, for first-frame queries, inside the training length) run the plain loop; the blocks before and
-after run the loop that applies the rule per element. So the modification costs nothing on the near band
-and one compare-select per score elsewhere. Scores are kept in the log2 domain (scale * log2(e)), where
-multiplying a positive logit by alpha is the same operation.
+For each query block the key blocks fall into three classes, each with its own loop: near blocks (every
+pair within W/2, and for first-frame queries inside the training length) run plain attention; far blocks
+(every pair beyond W/2) apply the sign rule as ``min(s, alpha * s)``, which equals "alpha * s if s > 0"
+for alpha <= 1 at the cost of one multiply and one min; the few boundary blocks apply the whole rule per
+element. Scores are kept in the log2 domain (scale * log2(e)), where scaling a logit by alpha is the same
+operation. Only the partial last key block uses bounds-checked loads.
 
 Supports video-only sequences (Wan self-attention: the video starts at token 0 and fills the sequence),
 head dims 64 and 128, fp16/bf16. Everything else goes through FlexAttention.
@@ -22,14 +23,17 @@ from ..masks import ULTRAVICO_BLOCKED_LOGIT, ExtrapolationWindow
 LOG2E = 1.4426950408889634
 
 
+NEAR, FAR, RULE = 0, 1, 2  # what a key block needs: nothing, the sign rule only, the whole rule per element
+
+
 @triton.jit
 def _attend_block(
     acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
     qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit,
-    APPLY_RULE: tl.constexpr, RESTRICT: tl.constexpr,
+    MODE: tl.constexpr, BOUNDS: tl.constexpr, RESTRICT: tl.constexpr,
 ):
     offs_kv = start_n + offs_n
-    if APPLY_RULE:
+    if BOUNDS:
         in_range = offs_kv < N
         k = tl.load(K + offs_kv[None, :] * stride_kn + offs_d[:, None], mask=in_range[None, :], other=0.0)
         v = tl.load(V + offs_kv[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
@@ -37,12 +41,16 @@ def _attend_block(
         k = tl.load(K + offs_kv[None, :] * stride_kn + offs_d[:, None])
         v = tl.load(V + offs_kv[:, None] * stride_vn + offs_d[None, :])
     qk = tl.dot(q, k) * qk_scale
-    if APPLY_RULE:
-        distance = tl.abs(offs_m[:, None] - offs_kv[None, :])
-        qk = tl.where((distance > half) & (qk > 0), qk * alpha, qk)
+    if MODE == 1:
+        # Every pair is far: alpha * s for s > 0, s otherwise, which for alpha <= 1 is min(s, alpha * s).
+        qk = tl.minimum(qk, qk * alpha)
+    if MODE == 2:
+        far = tl.abs(offs_m[:, None] - offs_kv[None, :]) > half
+        qk = tl.where(far, tl.minimum(qk, qk * alpha), qk)
         if RESTRICT:
             blocked = (offs_m[:, None] < frame_tokens) & (offs_kv[None, :] >= train_tokens)
             qk = tl.where(blocked, blocked_logit, qk)
+    if BOUNDS:
         qk = tl.where(in_range[None, :], qk, float("-inf"))
     m_ij = tl.maximum(m_i, tl.max(qk, 1))
     p = tl.math.exp2(qk - m_ij[:, None])
@@ -77,32 +85,42 @@ def _ultravico_forward(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    # Key blocks [lo, hi) are near every query of this block (and not blocked): no rule applies there.
+    # Key blocks of this query block, in order: [0, a) far | [a, lo) rule | [lo, hi) near | [hi, b) rule |
+    # [b, n_full) far | [n_full, n_blocks) the partial last block, rule with bounds.
     q_first = start_m * BLOCK_M
     q_last = tl.minimum(q_first + BLOCK_M, N) - 1
+    n_full = N // BLOCK_N
     n_blocks = tl.cdiv(N, BLOCK_N)
-    lo = tl.minimum(tl.maximum(tl.cdiv(q_last - half, BLOCK_N), 0), n_blocks)
-    hi = tl.minimum(tl.maximum((q_first + half + 1) // BLOCK_N, 0), N // BLOCK_N)
+    lo = tl.minimum(tl.maximum(tl.cdiv(q_last - half, BLOCK_N), 0), n_full)
+    hi = tl.minimum(tl.maximum((q_first + half + 1) // BLOCK_N, 0), n_full)
+    a = tl.minimum(tl.maximum(q_first - half, 0) // BLOCK_N, lo)
+    b = (q_last + half) // BLOCK_N + 1
     if RESTRICT:
-        if q_first < frame_tokens:
+        if q_first < frame_tokens:  # first-frame queries: the blocked rule applies beyond the training length
             hi = tl.minimum(hi, train_tokens // BLOCK_N)
+            a = 0
+            b = n_full
     hi = tl.maximum(hi, lo)
+    b = tl.maximum(tl.minimum(b, n_full), hi)
 
-    for start_n in range(0, lo * BLOCK_N, BLOCK_N):
-        acc, l_i, m_i = _attend_block(
-            acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
-            qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit, True, RESTRICT,
-        )
+    for start_n in range(0, a * BLOCK_N, BLOCK_N):
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
+                                      qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit, 1, False, RESTRICT)
+    for start_n in range(a * BLOCK_N, lo * BLOCK_N, BLOCK_N):
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
+                                      qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit, 2, False, RESTRICT)
     for start_n in range(lo * BLOCK_N, hi * BLOCK_N, BLOCK_N):
-        acc, l_i, m_i = _attend_block(
-            acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
-            qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit, False, RESTRICT,
-        )
-    for start_n in range(hi * BLOCK_N, n_blocks * BLOCK_N, BLOCK_N):
-        acc, l_i, m_i = _attend_block(
-            acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
-            qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit, True, RESTRICT,
-        )
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
+                                      qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit, 0, False, RESTRICT)
+    for start_n in range(hi * BLOCK_N, b * BLOCK_N, BLOCK_N):
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
+                                      qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit, 2, False, RESTRICT)
+    for start_n in range(b * BLOCK_N, n_full * BLOCK_N, BLOCK_N):
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
+                                      qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit, 1, False, RESTRICT)
+    for start_n in range(n_full * BLOCK_N, n_blocks * BLOCK_N, BLOCK_N):
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
+                                      qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit, 2, True, RESTRICT)
 
     acc = acc / l_i[:, None]
     tl.store(Out + offs_m[:, None] * stride_om + offs_d[None, :], acc.to(Out.dtype.element_ty), mask=offs_m[:, None] < N)

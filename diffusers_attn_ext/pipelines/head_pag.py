@@ -26,10 +26,26 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from diffusers import FluxPipeline, StableDiffusion3PAGPipeline
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3PAGPipeline,
+)
 from diffusers.guiders import PerturbedAttentionGuidance
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import StateManager
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from ..context import _forward_kwargs, attach_context
 from ..headset import HeadSet, as_headset
@@ -90,8 +106,12 @@ class StableDiffusion3HeadPAGPipeline(HeadPAGMixin, StableDiffusion3PAGPipeline)
     ``pag_scale=0`` is the plain pipeline.
     """
 
-    def __init__(self, transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
-                 text_encoder_3, tokenizer_3, pag_heads=None, pag_alpha: AlphaSpec = 1.0):
+    # Annotated like the parent: ``from_pipe`` and ``from_pretrained`` match components by these types.
+    def __init__(self, transformer: SD3Transformer2DModel, scheduler: FlowMatchEulerDiscreteScheduler,
+                 vae: AutoencoderKL, text_encoder: CLIPTextModelWithProjection, tokenizer: CLIPTokenizer,
+                 text_encoder_2: CLIPTextModelWithProjection, tokenizer_2: CLIPTokenizer,
+                 text_encoder_3: T5EncoderModel, tokenizer_3: T5TokenizerFast, pag_heads=None,
+                 pag_alpha: AlphaSpec = 1.0):
         super().__init__(transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
                          text_encoder_3, tokenizer_3, pag_applied_layers=[])
         self.set_pag_heads(pag_heads, pag_alpha)
@@ -169,8 +189,10 @@ class FluxHeadPAGPipeline(HeadPAGMixin, FluxPipeline):
     ``pag_alpha``, ``pag_identity``). Layers are "transformer_blocks.i" (double) and
     "single_transformer_blocks.j" (single blocks)."""
 
-    def __init__(self, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
-                 image_encoder=None, feature_extractor=None, pag_heads=None, pag_alpha: AlphaSpec = 1.0):
+    def __init__(self, scheduler: FlowMatchEulerDiscreteScheduler, vae: AutoencoderKL, text_encoder: CLIPTextModel,
+                 tokenizer: CLIPTokenizer, text_encoder_2: T5EncoderModel, tokenizer_2: T5TokenizerFast,
+                 transformer: FluxTransformer2DModel, image_encoder: CLIPVisionModelWithProjection = None,
+                 feature_extractor: CLIPImageProcessor = None, pag_heads=None, pag_alpha: AlphaSpec = 1.0):
         super().__init__(scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
                          image_encoder, feature_extractor)
         self.set_pag_heads(pag_heads, pag_alpha)
@@ -219,6 +241,15 @@ class HeadPerturbedAttentionGuidance(PerturbedAttentionGuidance):
         self.register_to_config(pag_heads=dict(self.processor.headset.heads), pag_alpha=pag_alpha,
                                 pag_identity=pag_identity)
         self._replaced_processors = {}
+
+    def _is_slg_enabled(self) -> bool:
+        """PAG is active on steps ``start <= i < stop`` (diffusers' guider excludes the start step)."""
+        if not self._enabled or self.skip_layer_guidance_scale == 0:
+            return False
+        if self._num_inference_steps is None:
+            return True
+        start = int(self.skip_layer_guidance_start * self._num_inference_steps)
+        return start <= self._step < int(self.skip_layer_guidance_stop * self._num_inference_steps)
 
     def _is_perturbed_pass(self) -> bool:
         """The perturbed pass is the last prepared one when PAG is active."""

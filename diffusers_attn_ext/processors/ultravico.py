@@ -9,6 +9,8 @@ alpha, and first-frame queries do not attend to keys beyond the training length 
 
 from __future__ import annotations
 
+import torch
+
 from ..families.base import AttentionCall
 from ..masks import ExtrapolationWindow, ultravico_score_mod
 from .base import AttnExtProcessor
@@ -46,13 +48,21 @@ class UltraViCoProcessor(AttnExtProcessor):
         train_frames: latent frames of the training window (after temporal patching); None takes the
             family default from the transformer config (Wan2.1: 21, CogVideoX: 13).
         restrict_first_frame: first-frame queries attend only inside the training length (authors: on).
+        center_keys: apply the rule to logits against mean-centred keys, q.(k - mean k) / sqrt(d), as the
+            authors' kernel does (SageAttention smooths K by its mean over the sequence before the logits,
+            and their sign test and alpha act on those logits). Unmodified attention is invariant to the
+            centring; the method is not: off, the rule acts on the raw logits q.k / sqrt(d) as the paper's
+            formula reads. Default on, matching the released code.
 
     A video no longer than the training window has no far pair and no key beyond the training length:
     the processor is then the identity (stock attention, stock kernel). So it is at ``alpha=1`` with
     ``restrict_first_frame=False``.
     """
 
-    def __init__(self, alpha: float = 0.9, train_frames: int | None = None, restrict_first_frame: bool = True):
+    def __init__(
+        self, alpha: float = 0.9, train_frames: int | None = None, restrict_first_frame: bool = True,
+        center_keys: bool = True,
+    ):
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"alpha={alpha} is outside the allowed range (0, 1]")
         if train_frames is not None and (not isinstance(train_frames, int) or train_frames <= 0):
@@ -60,6 +70,7 @@ class UltraViCoProcessor(AttnExtProcessor):
         self.alpha = float(alpha)
         self.train_frames = train_frames
         self.restrict_first_frame = bool(restrict_first_frame)
+        self.center_keys = bool(center_keys)
 
     def applies_to(self, call: AttentionCall) -> bool:
         if call.family not in VIDEO_FAMILIES:
@@ -86,11 +97,14 @@ class UltraViCoProcessor(AttnExtProcessor):
 
     def edit_attention(self, call: AttentionCall) -> None:
         window = self.window(call)
-        if window.extrapolates:
-            call.score_mods.append(ultravico_score_mod(window, self.alpha, self.restrict_first_frame))
+        if not window.extrapolates:
+            return
+        if self.center_keys:
+            call.key = call.key - call.key.mean(dim=1, keepdim=True, dtype=torch.float32).to(call.key.dtype)
+        call.score_mods.append(ultravico_score_mod(window, self.alpha, self.restrict_first_frame))
 
     def __repr__(self) -> str:
         return (
             f"UltraViCoProcessor(alpha={self.alpha}, train_frames={self.train_frames}, "
-            f"restrict_first_frame={self.restrict_first_frame})"
+            f"restrict_first_frame={self.restrict_first_frame}, center_keys={self.center_keys})"
         )
