@@ -11,11 +11,13 @@ run in the order given (positions, then scores, then outputs; see :mod:`diffuser
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from .context import _split_target, attach_context, detach_context
+from .context import CONTEXT_HOOK_NAME, _split_target, attach_context, detach_context
 from .processors.base import AttnExtProcessor, ComposedProcessor
 
 SAVED_PROCESSORS_ATTR = "_attn_ext_saved_processors"
@@ -59,6 +61,16 @@ def select_modules(transformer: torch.nn.Module, layers: str | list[str] | None)
     return selected
 
 
+def _check_processors(processors: tuple) -> None:
+    if not processors:
+        raise ValueError("install needs at least one processor")
+    for processor in processors:
+        if not isinstance(processor, AttnExtProcessor):
+            raise ValueError(
+                f"install takes diffusers_attn_ext processors, got an object of type {type(processor).__name__!r}"
+            )
+
+
 def install(target: Any, *processors: AttnExtProcessor, layers: str | list[str] | None = None) -> AttnExtProcessor:
     """Install processors on a pipeline's transformer (or a transformer) and attach the context hook.
 
@@ -70,13 +82,7 @@ def install(target: Any, *processors: AttnExtProcessor, layers: str | list[str] 
     Returns the installed processor (the composed one when several are given). :func:`uninstall`
     restores the processors that were there before the first install.
     """
-    if not processors:
-        raise ValueError("install needs at least one processor")
-    for processor in processors:
-        if not isinstance(processor, AttnExtProcessor):
-            raise ValueError(
-                f"install takes diffusers_attn_ext processors, got an object of type {type(processor).__name__!r}"
-            )
+    _check_processors(processors)
     transformer, _ = _split_target(target)
     modules = select_modules(transformer, layers)
     processor = processors[0] if len(processors) == 1 else ComposedProcessor(*processors)
@@ -96,3 +102,44 @@ def uninstall(target: Any) -> None:
     for name, processor in saved.items():
         modules[name].set_processor(processor)
     detach_context(target)
+
+
+@contextmanager
+def installed(target: Any, *processors: AttnExtProcessor, layers: str | list[str] | None = None) -> Iterator[None]:
+    """Install ``processors`` for the duration of a ``with`` block, composed after any processor of this
+    package already on each module, and put back exactly what was there before on exit.
+
+    The ready-made pipelines use it, so that a method given to a pipeline call composes with methods the
+    user installed (e.g. ``install(pipe, RadialSparseProcessor())`` then ``WanUltraViCoPipeline(...)``).
+    """
+    _check_processors(processors)
+    transformer, _ = _split_target(target)
+    modules = select_modules(transformer, layers)
+    before = {name: module.processor for name, module in modules.items()}
+    had_context = _has_context_hook(transformer)
+    saved_before = dict(transformer.__dict__.get(SAVED_PROCESSORS_ATTR, {}))
+    had_saved = SAVED_PROCESSORS_ATTR in transformer.__dict__
+    attach_context(target)
+    composed: dict[int, AttnExtProcessor] = {}
+    for module in modules.values():
+        current = module.processor
+        if isinstance(current, AttnExtProcessor):
+            if id(current) not in composed:
+                composed[id(current)] = ComposedProcessor(current, *processors)
+            module.set_processor(composed[id(current)])
+        else:
+            module.set_processor(processors[0] if len(processors) == 1 else ComposedProcessor(*processors))
+    try:
+        yield
+    finally:
+        for name, processor in before.items():
+            modules[name].set_processor(processor)
+        if had_saved:
+            transformer.__dict__[SAVED_PROCESSORS_ATTR] = saved_before
+        if not had_context:
+            detach_context(target)
+
+
+def _has_context_hook(transformer: torch.nn.Module) -> bool:
+    registry = getattr(transformer, "_diffusers_hook", None)
+    return registry is not None and registry.get_hook(CONTEXT_HOOK_NAME) is not None

@@ -1,0 +1,69 @@
+"""Ready-made pipelines for video longer than trained: Wan and CogVideoX with UltraViCo.
+
+They are the diffusers pipelines (same components; ``from_pretrained`` and ``from_pipe`` work) whose
+``__call__`` also takes ``extrapolation_ratio`` (or a plain ``num_frames`` beyond training) and the
+method's parameters; UltraViCo is installed for the call only, composed after any method the user has
+installed, and the transformer's processors are restored afterwards.
+"""
+
+from __future__ import annotations
+
+from diffusers import CogVideoXPipeline, WanPipeline
+
+from ..context import family_of_transformer
+from ..install import installed
+from ..processors.ultravico import UltraViCoProcessor, default_train_frames
+
+
+class _UltraViCoCall:
+    """The shared ``__call__``: resolve the length, install the processor, run the parent pipeline."""
+
+    default_extrapolation_ratio: int = 3
+
+    def __call__(self, *args, extrapolation_ratio: int | None = None, ultravico_alpha: float = 0.9,
+                 train_frames: int | None = None, restrict_first_frame: bool = True, center_keys: bool = True,
+                 **kwargs):
+        """The parent pipeline's call, with UltraViCo installed for it.
+
+        Args:
+            extrapolation_ratio: video length as a multiple of the training length (an integer >= 1); with
+                neither this nor ``num_frames`` given, the class default (Wan 3, as the authors' script).
+            ultravico_alpha, train_frames, restrict_first_frame, center_keys: see
+                :class:`~diffusers_attn_ext.processors.ultravico.UltraViCoProcessor`.
+            everything else: the parent pipeline's arguments.
+        """
+        if extrapolation_ratio is not None and "num_frames" in kwargs:
+            raise ValueError("give either extrapolation_ratio or num_frames, not both")
+        if "num_frames" not in kwargs:
+            ratio = self.default_extrapolation_ratio if extrapolation_ratio is None else extrapolation_ratio
+            kwargs["num_frames"] = self.extrapolated_num_frames(ratio, train_frames)
+        processor = UltraViCoProcessor(ultravico_alpha, train_frames, restrict_first_frame, center_keys)
+        with installed(self, processor):
+            return super().__call__(*args, **kwargs)
+
+    def extrapolated_num_frames(self, extrapolation_ratio: int, train_frames: int | None = None) -> int:
+        """Frames for ``extrapolation_ratio`` times the training length, as the authors' script computes
+        it for Wan: ``(21 * ratio - 1) * 4 + 1`` (latent frames, then the VAE's temporal compression)."""
+        if not isinstance(extrapolation_ratio, int) or extrapolation_ratio < 1:
+            raise ValueError(f"extrapolation_ratio={extrapolation_ratio!r} must be an integer >= 1")
+        config = self.transformer.config
+        trained = train_frames or default_train_frames(family_of_transformer(self.transformer), config)
+        if trained is None:
+            raise ValueError("the training length of this checkpoint is unknown: pass train_frames=... (latent frames)")
+        latent_frames = trained * (config.get("patch_size_t") or 1) * extrapolation_ratio
+        return (latent_frames - 1) * self.vae_scale_factor_temporal + 1
+
+
+class WanUltraViCoPipeline(_UltraViCoCall, WanPipeline):
+    """``WanPipeline`` with UltraViCo length extrapolation; by default 3x the 81 trained frames (249 frames).
+
+    Extra ``__call__`` arguments: ``extrapolation_ratio``, ``ultravico_alpha`` (0.9), ``train_frames``
+    (latent frames; None: from the checkpoint), ``restrict_first_frame`` (True), ``center_keys`` (True).
+    """
+
+
+class CogVideoXUltraViCoPipeline(_UltraViCoCall, CogVideoXPipeline):
+    """``CogVideoXPipeline`` with UltraViCo length extrapolation; CogVideoX trains on 13 latent frames, so the
+    default ratio 2 gives 101 frames. Same extra arguments as :class:`WanUltraViCoPipeline`."""
+
+    default_extrapolation_ratio = 2
