@@ -9,7 +9,13 @@ Three ways in::
 
 from .context import AttnContext, TokenGrid, attach_context, detach_context, get_context, reset_context
 from .install import attention_modules, install, select_modules, uninstall
-from .processors import AttnExtProcessor, ComposedProcessor, StockAttnProcessor
+from .processors import (
+    AttnExtProcessor,
+    ComposedProcessor,
+    EntropyScalingProcessor,
+    StockAttnProcessor,
+    UltraViCoProcessor,
+)
 
 __version__ = "0.1.0"
 
@@ -17,6 +23,7 @@ __all__ = [
     "AttnContext",
     "AttnExtProcessor",
     "ComposedProcessor",
+    "EntropyScalingProcessor",
     "StockAttnProcessor",
     "TokenGrid",
     "attach_context",
@@ -27,4 +34,5 @@ __all__ = [
     "reset_context",
     "select_modules",
     "uninstall",
+    "UltraViCoProcessor",
 ]

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from .install import install, uninstall
-from .processors import StockAttnProcessor
+from .processors import EntropyScalingProcessor, StockAttnProcessor, UltraViCoProcessor
 from .testing import FAMILIES, tiny_call_kwargs, tiny_pipeline
 
 
@@ -33,7 +33,15 @@ class DemoEntry:
 
 
 DEMOS: list[DemoEntry] = [
-    DemoEntry("stock (StockAttnProcessor)", family, lambda: [StockAttnProcessor()]) for family in FAMILIES
+    *(DemoEntry("stock (StockAttnProcessor)", family, lambda: [StockAttnProcessor()]) for family in FAMILIES),
+    # Tiny videos of 6 latent frames, as if trained on 2: 3x extrapolation.
+    *(
+        DemoEntry("UltraViCo 3x (alpha 0.9)", family, lambda: [UltraViCoProcessor(alpha=0.9, train_frames=2)],
+                  {"height": 64, "width": 64, "num_frames": 21})
+        for family in ("wan", "cogvideox")
+    ),
+    # Tiny images are 8x8 tokens; as if trained on 4x4 tokens.
+    *(DemoEntry("entropy scaling", family, lambda: [EntropyScalingProcessor(train_tokens=16)]) for family in ("sd3", "flux")),
 ]
 
 

@@ -1,0 +1,1 @@
+"""Ready-made pipelines: diffusers pipelines whose __call__ takes a method's arguments."""
