@@ -33,7 +33,7 @@ from diffusers import SD3Transformer2DModel
 from diffusers.models.attention_processor import JointAttnProcessor2_0, PAGCFGJointAttnProcessor2_0
 
 from diffusers_attn_ext.context import attach_context
-from diffusers_attn_ext.pipelines.head_pag import put_on_heads, restore_processors
+from diffusers_attn_ext.install import installed
 from diffusers_attn_ext.processors.softpag import SoftPAGProcessor
 
 
@@ -145,9 +145,9 @@ def run(shapes: Shapes, layer: int, heads: list[int], device: torch.device, dtyp
     module.set_processor(JointAttnProcessor2_0())
     context.set_branch_labels(("uncond", "cond", "perturbed"))
     for selected in (heads, list(range(shapes.heads))):
-        saved = put_on_heads(transformer, SoftPAGProcessor({name: selected}, alpha=1.0))
-        record(f"head PAG (SoftPAG, block {layer}, {len(selected)} heads)", three)
-        restore_processors(transformer, saved)
+        processor = SoftPAGProcessor({name: selected}, alpha=1.0)
+        with installed(transformer, processor, layers=processor.module_patterns(transformer)):
+            record(f"head PAG (SoftPAG, block {layer}, {len(selected)} heads)", three)
     context.set_branch_labels(None)
     return rows
 

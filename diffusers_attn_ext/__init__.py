@@ -8,11 +8,13 @@ Three ways in::
 """
 
 from .context import AttnContext, TokenGrid, attach_context, detach_context, get_context, reset_context
+from .headset import HeadSet
 from .install import attention_modules, install, select_modules, uninstall
 from .processors import (
     AttnExtProcessor,
     ComposedProcessor,
     EntropyScalingProcessor,
+    SoftPAGProcessor,
     StockAttnProcessor,
     UltraViCoProcessor,
 )
@@ -24,6 +26,8 @@ __all__ = [
     "AttnExtProcessor",
     "ComposedProcessor",
     "EntropyScalingProcessor",
+    "HeadSet",
+    "SoftPAGProcessor",
     "StockAttnProcessor",
     "TokenGrid",
     "attach_context",

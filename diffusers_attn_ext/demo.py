@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from .install import install, uninstall
+from .pipelines.head_pag import FluxHeadPAGPipeline, StableDiffusion3HeadPAGPipeline
 from .processors import EntropyScalingProcessor, StockAttnProcessor, UltraViCoProcessor
 from .testing import FAMILIES, tiny_call_kwargs, tiny_pipeline
 
@@ -30,6 +31,8 @@ class DemoEntry:
     family: str
     processors: Callable[[], list]
     call_overrides: dict[str, Any] = field(default_factory=dict)
+    pipeline: Callable[[Any], Any] | None = None  # builds the method's pipeline from the stock one (from_pipe)
+    method_kwargs: dict[str, Any] = field(default_factory=dict)  # extra arguments of that pipeline's call
 
 
 DEMOS: list[DemoEntry] = [
@@ -42,6 +45,14 @@ DEMOS: list[DemoEntry] = [
     ),
     # Tiny images are 8x8 tokens; as if trained on 4x4 tokens.
     *(DemoEntry("entropy scaling", family, lambda: [EntropyScalingProcessor(train_tokens=16)]) for family in ("sd3", "flux")),
+    # Head-level PAG needs its pipeline (the perturbed branch); the processor list composes with it.
+    *(
+        DemoEntry("SoftPAG (2 heads, alpha 0.5, pag_scale 3)", family, lambda: [StockAttnProcessor()],
+                  pipeline=pipeline.from_pipe,
+                  method_kwargs={"pag_heads": {"transformer_blocks.0": [1], "transformer_blocks.1": [0]},
+                                 "pag_alpha": 0.5, "pag_scale": 3.0})
+        for family, pipeline in (("sd3", StableDiffusion3HeadPAGPipeline), ("flux", FluxHeadPAGPipeline))
+    ),
 ]
 
 
@@ -95,7 +106,10 @@ def run_demo(output_dir: str | Path, model: str | None = None, family: str | Non
         install(pipe, *entry.processors())
         start = time.perf_counter()
         try:
-            result = _output(pipe, entry.family, entry.call_overrides, model)
+            runner = pipe if entry.pipeline is None else entry.pipeline(pipe)
+            if entry.pipeline is not None:
+                runner.set_progress_bar_config(disable=True)
+            result = _output(runner, entry.family, {**entry.call_overrides, **entry.method_kwargs}, model)
         finally:
             uninstall(pipe)
         seconds = time.perf_counter() - start

@@ -17,7 +17,7 @@ Usage::
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,11 +119,14 @@ def candidate_heads(transformer: torch.nn.Module, candidates: Sequence[str] | Se
     """(attention module name, head) pairs in module order: every head of every self-attention module (None),
     every head of the given layers, or the given (layer, head) pairs; ValueError for an unknown layer or a
     head out of range."""
-    modules = {name: m for name, m in attention_modules(transformer).items() if not getattr(m, "is_cross_attention", False)}
+    modules = {
+        name: m for name, m in attention_modules(transformer).items() if not getattr(m, "is_cross_attention", False)
+    }
     if candidates is None:
         return [(name, head) for name, module in modules.items() for head in range(module.heads)]
     if all(isinstance(item, str) for item in candidates):
-        chosen = {name: tuple(range(modules[name].heads)) for name in HeadSet(dict.fromkeys(candidates, 0)).modules(transformer)}
+        layers = HeadSet(dict.fromkeys(candidates, 0)).modules(transformer)
+        chosen = {name: tuple(range(modules[name].heads)) for name in layers}
     else:
         chosen = HeadSet.from_pairs(tuple(item) for item in candidates).modules(transformer)
     return [(name, head) for name in modules if name in chosen for head in chosen[name]]

@@ -21,8 +21,6 @@ from typing import Any
 
 import torch
 
-from .install import attention_modules
-
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "headsets"
 
 
@@ -90,10 +88,12 @@ class HeadSet:
     def modules(self, transformer: torch.nn.Module) -> dict[str, tuple[int, ...]]:
         """Attention module name -> head indices in ``transformer``; ValueError for an unknown layer or a head
         index outside ``[0, heads)`` of its module."""
+        from .install import attention_modules  # here: install imports the processors, which import head sets
+
         available = attention_modules(transformer)
         resolved: dict[str, tuple[int, ...]] = {}
         for layer, heads in self.heads.items():
-            matched = {name: module for name, module in available.items() if name == layer or name.startswith(layer + ".")}
+            matched = {name: m for name, m in available.items() if name == layer or name.startswith(layer + ".")}
             if not matched:
                 examples = ", ".join(list(available)[:3])
                 raise ValueError(

@@ -54,7 +54,9 @@ def similarity_to(reference: torch.Tensor) -> Objective:
 
     def negative_mse(images: torch.Tensor, prompts: Sequence[str | None] = ()) -> torch.Tensor:
         if images.shape != reference.shape:
-            raise ValueError(f"images of shape {tuple(images.shape)} do not match the reference {tuple(reference.shape)}")
+            raise ValueError(
+                f"images of shape {tuple(images.shape)} do not match the reference {tuple(reference.shape)}"
+            )
         return -(images.float() - reference.to(images.device).float()).pow(2).flatten(1).mean(dim=1)
 
     return negative_mse

@@ -4,16 +4,19 @@ import pytest
 import torch
 from conftest import run
 from diffusers import FluxPipeline, StableDiffusion3PAGPipeline
+from diffusers.modular_pipelines.stable_diffusion_3.modular_blocks_stable_diffusion_3 import (
+    StableDiffusion3T2ICoreDenoiseStep,
+)
 
+from diffusers_attn_ext import StockAttnProcessor, install
 from diffusers_attn_ext.context import attach_context
+from diffusers_attn_ext.install import installed
 from diffusers_attn_ext.pipelines.head_pag import (
     PAG_HOOK_NAME,
     FluxHeadPAGPipeline,
     HeadPerturbedAttentionGuidance,
     StableDiffusion3HeadPAGPipeline,
     _PerturbedBranchHook,
-    put_on_heads,
-    restore_processors,
 )
 from diffusers_attn_ext.processors.softpag import SoftPAGProcessor
 from diffusers_attn_ext.testing import TEXT_COMPONENTS, tiny_call_kwargs
@@ -43,7 +46,8 @@ def test_alpha_one_on_every_head_of_a_layer_equals_diffusers_sd3_pag(tiny_pipes,
 
 
 def test_diffusers_parity_holds_with_adaptive_scale(tiny_pipes):
-    diffusers_pag = StableDiffusion3PAGPipeline.from_pipe(tiny_pipes("sd3"), pag_applied_layers=["transformer_blocks.0"])
+    layers = ["transformer_blocks.0"]
+    diffusers_pag = StableDiffusion3PAGPipeline.from_pipe(tiny_pipes("sd3"), pag_applied_layers=layers)
     diffusers_pag.set_progress_bar_config(disable=True)
     expected = run(diffusers_pag, "sd3", pag_scale=3.0, pag_adaptive_scale=0.004, num_inference_steps=3)
     ours = run(head_pag(tiny_pipes, "sd3", pag_heads={"transformer_blocks.0": [0, 1]}), "sd3", pag_scale=3.0,
@@ -55,13 +59,25 @@ def test_diffusers_parity_holds_with_adaptive_scale(tiny_pipes):
 def test_identity_settings_equal_the_plain_pipeline(tiny_pipes, stock_outputs, family):
     heads = {"transformer_blocks.0": [1], "transformer_blocks.1": [0]}
     pipe = head_pag(tiny_pipes, family, pag_heads=heads)
+    before = dict(pipe.transformer.attn_processors)
     assert torch.equal(run(pipe, family, pag_scale=0.0), stock_outputs(family))  # exact: nothing runs
     assert torch.equal(run(pipe, family, pag_heads={}), stock_outputs(family))  # no heads: plain pipeline
     # alpha = 0: the perturbed branch is the conditional one (a batch of 3 or 2 instead of 2 or 1 rows).
     torch.testing.assert_close(run(pipe, family, pag_alpha=0.0), stock_outputs(family), rtol=0, atol=1e-5)
     changed = run(pipe, family, pag_alpha=1.0)
     assert (changed - stock_outputs(family)).abs().max() > 1e-3
-    assert pipe.transformer.attn_processors == tiny_pipes(family).transformer.attn_processors  # restored
+    after = pipe.transformer.attn_processors
+    assert after.keys() == before.keys() and all(after[name] is before[name] for name in before)  # restored
+
+
+def test_a_method_installed_by_the_user_composes_with_the_call(pipe_for):
+    pipe = StableDiffusion3HeadPAGPipeline.from_pipe(pipe_for("sd3"))
+    pipe.set_progress_bar_config(disable=True)
+    heads = {"transformer_blocks.0": [0, 1]}
+    expected = run(pipe, "sd3", pag_heads=heads, pag_alpha=0.5)
+    user = install(pipe, StockAttnProcessor())
+    assert torch.equal(run(pipe, "sd3", pag_heads=heads, pag_alpha=0.5), expected)
+    assert all(processor is user for processor in pipe.transformer.attn_processors.values())
 
 
 def test_flux_single_block_heads_and_identity_modes_act(tiny_pipes, stock_outputs):
@@ -89,8 +105,7 @@ def test_flux_hook_guides_conditional_forwards_and_passes_unconditional_ones(tin
         "txt_ids": torch.zeros(16, 3), "return_dict": False,
     }
     plain = transformer(**inputs)[0]
-    saved = put_on_heads(transformer, processor)
-    try:
+    with installed(transformer, processor, layers=processor.module_patterns(transformer)):
         context.set_branch_labels(("cond", "perturbed"))
         doubled = {k: torch.cat([v, v]) if k in _PerturbedBranchHook.BATCHED else v for k, v in inputs.items()}
         cond, perturbed = transformer(**doubled)[0].chunk(2)
@@ -105,8 +120,6 @@ def test_flux_hook_guides_conditional_forwards_and_passes_unconditional_ones(tin
                 unguided = transformer(**inputs)[0]
         finally:
             registry.remove_hook(PAG_HOOK_NAME, recurse=False)
-    finally:
-        restore_processors(transformer, saved)
     torch.testing.assert_close(guided, cond + pag / divisor * (cond - perturbed), rtol=0, atol=1e-6)
     assert torch.equal(unguided, plain)
     assert context.branch_labels is None
@@ -128,44 +141,33 @@ def test_from_pretrained_loads_a_saved_pipeline(tiny_pipes, family, tmp_path):
     assert torch.equal(run(loaded, family), run(head_pag(tiny_pipes, family, pag_heads=heads), family))
 
 
-def test_guider_equals_the_batched_pipeline_guidance(tiny_pipes):
-    """The modular-diffusers guider (three passes) gives the pipeline's one-batch guidance on a denoising step."""
-    transformer = tiny_pipes("sd3").transformer
-    heads, alpha = {"transformer_blocks.0": [1]}, 0.5
-    kwargs = tiny_call_kwargs("sd3")
-    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
-    t = torch.tensor([800.0])
-    guider = HeadPerturbedAttentionGuidance(heads, pag_alpha=alpha, guidance_scale=5.0, perturbed_guidance_scale=2.0)
-    guider.set_state(step=0, num_inference_steps=2, timestep=t)
-    batches = guider.prepare_inputs({
-        "hidden_states": (latents, latents),
-        "encoder_hidden_states": (kwargs["prompt_embeds"], kwargs["negative_prompt_embeds"]),
-        "text_embeds": (kwargs["pooled_prompt_embeds"], kwargs["negative_pooled_prompt_embeds"]),
-    })
-    assert len(batches) == 3
-    for batch in batches:
-        guider.prepare_models(transformer)
-        batch.noise_pred = transformer(hidden_states=batch.hidden_states, timestep=t,
-                                       encoder_hidden_states=batch.encoder_hidden_states,
-                                       pooled_projections=batch.text_embeds, return_dict=False)[0]
-        guider.cleanup_models(transformer)
-    guided = guider(batches).pred
+NO_CFG_GUIDER = {"guidance_scale": 0.0, "use_original_formulation": True}
 
-    context = attach_context(transformer)
-    saved = put_on_heads(transformer, SoftPAGProcessor(heads, alpha))
-    try:
-        context.set_branch_labels(("uncond", "cond", "perturbed"))
-        text = torch.cat([kwargs["negative_prompt_embeds"], kwargs["prompt_embeds"], kwargs["prompt_embeds"]])
-        pooled = torch.cat([kwargs["negative_pooled_prompt_embeds"], *[kwargs["pooled_prompt_embeds"]] * 2])
-        uncond, cond, perturbed = transformer(hidden_states=latents.repeat(3, 1, 1, 1), timestep=t.repeat(3),
-                                              encoder_hidden_states=text, pooled_projections=pooled,
-                                              return_dict=False)[0].chunk(3)
-    finally:
-        context.set_branch_labels(None)
-        restore_processors(transformer, saved)
-    torch.testing.assert_close(guided, uncond + 5.0 * (cond - uncond) + 2.0 * (cond - perturbed), rtol=0, atol=1e-5)
+
+@pytest.mark.parametrize(("guider_cfg", "guidance_scale"), [({"guidance_scale": 5.0}, 5.0), (NO_CFG_GUIDER, 1.0)])
+def test_guider_in_diffusers_modular_sd3_equals_the_pipeline(tiny_pipes, guider_cfg, guidance_scale):
+    """diffusers' modular SD3 denoising blocks with HeadPerturbedAttentionGuidance (passes [cond, uncond,
+    perturbed], or [cond, perturbed] without CFG) give the head-PAG pipeline's latents. Without CFG the
+    pipelines' cond + pag (cond - perturbed) is the guider's original formulation (diffusers' guider convention)."""
+    heads, alpha = {"transformer_blocks.0": [1]}, 0.5
+    guider = HeadPerturbedAttentionGuidance(heads, pag_alpha=alpha, perturbed_guidance_scale=2.0, **guider_cfg)
+    modular = StableDiffusion3T2ICoreDenoiseStep().init_pipeline()
+    modular.update_components(transformer=tiny_pipes("sd3").transformer, scheduler=tiny_pipes("sd3").scheduler,
+                              guider=guider)
+    kwargs = tiny_call_kwargs("sd3")
+    # No VAE in these blocks: the default scale factor 8 turns 128 px into the tiny pipeline's 16 x 16 latents.
+    latents = modular(**{k: kwargs[k] for k in ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
+                                                "negative_pooled_prompt_embeds", "generator")},
+                      num_inference_steps=2, height=128, width=128, output="latents")
+    expected = run(head_pag(tiny_pipes, "sd3"), "sd3", pag_heads=heads, pag_alpha=alpha, pag_scale=2.0,
+                   guidance_scale=guidance_scale, output_type="latent")
+    torch.testing.assert_close(latents, expected, rtol=0, atol=1e-5)
+    plain = run(tiny_pipes("sd3"), "sd3", guidance_scale=guidance_scale, output_type="latent")
+    assert (plain - expected).abs().max() > 1e-2
+    assert all(type(p).__name__ == "JointAttnProcessor2_0" for p in modular.transformer.attn_processors.values())
     copy = guider.new(perturbed_guidance_scale=1.0)
-    assert dict(copy.config.pag_heads) == {"transformer_blocks.0": (1,)} and copy.processor.alpha == {"transformer_blocks.0": (0.5,)}
+    assert dict(copy.config.pag_heads) == {"transformer_blocks.0": (1,)}
+    assert copy.processor.alpha == {"transformer_blocks.0": (0.5,)}
 
 
 def test_pipeline_bad_input(tiny_pipes):

@@ -112,7 +112,9 @@ def test_applies_only_to_its_layers_and_to_a_perturbed_branch():
 def test_per_layer_alpha_and_head_set_forms(tmp_path):
     headset = HeadSet({"transformer_blocks.1": [7, 3, 3], "single_transformer_blocks.0": 2}, description="d")
     assert headset.heads == {"single_transformer_blocks.0": (2,), "transformer_blocks.1": (3, 7)}
-    assert headset.pairs == (("single_transformer_blocks.0", 2), ("transformer_blocks.1", 3), ("transformer_blocks.1", 7))
+    assert headset.pairs == (
+        ("single_transformer_blocks.0", 2), ("transformer_blocks.1", 3), ("transformer_blocks.1", 7)
+    )
     assert len(headset) == 3 and headset.union([("transformer_blocks.1", 0)]).heads["transformer_blocks.1"] == (0, 3, 7)
     path = headset.save(tmp_path / "heads.json")
     assert json.loads(path.read_text())["heads"]["transformer_blocks.1"] == [3, 7]

@@ -23,7 +23,7 @@ with ``pag = max(0, pag_scale - pag_adaptive_scale (1000 - t))``. The perturbed 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from contextlib import ExitStack
 
 import torch
 from diffusers import (
@@ -49,32 +49,11 @@ from transformers import (
 
 from ..context import _forward_kwargs, attach_context
 from ..headset import HeadSet, as_headset
-from ..install import attention_modules
-from ..processors.base import AttnExtProcessor, ComposedProcessor
+from ..install import installed
 from ..processors.softpag import SoftPAGProcessor
 
 PAG_HOOK_NAME = "diffusers_attn_ext.head_pag"
 AlphaSpec = float | Mapping[str, float | Sequence[float]]
-
-
-def put_on_heads(transformer: torch.nn.Module, processor: SoftPAGProcessor) -> dict[str, Any]:
-    """Set ``processor`` on the attention modules of its head set (composed after a method of this package
-    already there); returns the replaced processors by module name, for :func:`restore_processors`."""
-    modules = attention_modules(transformer)
-    saved = {}
-    for name in processor.validate(transformer):
-        current = modules[name].processor
-        saved[name] = current
-        modules[name].set_processor(
-            ComposedProcessor(current, processor) if isinstance(current, AttnExtProcessor) else processor
-        )
-    return saved
-
-
-def restore_processors(transformer: torch.nn.Module, saved: dict[str, Any]) -> None:
-    modules = attention_modules(transformer)
-    for name, processor in saved.items():
-        modules[name].set_processor(processor)
 
 
 class HeadPAGMixin:
@@ -115,28 +94,25 @@ class StableDiffusion3HeadPAGPipeline(HeadPAGMixin, StableDiffusion3PAGPipeline)
         super().__init__(transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
                          text_encoder_3, tokenizer_3, pag_applied_layers=[])
         self.set_pag_heads(pag_heads, pag_alpha)
-        self._active_softpag = None
-        self._replaced_processors = {}
 
     def __call__(self, *args, pag_heads=None, pag_alpha: AlphaSpec | None = None, pag_identity: str = "image",
                  **kwargs):
         processor = self.softpag_processor(pag_heads, pag_alpha, pag_identity)
         # PAGMixin runs PAG when pag_scale > 0 and pag_applied_layers is not empty.
         self.pag_applied_layers = list(processor.headset.layers) if processor is not None else []
-        self._active_softpag = processor
-        context = attach_context(self)
-        try:
+        if processor is None:
             return super().__call__(*args, **kwargs)
-        finally:
-            restore_processors(self.transformer, self._replaced_processors)
-            self._replaced_processors, self._active_softpag = {}, None
-            context.set_branch_labels(None)
+        # Installed for the call; it acts only once _set_pag_attn_processor has labelled the perturbed rows.
+        with installed(self, processor, layers=processor.module_patterns(self.transformer)):
+            try:
+                return super().__call__(*args, **kwargs)
+            finally:
+                attach_context(self).set_branch_labels(None)
 
     def _set_pag_attn_processor(self, pag_applied_layers, do_classifier_free_guidance):
         """Called by the parent's ``__call__`` after it built the batch [uncond, cond, cond] (or [cond, cond])."""
         labels = ("uncond", "cond", "perturbed") if do_classifier_free_guidance else ("cond", "perturbed")
         attach_context(self).set_branch_labels(labels)
-        self._replaced_processors = put_on_heads(self.transformer, self._active_softpag)
 
 
 class _PerturbedBranchHook(ModelHook):
@@ -207,24 +183,25 @@ class FluxHeadPAGPipeline(HeadPAGMixin, FluxPipeline):
         )
         true_cfg_scale = kwargs.get("true_cfg_scale", 1.0)
         divisor = true_cfg_scale if true_cfg_scale > 1 and has_negative else 1.0
-        context = attach_context(self)
-        registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
-        registry.register_hook(_PerturbedBranchHook(context, pag_scale, pag_adaptive_scale, divisor), PAG_HOOK_NAME)
-        saved = put_on_heads(self.transformer, processor)
-        try:
-            return super().__call__(*args, **kwargs)
-        finally:
-            restore_processors(self.transformer, saved)
-            registry.remove_hook(PAG_HOOK_NAME, recurse=False)
-            context.set_branch_labels(None)
+        with installed(self, processor, layers=processor.module_patterns(self.transformer)):
+            context = attach_context(self)  # registered before the hook below, so it sees the doubled batch
+            registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
+            registry.register_hook(_PerturbedBranchHook(context, pag_scale, pag_adaptive_scale, divisor), PAG_HOOK_NAME)
+            try:
+                return super().__call__(*args, **kwargs)
+            finally:
+                registry.remove_hook(PAG_HOOK_NAME, recurse=False)
+                context.set_branch_labels(None)
 
 
 class HeadPerturbedAttentionGuidance(PerturbedAttentionGuidance):
     """diffusers' ``PerturbedAttentionGuidance`` guider (modular diffusers) with SoftPAG on a head set.
 
     Its passes are [cond, uncond, perturbed] (or [cond, perturbed] without CFG), as in diffusers; the
-    perturbed pass installs SoftPAG on the head set and labels its rows "perturbed". Guidance:
-    ``uncond + guidance_scale (cond - uncond) + perturbed_guidance_scale (cond - perturbed)``, with PAG active
+    perturbed pass installs SoftPAG on the head set and labels its rows "perturbed". Guidance, with diffusers'
+    guider conventions: ``uncond + guidance_scale (cond - uncond) + perturbed_guidance_scale (cond - perturbed)``;
+    without CFG ``perturbed + s (cond - perturbed)``, or the pipelines' ``cond + s (cond - perturbed)`` with
+    ``use_original_formulation=True`` (then ``guidance_scale=0`` turns CFG off). PAG is active on the steps
     between ``perturbed_guidance_start`` and ``perturbed_guidance_stop`` (fractions of the steps).
     """
 
@@ -240,7 +217,23 @@ class HeadPerturbedAttentionGuidance(PerturbedAttentionGuidance):
         self.processor = SoftPAGProcessor(pag_heads, pag_alpha, pag_identity)
         self.register_to_config(pag_heads=dict(self.processor.headset.heads), pag_alpha=pag_alpha,
                                 pag_identity=pag_identity)
-        self._replaced_processors = {}
+        self._installation = ExitStack()
+
+    def _passes(self) -> list[tuple[int, str]]:
+        """(input tuple index, prediction) per pass. diffusers 0.42's guider feeds the perturbed pass the
+        negative inputs (tuple index 1) when CFG is off; the perturbed pass is conditional, index 0."""
+        if self.num_conditions == 1:
+            return [(0, "pred_cond")]
+        if self.num_conditions == 2:
+            return [(0, "pred_cond"), (1, "pred_uncond") if self._is_cfg_enabled() else (0, "pred_cond_skip")]
+        return [(0, "pred_cond"), (1, "pred_uncond"), (0, "pred_cond_skip")]
+
+    def prepare_inputs(self, data):
+        return [self._prepare_batch(data, index, prediction) for index, prediction in self._passes()]
+
+    def prepare_inputs_from_block_state(self, data, input_fields):
+        return [self._prepare_batch_from_block_state(input_fields, data, index, prediction)
+                for index, prediction in self._passes()]
 
     def _is_slg_enabled(self) -> bool:
         """PAG is active on steps ``start <= i < stop`` (diffusers' guider excludes the start step)."""
@@ -258,11 +251,12 @@ class HeadPerturbedAttentionGuidance(PerturbedAttentionGuidance):
     def prepare_models(self, denoiser: torch.nn.Module) -> None:
         self._count_prepared += 1
         if self._is_perturbed_pass():
+            self._installation.enter_context(
+                installed(denoiser, self.processor, layers=self.processor.module_patterns(denoiser))
+            )
             attach_context(denoiser).set_branch_labels(("perturbed",))
-            self._replaced_processors = put_on_heads(denoiser, self.processor)
 
     def cleanup_models(self, denoiser: torch.nn.Module) -> None:
         if self._is_perturbed_pass():
-            restore_processors(denoiser, self._replaced_processors)
-            self._replaced_processors = {}
             attach_context(denoiser).set_branch_labels(None)
+            self._installation.close()

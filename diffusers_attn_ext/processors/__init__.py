@@ -2,7 +2,8 @@
 
 from .base import AttnExtProcessor, ComposedProcessor
 from .entropy_scaling import EntropyScalingProcessor
+from .softpag import SoftPAGProcessor
 from .stock import StockAttnProcessor
 from .ultravico import UltraViCoProcessor
 
-__all__ = ["AttnExtProcessor", "ComposedProcessor", "EntropyScalingProcessor", "StockAttnProcessor", "UltraViCoProcessor"]
+__all__ = ["AttnExtProcessor", "ComposedProcessor", "EntropyScalingProcessor", "SoftPAGProcessor", "StockAttnProcessor", "UltraViCoProcessor"]

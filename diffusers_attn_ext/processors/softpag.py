@@ -3,7 +3,8 @@
 "Fine-Grained Perturbation Guidance via Attention Head Selection" (Ahn et al., arXiv 2506.10978), Sec. 4.2,
 Eq. 7: for each selected (layer, head) on the perturbed rows of the batch,
 
-    A'_h = (1 - alpha) A_h + alpha A_h^PAG,   so   O'_h = (1 - alpha) softmax(Q_h K_h^T / sqrt(d)) V_h + alpha A_h^PAG V_h.
+    A'_h = (1 - alpha) A_h + alpha A_h^PAG,
+    O'_h = (1 - alpha) softmax(Q_h K_h^T / sqrt(d)) V_h + alpha A_h^PAG V_h.
 
 Both terms are attention outputs, so no attention map is materialized: the dense kernel runs once and its
 output is blended per head with the output of the perturbed map. alpha = 0 is no perturbation, alpha = 1 is
@@ -21,6 +22,7 @@ In self-attention without text tokens (SD3.5 ``attn2``) both are ``A^PAG V = V``
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -122,6 +124,11 @@ class SoftPAGProcessor(AttnExtProcessor):
         returns attention module name -> heads."""
         return self.headset.modules(transformer)
 
+    def module_patterns(self, transformer: torch.nn.Module) -> list[str]:
+        """``layers`` patterns for :func:`~diffusers_attn_ext.install` / ``installed`` that select exactly the
+        attention modules of the head set in ``transformer`` (validated)."""
+        return [f"^{re.escape(name)}$" for name in self.validate(transformer)]
+
     def applies_to(self, call: AttentionCall) -> bool:
         if call.context is None or not call.is_self_attention or self.layer_of(call.module_name) is None:
             return False
@@ -133,7 +140,8 @@ class SoftPAGProcessor(AttnExtProcessor):
         heads = self.headset.heads[layer]
         if heads[-1] >= call.heads:
             raise ValueError(
-                f"heads[{layer!r}] has head index {heads[-1]}; allowed range for {call.module_name}: 0..{call.heads - 1}"
+                f"heads[{layer!r}] has head index {heads[-1]}; "
+                f"allowed range for {call.module_name}: 0..{call.heads - 1}"
             )
         rows = torch.tensor(call.context.rows("perturbed"), device=out.device)
         index = torch.tensor(heads, device=out.device)
