@@ -29,18 +29,18 @@ NEAR, FAR, RULE = 0, 1, 2  # what a key block needs: nothing, the sign rule only
 @triton.jit
 def _attend_block(
     acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
-    alpha, half, frame_tokens, train_tokens, blocked_logit,
+    qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit,
     MODE: tl.constexpr, BOUNDS: tl.constexpr, RESTRICT: tl.constexpr,
 ):
     offs_kv = start_n + offs_n
     if BOUNDS:
         in_range = offs_kv < N
-        k = tl.load(K + offs_kv[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        k = tl.load(K + offs_kv[None, :] * stride_kn + offs_d[:, None], mask=in_range[None, :], other=0.0)
         v = tl.load(V + offs_kv[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
     else:
-        k = tl.load(K + offs_kv[:, None] * stride_kn + offs_d[None, :])
+        k = tl.load(K + offs_kv[None, :] * stride_kn + offs_d[:, None])
         v = tl.load(V + offs_kv[:, None] * stride_vn + offs_d[None, :])
-    qk = tl.dot(q, tl.trans(k))  # q is pre-scaled by scale * log2(e)
+    qk = tl.dot(q, k) * qk_scale
     if MODE == 1:
         # Every pair is far: alpha * s for s > 0, s otherwise, which for alpha <= 1 is min(s, alpha * s).
         qk = tl.minimum(qk, qk * alpha)
@@ -80,7 +80,6 @@ def _ultravico_forward(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=offs_m[:, None] < N, other=0.0)
-    q = (q * qk_scale).to(Q.dtype.element_ty)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -106,22 +105,22 @@ def _ultravico_forward(
 
     for start_n in range(0, a * BLOCK_N, BLOCK_N):
         acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
-                                      alpha, half, frame_tokens, train_tokens, blocked_logit, 1, False, RESTRICT)
+                                      qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit, 1, False, RESTRICT)
     for start_n in range(a * BLOCK_N, lo * BLOCK_N, BLOCK_N):
         acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
-                                      alpha, half, frame_tokens, train_tokens, blocked_logit, 2, False, RESTRICT)
+                                      qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit, 2, False, RESTRICT)
     for start_n in range(lo * BLOCK_N, hi * BLOCK_N, BLOCK_N):
         acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
-                                      alpha, half, frame_tokens, train_tokens, blocked_logit, 0, False, RESTRICT)
+                                      qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit, 0, False, RESTRICT)
     for start_n in range(hi * BLOCK_N, b * BLOCK_N, BLOCK_N):
         acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
-                                      alpha, half, frame_tokens, train_tokens, blocked_logit, 2, False, RESTRICT)
+                                      qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit, 2, False, RESTRICT)
     for start_n in range(b * BLOCK_N, n_full * BLOCK_N, BLOCK_N):
         acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
-                                      alpha, half, frame_tokens, train_tokens, blocked_logit, 1, False, RESTRICT)
+                                      qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit, 1, False, RESTRICT)
     for start_n in range(n_full * BLOCK_N, n_blocks * BLOCK_N, BLOCK_N):
         acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
-                                      alpha, half, frame_tokens, train_tokens, blocked_logit, 2, True, RESTRICT)
+                                      qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit, 2, True, RESTRICT)
 
     acc = acc / l_i[:, None]
     tl.store(Out + offs_m[:, None] * stride_om + offs_d[None, :], acc.to(Out.dtype.element_ty), mask=offs_m[:, None] < N)
