@@ -117,3 +117,102 @@ def ultravico_block_classes(window: ExtrapolationWindow, seq_len: int, block_siz
     maybe_blocked = (v_lo[:, None] < window.frame_tokens) & (v_hi[None, :] >= window.train_tokens)
     both_video = has_video[:, None] & has_video[None, :]
     return (both_video & (maybe_far | maybe_blocked)).to(torch.int8)
+
+
+# Radial Attention (mit-han-lab/radial-attention, NeurIPS 2025): the frame-pair rule keeps the pair of frames
+# (i, j) only every int(128 / L) frames once its decay length L = 2^bitlen(tpf) / 2^bitlen(|i-j|) drops
+# below this constant, which the authors hard-code to 128 whatever the block size (``get_diagonal_split_mask``).
+RADIAL_SPLIT_THRESHOLD = 128
+RADIAL_MODELS = ("wan", "hunyuan")
+
+
+def radial_window(distance: int, tokens_per_frame: int, decay_factor: float, block_size: int, model: str) -> float:
+    """Band half-width w(d) of Radial Attention between frames ``distance`` apart, in tokens.
+
+    ``w(d) = tpf`` for d = 0 and d = 1 (Wan; Hunyuan: d <= 1), otherwise
+    ``w(d) = max(2^bitlen(tpf) / 2^bitlen(d) * decay_factor, block_size)``
+    (``get_window_width`` in ``radial_attn/attn_mask.py``; adjacent Wan frames are dense since commit 72788d4).
+    """
+    if distance <= 1:
+        return float(tokens_per_frame)
+    length = 2 ** tokens_per_frame.bit_length() / 2 ** distance.bit_length() * decay_factor
+    return max(length, float(block_size))
+
+
+def radial_pair_kept(distance: int, tokens_per_frame: int) -> bool:
+    """Radial Attention's diagonal split: with L = 2^bitlen(tpf) / 2^bitlen(d), frames ``distance`` apart
+    attend at all when ``L >= 128`` or ``d % int(128 / L) == 0`` (``get_diagonal_split_mask``; no decay)."""
+    length = 2 ** tokens_per_frame.bit_length() / 2 ** distance.bit_length()
+    return length >= RADIAL_SPLIT_THRESHOLD or distance % int(RADIAL_SPLIT_THRESHOLD / length) == 0
+
+
+def _shrunk_band(tokens_per_frame: int, width: float, row_offset: int, col_offset: int, block_size: int) -> torch.Tensor:
+    """Blocks kept by the authors' ``shrinkMaskStrict`` for one frame pair: the band ``|c - r| <= width`` of a
+    ``tpf x tpf`` token mask placed at (row_offset, col_offset) in a grid of ``ceil(tpf / bs)`` blocks a side.
+
+    Column density within a block = rows of that block in the band / block_size (counted analytically: rows
+    r in [lo, hi) with c - w <= r <= c + w); a block is kept when more than 60% of its non-empty columns have
+    density > 1/3. Rows and columns past ``ceil(tpf / bs) * bs`` are dropped, as in the authors' code.
+    """
+    blocks = -(-tokens_per_frame // block_size)
+    cols = torch.arange(blocks * block_size, dtype=torch.float64) - col_offset  # frame-local column index
+    row_lo = (torch.arange(blocks) * block_size - row_offset).clamp(min=0, max=tokens_per_frame)
+    row_hi = (torch.arange(1, blocks + 1) * block_size - row_offset).clamp(min=0, max=tokens_per_frame)
+    band_lo, band_hi = torch.ceil(cols - width), torch.floor(cols + width) + 1
+    count = (torch.minimum(row_hi[:, None], band_hi[None, :]) - torch.maximum(row_lo[:, None], band_lo[None, :]))
+    count = count.clamp(min=0) * ((cols >= 0) & (cols < tokens_per_frame))[None, :]
+    count = count.view(blocks, blocks, block_size)  # [row block, col block, column in block]
+    non_empty = (count > 0).sum(-1)
+    dense_cols = (3 * count > block_size).sum(-1)  # density count / bs > 1/3, in integers
+    return 5 * dense_cols > 3 * non_empty  # fraction > 0.6, in integers (an empty block is dropped)
+
+
+def radial_block_mask(
+    num_frames: int, tokens_per_frame: int, block_size: int = 128, decay_factor: float = 1.0, model: str = "wan",
+) -> torch.Tensor:
+    """Radial Attention's static block mask over video tokens (arXiv 2506.19852; code mit-han-lab/radial-attention).
+
+    The rule of ``gen_log_mask_shrinked`` in ``radial_attn/attn_mask.py`` at commit 72788d4 (2025-11-11, HEAD),
+    computed block by block without token-level masks. For query frame i and key frame j, d = |i - j|:
+
+    - key frame 0 is dense for every query frame (attention sink; Wan only);
+    - otherwise the frame pair's token mask is ``|c - r| <= w(d)`` (local token indices, see
+      :func:`radial_window`) if the pair is kept by the diagonal split (:func:`radial_pair_kept`), else empty;
+    - each pair's token mask is shrunk to blocks on the global block grid (the frame starts at token i * tpf,
+      possibly mid-block) by the authors' ``shrinkMaskStrict`` (see :func:`_shrunk_band`), and the pairs' block
+      masks are OR-ed.
+
+    Padding: the video (N = num_frames * tokens_per_frame tokens) is padded to s = ceil(N / bs) * bs, as the
+    authors' first commits (3f66894 to 2e6362f) did; their HEAD does not pad and crashes when N is not a
+    multiple of bs (e.g. Wan 480p, N = 32760). As in their rule, block row and column N // bs (the partial last
+    block) are dense; the padded positions themselves are not attended (FlexAttention's sequence lengths).
+
+    Returns a bool tensor ``[s / bs, s / bs]``.
+    """
+    for name, value in (("num_frames", num_frames), ("tokens_per_frame", tokens_per_frame), ("block_size", block_size)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}={value!r} is outside the allowed range: a positive integer")
+    if not decay_factor > 0:
+        raise ValueError(f"decay_factor={decay_factor!r} is outside the allowed range (0, inf)")
+    if model not in RADIAL_MODELS:
+        raise ValueError(f"model={model!r} is not one of {RADIAL_MODELS}")
+    tpf, bs = tokens_per_frame, block_size
+    video = num_frames * tpf
+    n_blocks = -(-video // bs)
+    frame_blocks = -(-tpf // bs)
+    mask = torch.zeros(n_blocks, n_blocks, dtype=torch.bool)
+    mask[video // bs:, :] = True
+    mask[:, video // bs:] = True
+    for i in range(num_frames):
+        for j in range(num_frames):
+            distance = abs(i - j)
+            if model == "wan" and j == 0:
+                width = float(tpf)  # the whole frame pair: a band at least as wide as the frame
+            elif radial_pair_kept(distance, tpf):
+                width = radial_window(distance, tpf, decay_factor, bs, model)
+            else:
+                continue
+            blocks = _shrunk_band(tpf, width, (i * tpf) % bs, (j * tpf) % bs, bs)
+            row, col = (i * tpf) // bs, (j * tpf) // bs
+            mask[row:row + frame_blocks, col:col + frame_blocks] |= blocks
+    return mask

@@ -1,0 +1,131 @@
+"""Adaptive block-sparse attention: blocks chosen per head from a draft attention map, reused across steps.
+
+Training-free and dynamic, after DraftAttention (shawnricecake/draft-attention; arXiv 2505.14708) and AdaSpa
+(arXiv 2502.21079). For each (batch row, head):
+
+1. draft: mean-pool q and k over blocks of ``block_size`` consecutive tokens, ``q_a = mean(q_t, t in a)``,
+   and take the block-level attention ``P[a, b] = softmax_b(q_a . k_b * scale + log n_b)`` (n_b tokens in key
+   block b, so a block counts as n_b tokens of its mean key);
+2. keep, per query block a, the ``ceil(density * kv_blocks)`` key blocks of largest P[a, b], or with ``mass``
+   the fewest blocks whose P sums to at least ``mass``; the diagonal block is always kept and blocks holding
+   text tokens (CogVideoX) are dense in rows and columns;
+3. reuse the pattern for ``cache_steps`` denoising steps (AdaSpa: patterns are stable across steps), and run
+   dense attention for the first ``dense_steps`` steps and ``dense_layers`` blocks.
+
+Differences from the papers: DraftAttention pools 8x8 spatial patches per frame and reorders tokens so the
+kept blocks are contiguous; here blocks are consecutive tokens of the frame-major sequence (no reordering),
+which matches the kernel's block grid. AdaSpa's exact LSE-based search is replaced by the draft map.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..families.base import AttentionCall
+from .radial_sparse import SparseVideoProcessor, dense_text_blocks, set_block_mask
+
+DEFAULT_DENSITY = 0.25
+
+
+def _pool_blocks(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of ``[B, N, H, D]`` over blocks of consecutive tokens -> ``[B, H, blocks, D]`` (float32), and the
+    tokens per block (the last block may be partial). Sums in float32 without copying the input."""
+    n = x.shape[1]
+    full = n // block_size
+    sums = [x[:, :full * block_size].unflatten(1, (full, block_size)).sum(2, dtype=torch.float32)]
+    counts = [float(block_size)] * full
+    if n > full * block_size:
+        sums.append(x[:, full * block_size:].sum(1, keepdim=True, dtype=torch.float32))
+        counts.append(float(n - full * block_size))
+    counts = torch.tensor(counts, device=x.device)
+    return (torch.cat(sums, 1) / counts[None, :, None, None]).transpose(1, 2), counts
+
+
+def draft_block_pattern(
+    query: torch.Tensor, key: torch.Tensor, block_size: int, density: float | None = None,
+    mass: float | None = None, scale: float | None = None,
+) -> torch.Tensor:
+    """Kept blocks ``[B, H, q_blocks, kv_blocks]`` (bool) from the draft attention of pooled q and k.
+
+    Exactly one of ``density`` (fraction of key blocks per query block) and ``mass`` (draft probability to
+    cover) is given. The diagonal block is always kept (self-attention: q_blocks == kv_blocks).
+    """
+    q, _ = _pool_blocks(query, block_size)
+    k, counts = _pool_blocks(key, block_size)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    probs = torch.softmax(q @ k.transpose(-1, -2) * scale + counts.log(), dim=-1)
+    kv_blocks = probs.shape[-1]
+    diagonal = torch.eye(probs.shape[-2], kv_blocks, dtype=torch.bool, device=probs.device)
+    if density is not None:
+        keep_count = min(kv_blocks, math.ceil(density * kv_blocks))
+        ranked = probs.masked_fill(diagonal, float("inf"))
+        chosen = ranked.topk(keep_count, dim=-1).indices
+        return torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, chosen, True)
+    if mass >= 1.0:
+        return torch.ones_like(probs, dtype=torch.bool)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the blocks ranked above each block
+    keep_sorted = before < mass
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted) | diagonal
+
+
+def _check_fraction(name: str, value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{name}={value!r} is outside the allowed range (0, 1]")
+    return float(value)
+
+
+class AdaptiveSparseProcessor(SparseVideoProcessor):
+    """Dynamic block-sparse attention from a draft attention map, searched once per cache window.
+
+    Args:
+        density: fraction of key blocks kept per (head, query block), in (0, 1]; 1 is dense attention.
+            Default 0.25 when ``mass`` is not given either.
+        mass: instead of ``density``, keep the fewest blocks covering this draft probability, in (0, 1].
+        cache_steps: steps a searched pattern is reused (>= 1); searches happen at steps
+            ``dense_steps + k * cache_steps``.
+        dense_steps, dense_layers, block_size: see :class:`SparseVideoProcessor`.
+
+    Patterns live in the context's per-generation state, one per attention module, guidance branch (Wan's
+    separate cond / uncond forwards) and input shape.
+    """
+
+    method = "AdaptiveSparseProcessor"
+
+    def __init__(
+        self, density: float | None = None, mass: float | None = None, cache_steps: int = 5, dense_steps: int = 0,
+        dense_layers: int = 0, block_size: int = 128,
+    ):
+        super().__init__(dense_steps, dense_layers, block_size)
+        if mass is not None and density is not None:
+            raise ValueError(f"density={density!r} and mass={mass!r} are both given: give one of them")
+        self.mass = _check_fraction("mass", mass)
+        self.density = _check_fraction("density", DEFAULT_DENSITY if density is None and mass is None else density)
+        if isinstance(cache_steps, bool) or not isinstance(cache_steps, int) or cache_steps < 1:
+            raise ValueError(f"cache_steps={cache_steps!r} is outside the allowed range: an integer >= 1")
+        self.cache_steps = cache_steps
+
+    def pattern(self, call: AttentionCall) -> torch.Tensor:
+        """This call's block pattern: searched at the first step of each cache window, else reused."""
+        window = (call.context.step_index - self.dense_steps) // self.cache_steps
+        key = (id(call.module), call.context.branch, tuple(call.query.shape), tuple(call.key.shape))
+        cache = call.context.state.setdefault(("adaptive_sparse", id(self)), {})
+        if key not in cache or cache[key][0] != window:
+            pattern = draft_block_pattern(call.query, call.key, self.block_size, self.density, self.mass, call.scale)
+            text = dense_text_blocks(call, pattern.shape[-1], self.block_size, pattern.device)
+            cache[key] = (window, pattern | text)
+        return cache[key][1]
+
+    def edit_attention(self, call: AttentionCall) -> None:
+        set_block_mask(call, self.pattern(call), self.block_size)
+
+    def __repr__(self) -> str:
+        target = f"mass={self.mass}" if self.mass is not None else f"density={self.density}"
+        return (
+            f"AdaptiveSparseProcessor({target}, cache_steps={self.cache_steps}, dense_steps={self.dense_steps}, "
+            f"dense_layers={self.dense_layers}, block_size={self.block_size})"
+        )

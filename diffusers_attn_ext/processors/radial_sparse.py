@@ -1,0 +1,161 @@
+"""Radial Attention: a static block-sparse mask whose attention window shrinks with temporal distance.
+
+Paper: "Radial Attention: O(n log n) Sparse Attention with Energy Decay for Long Video Generation"
+(arXiv 2506.19852, NeurIPS 2025); code mit-han-lab/radial-attention. The mask is
+:func:`diffusers_attn_ext.masks.radial_block_mask` over the video tokens, one table shared by every batch row,
+head and layer, built once per grid and generation. Text tokens (CogVideoX's joint sequence) attend and are
+attended densely; Wan's cross-attention is dense. As in the authors' ``WanSparseAttnProcessor``
+(``radial_attn/models/wan/attention.py``), denoising steps with index < ``dense_steps`` and blocks with index
+< ``dense_layers`` run dense attention.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..families.base import AttentionCall
+from ..masks import RADIAL_MODELS, radial_block_mask
+from .base import AttnExtProcessor
+
+VIDEO_FAMILIES = ("wan", "cogvideox")
+_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)\.")
+
+
+def _check_non_negative_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}={value!r} is outside the allowed range: an integer >= 0")
+    return value
+
+
+def _check_block_size(block_size) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size={block_size!r} is outside the allowed range: a positive integer")
+    return block_size
+
+
+def layer_index(module_name: str | None) -> int | None:
+    """Transformer block index of an attention module ("blocks.3.attn1" -> 3; None when unnamed)."""
+    match = _LAYER_INDEX.search(module_name or "")
+    return int(match.group(1)) if match else None
+
+
+def joint_block_mask(video_mask: torch.Tensor, call: AttentionCall, block_size: int) -> torch.Tensor:
+    """Block table ``[1, 1, blocks, blocks]`` of the call's whole sequence from a mask over its video tokens.
+
+    Blocks holding text tokens are dense (rows and columns). When the video starts mid-block (text first and
+    its length not a multiple of ``block_size``), a sequence block is kept when it overlaps any kept video block
+    (the cover of the video mask, slightly denser than it).
+    """
+    total, start = call.query.shape[1], call.visual.start
+    if start == 0 and total == call.visual.stop:
+        return video_mask[None, None]
+    blocks = -(-total // block_size)
+    video_blocks = video_mask.shape[0]
+    # Sequence block b covers video blocks floor((b*bs - start)/bs) .. floor(((b+1)*bs - 1 - start)/bs).
+    first = (torch.arange(blocks) * block_size - start).clamp(min=0, max=video_blocks * block_size - 1) // block_size
+    last = ((torch.arange(blocks) + 1) * block_size - 1 - start).clamp(min=0, max=video_blocks * block_size - 1)
+    last = last // block_size
+    covers = (torch.arange(video_blocks)[None, :] >= first[:, None]) & (torch.arange(video_blocks)[None, :] <= last[:, None])
+    covers &= ((torch.arange(blocks) + 1) * block_size > start)[:, None]  # blocks of text only cover no video
+    mask = (covers.float() @ video_mask.float() @ covers.float().T) > 0
+    return (mask | dense_text_blocks(call, blocks, block_size, mask.device))[None, None]
+
+
+def dense_text_blocks(call: AttentionCall, blocks: int, block_size: int, device) -> torch.Tensor:
+    """``[blocks, blocks]`` table of the rows and columns of blocks that hold text tokens (none for Wan)."""
+    text = torch.zeros(blocks, dtype=torch.bool, device=device)
+    if call.text is not None and call.text.stop > call.text.start:
+        text[call.text.start // block_size:-(-call.text.stop // block_size)] = True
+    return text[:, None] | text[None, :]
+
+
+def set_block_mask(call: AttentionCall, blocks: torch.Tensor, block_size: int) -> None:
+    """Put ``blocks`` on the call, intersected with a block mask an earlier method set (same block size)."""
+    if call.block_mask is None:
+        call.block_mask, call.block_size = blocks, block_size
+        return
+    if call.block_size != block_size:
+        raise ValueError(
+            f"block_size={block_size} differs from the block_size={call.block_size} of a block mask set by an "
+            "earlier method: composed sparse methods need one block size"
+        )
+    call.block_mask = call.block_mask & blocks
+
+
+class SparseVideoProcessor(AttnExtProcessor):
+    """What sparse video methods share: video self-attention only, dense early steps and first layers.
+
+    Args:
+        dense_steps: denoising steps (0-based index < dense_steps) that run dense attention.
+        dense_layers: transformer blocks (index < dense_layers) that run dense attention at every step.
+        block_size: tokens per block of the block-sparse kernel.
+    """
+
+    method = "SparseVideoProcessor"
+
+    def __init__(self, dense_steps: int = 0, dense_layers: int = 0, block_size: int = 128):
+        self.dense_steps = _check_non_negative_int("dense_steps", dense_steps)
+        self.dense_layers = _check_non_negative_int("dense_layers", dense_layers)
+        self.block_size = _check_block_size(block_size)
+
+    def applies_to(self, call: AttentionCall) -> bool:
+        if call.family not in VIDEO_FAMILIES:
+            raise ValueError(f"{self.method} applies to video families {VIDEO_FAMILIES}, not family={call.family!r}")
+        if not call.is_self_attention:
+            return False
+        call.require_grid(self.method)
+        layer = layer_index(call.module_name)
+        if layer is not None and layer < self.dense_layers:
+            return False
+        return call.context.step_index >= self.dense_steps
+
+
+class RadialSparseProcessor(SparseVideoProcessor):
+    """Radial Attention's static block-sparse mask on video self-attention (Wan, CogVideoX).
+
+    Args:
+        decay_factor: scales the window beyond adjacent frames, ``w(d) = max(2^bitlen(tpf) / 2^bitlen(d) *
+            decay_factor, block_size)``; > 0. Default 1.0, as the authors' ``wan_t2v_inference.py`` argparse
+            and processor class; their shell scripts use 0.2 with ``dense_steps=12, dense_layers=1`` of 50 steps.
+        dense_steps, dense_layers: dense attention for the first steps / blocks (authors' defaults 0, 0).
+        block_size: 128 as the authors' Wan2.1 path (their Wan2.2 path uses 64).
+        model: "wan" (key frame 0 is an attention sink) or "hunyuan" (no sink); the Wan rule suits CogVideoX.
+    """
+
+    method = "RadialSparseProcessor"
+
+    def __init__(
+        self, decay_factor: float = 1.0, dense_steps: int = 0, dense_layers: int = 0, block_size: int = 128,
+        model: str = "wan",
+    ):
+        super().__init__(dense_steps, dense_layers, block_size)
+        if not (isinstance(decay_factor, (int, float)) and decay_factor > 0):
+            raise ValueError(f"decay_factor={decay_factor!r} is outside the allowed range (0, inf)")
+        if model not in RADIAL_MODELS:
+            raise ValueError(f"model={model!r} is not one of {RADIAL_MODELS}")
+        self.decay_factor = float(decay_factor)
+        self.model = model
+
+    def block_mask(self, call: AttentionCall) -> torch.Tensor:
+        """The call's block table, cached in the context's per-generation state per grid and layout."""
+        grid = call.require_grid(self.method)
+        key = (
+            self.decay_factor, self.block_size, self.model, grid, call.visual.start, call.query.shape[1],
+            call.query.device,
+        )
+        cache = call.context.state.setdefault("radial_sparse_masks", {})
+        if key not in cache:
+            video = radial_block_mask(grid.frames, grid.tokens_per_frame, self.block_size, self.decay_factor, self.model)
+            cache[key] = joint_block_mask(video, call, self.block_size).to(call.query.device)
+        return cache[key]
+
+    def edit_attention(self, call: AttentionCall) -> None:
+        set_block_mask(call, self.block_mask(call), self.block_size)
+
+    def __repr__(self) -> str:
+        return (
+            f"RadialSparseProcessor(decay_factor={self.decay_factor}, dense_steps={self.dense_steps}, "
+            f"dense_layers={self.dense_layers}, block_size={self.block_size}, model={self.model!r})"
+        )

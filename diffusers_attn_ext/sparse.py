@@ -1,0 +1,59 @@
+"""One call to turn on sparse video attention: :func:`enable_sparse_attention`.
+
+Methods: "radial" (:class:`~diffusers_attn_ext.processors.radial_sparse.RadialSparseProcessor`, static mask
+with energy decay over temporal distance) and "adaptive"
+(:class:`~diffusers_attn_ext.processors.adaptive_sparse.AdaptiveSparseProcessor`, blocks chosen from a
+draft attention map and cached across steps). ``uninstall(pipe)`` turns it off.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .install import install
+from .processors.adaptive_sparse import AdaptiveSparseProcessor
+from .processors.radial_sparse import RadialSparseProcessor, SparseVideoProcessor
+
+SPARSE_METHODS = ("radial", "adaptive")
+
+
+def sparse_processor(
+    method: str = "radial", *, density: float | None = None, dense_steps: int = 0, dense_layers: int = 0,
+    **options: Any,
+) -> SparseVideoProcessor:
+    """The processor of a sparse method.
+
+    Args:
+        method: "radial" or "adaptive".
+        density: kept fraction of key blocks (adaptive only; radial's density follows from the grid and its
+            ``decay_factor``).
+        dense_steps: first denoising steps run dense.
+        dense_layers: first transformer blocks run dense.
+        options: the method's other arguments (radial: ``decay_factor``, ``block_size``, ``model``;
+            adaptive: ``mass``, ``cache_steps``, ``block_size``).
+    """
+    if method == "radial":
+        if density is not None:
+            raise ValueError(
+                f"density={density!r} is not a parameter of method='radial' (its density follows from the grid "
+                "and decay_factor); allowed: None, or use method='adaptive'"
+            )
+        return RadialSparseProcessor(dense_steps=dense_steps, dense_layers=dense_layers, **options)
+    if method == "adaptive":
+        return AdaptiveSparseProcessor(density=density, dense_steps=dense_steps, dense_layers=dense_layers, **options)
+    raise ValueError(f"method={method!r} is not one of {SPARSE_METHODS}")
+
+
+def enable_sparse_attention(
+    pipe: Any, method: str = "radial", *, density: float | None = None, dense_steps: int = 0,
+    dense_layers: int = 0, layers: str | list[str] | None = None, **options: Any,
+) -> SparseVideoProcessor:
+    """Install a sparse video attention method on a Wan or CogVideoX pipeline (or transformer).
+
+    Arguments as in :func:`sparse_processor`; ``layers`` selects attention modules as in
+    :func:`~diffusers_attn_ext.install.install`. Returns the installed processor; ``uninstall(pipe)``
+    restores the stock processors.
+    """
+    processor = sparse_processor(method, density=density, dense_steps=dense_steps, dense_layers=dense_layers, **options)
+    install(pipe, processor, layers=layers)
+    return processor
