@@ -9,32 +9,41 @@ Three ways in::
 
 from .context import AttnContext, TokenGrid, attach_context, detach_context, get_context, reset_context
 from .headset import HeadSet
-from .install import attention_modules, install, select_modules, uninstall
+from .install import attention_modules, install, installed, select_modules, uninstall
+from .masks import radial_block_mask
 from .processors import (
+    AdaptiveSparseProcessor,
     AttnExtProcessor,
     ComposedProcessor,
     EntropyScalingProcessor,
+    RadialSparseProcessor,
     SoftPAGProcessor,
     StockAttnProcessor,
     UltraViCoProcessor,
 )
+from .sparse import enable_sparse_attention
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveSparseProcessor",
     "AttnContext",
     "AttnExtProcessor",
     "ComposedProcessor",
     "EntropyScalingProcessor",
     "HeadSet",
+    "RadialSparseProcessor",
     "SoftPAGProcessor",
     "StockAttnProcessor",
     "TokenGrid",
     "attach_context",
     "attention_modules",
     "detach_context",
+    "enable_sparse_attention",
     "get_context",
     "install",
+    "installed",
+    "radial_block_mask",
     "reset_context",
     "select_modules",
     "uninstall",

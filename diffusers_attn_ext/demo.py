@@ -19,7 +19,13 @@ from PIL import Image
 
 from .install import install, uninstall
 from .pipelines.head_pag import FluxHeadPAGPipeline, StableDiffusion3HeadPAGPipeline
-from .processors import EntropyScalingProcessor, StockAttnProcessor, UltraViCoProcessor
+from .processors import (
+    AdaptiveSparseProcessor,
+    EntropyScalingProcessor,
+    RadialSparseProcessor,
+    StockAttnProcessor,
+    UltraViCoProcessor,
+)
 from .testing import FAMILIES, tiny_call_kwargs, tiny_pipeline
 
 
@@ -34,6 +40,9 @@ class DemoEntry:
     pipeline: Callable[[Any], Any] | None = None  # builds the method's pipeline from the stock one (from_pipe)
     method_kwargs: dict[str, Any] = field(default_factory=dict)  # extra arguments of that pipeline's call
 
+
+# Tiny videos are a few blocks only with small blocks; do not reuse these settings with a real model.
+SPARSE_TINY = {"height": 64, "width": 64, "num_frames": 17}
 
 DEMOS: list[DemoEntry] = [
     *(DemoEntry("stock (StockAttnProcessor)", family, lambda: [StockAttnProcessor()]) for family in FAMILIES),
@@ -52,6 +61,15 @@ DEMOS: list[DemoEntry] = [
                   method_kwargs={"pag_heads": {"transformer_blocks.0": [1], "transformer_blocks.1": [0]},
                                  "pag_alpha": 0.5, "pag_scale": 3.0})
         for family, pipeline in (("sd3", StableDiffusion3HeadPAGPipeline), ("flux", FluxHeadPAGPipeline))
+    ),
+    *(
+        DemoEntry("radial sparse", family, lambda block=block: [RadialSparseProcessor(block_size=block)], SPARSE_TINY)
+        for family, block in (("wan", 16), ("cogvideox", 8))
+    ),
+    *(
+        DemoEntry("adaptive sparse (density 0.25)", family,
+                  lambda block=block: [AdaptiveSparseProcessor(density=0.25, block_size=block)], SPARSE_TINY)
+        for family, block in (("wan", 16), ("cogvideox", 8))
     ),
 ]
 
