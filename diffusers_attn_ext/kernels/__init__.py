@@ -1,6 +1,7 @@
 """The attention math: one function, :func:`attend`, chooses the kernel for an attention call.
 
 - no score modification and no block mask: the dense kernel of the stock processor (bit-identical to it);
+- a block mask alone (no score mod), on CUDA inputs with 128-token blocks: the block-sparse Triton kernel;
 - a score_mod that carries a fused kernel (``score_mod.fused = (name, params)``), alone and on CUDA
   inputs the fused kernel supports: that kernel (e.g. UltraViCo's Triton kernel);
 - otherwise FlexAttention with the composed ``score_mod`` and the block mask (compiled on CUDA, eager on
@@ -16,7 +17,7 @@ from .dense import dense_attention
 from .flex import compose_score_mods, flex_attention_bnhd, flex_block_mask
 from .xformers_backend import xformers_status
 
-DENSE, FLEX, FUSED = "dense", "flex", "fused"
+DENSE, FLEX, FUSED, BLOCK_SPARSE = "dense", "flex", "fused", "block_sparse"
 
 
 def _fused_kernel(call: AttentionCall):
@@ -38,6 +39,11 @@ def choose_kernel(call: AttentionCall) -> str:
         return DENSE
     if call.attn_mask is None and _fused_kernel(call) is not None:
         return FUSED
+    if call.attn_mask is None and not call.score_mods and call.query.is_cuda:
+        from . import block_sparse_triton
+
+        if block_sparse_triton.supports(call.query, call.key, call.block_size):
+            return BLOCK_SPARSE
     if call.attn_mask is not None:
         raise ValueError(
             "attention_mask together with a score modification or block mask is not supported: the "
@@ -56,6 +62,10 @@ def attend(call: AttentionCall) -> torch.Tensor:
         )
     if kernel == FUSED:
         return _fused_kernel(call)()
+    if kernel == BLOCK_SPARSE:
+        from .block_sparse_triton import block_sparse_attention
+
+        return block_sparse_attention(call.query, call.key, call.value, call.block_mask, scale=call.scale)
     block_mask = None
     if call.block_mask is not None:
         block_mask = flex_block_mask(call.block_mask, call.block_size, call.query.shape[1], call.key.shape[1])
@@ -94,4 +104,4 @@ def kernel_report() -> dict[str, str]:
     return report
 
 
-__all__ = ["DENSE", "FLEX", "FUSED", "attend", "choose_kernel", "dense_attention", "flex_attention_bnhd", "flex_block_mask", "kernel_report"]
+__all__ = ["BLOCK_SPARSE", "DENSE", "FLEX", "FUSED", "attend", "choose_kernel", "dense_attention", "flex_attention_bnhd", "flex_block_mask", "kernel_report"]

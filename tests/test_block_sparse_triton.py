@@ -1,0 +1,57 @@
+"""The block-sparse Triton kernel, run by Triton's CPU interpreter against a float64 reference.
+
+The interpreter needs TRITON_INTERPRET=1 before Triton is imported, so the check runs in a subprocess.
+On a GPU, benchmarks/block_sparse_kernel.py checks the compiled kernel the same way.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+CHECK = textwrap.dedent(
+    """
+    import torch, triton
+    from diffusers_attn_ext.kernels import block_sparse_triton as bst
+
+    def reference(q, k, v, blocks):
+        n = q.shape[1]
+        keep = blocks.repeat_interleave(128, -2).repeat_interleave(128, -1)[..., :n, :n]
+        q, k, v = (x.double().transpose(1, 2) for x in (q, k, v))
+        scores = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill(~keep, float("-inf"))
+        out = scores.softmax(-1).nan_to_num(0.0) @ v  # rows without keys output 0, as the kernel
+        return out.transpose(1, 2)
+
+    g = torch.Generator().manual_seed(0)
+    # 300 tokens: a partial last block; per-head tables; one query block that keeps nothing.
+    for n, heads, batch_wide in [(300, 2, True), (256, 2, False)]:
+        q, k, v = (torch.randn(2, n, heads, 64, generator=g) for _ in range(3))
+        nb = triton.cdiv(n, 128)
+        blocks = torch.rand(1 if batch_wide else 2, heads, nb, nb, generator=g) < 0.5
+        blocks[..., -1, -1] = True
+        blocks[0, 0, 0] = False
+        counts, indices = bst.compress_block_table(blocks)
+        out = torch.full_like(q, float("nan"))
+        stride = lambda t, d: 0 if t.shape[d] == 1 else t.stride(d)
+        bst._block_sparse_forward[(nb, 2 * heads)](
+            q, k, v, out, counts, indices, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+            k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            stride(counts, 0), stride(counts, 1), counts.stride(2), stride(indices, 0), stride(indices, 1),
+            indices.stride(2), heads, n, 64**-0.5 * bst.LOG2E, BLOCK_M=128, BLOCK_N=128, HEAD_DIM=64)
+        ref = reference(q, k, v, blocks)
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert err < 1e-5, (n, heads, batch_wide, err)
+    print("ok")
+    """
+)
+
+
+def test_kernel_matches_reference_in_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    result = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
