@@ -43,7 +43,7 @@ def accuracy_rows() -> list[dict]:
     return rows
 
 
-def shape_rows(shape: str, densities: list[float]) -> list[dict]:
+def shape_rows(shape: str, densities: list[float], configs: list[dict]) -> list[dict]:
     heads, frames, frame_tokens = SHAPES[shape]
     n = frames * frame_tokens
     blocks = -(-n // 128)
@@ -63,9 +63,15 @@ def shape_rows(shape: str, densities: list[float]) -> list[dict]:
     for label, table in tables:
         density = table.float().mean().item()
         flex_mask = flex_block_mask(table, 128, n, n)
-        for kernel, fn in (("Triton", lambda table=table: block_sparse_attention(q, k, v, table)),
-                           ("Flex", lambda flex_mask=flex_mask: flex_attention_bnhd(q, k, v, block_mask=flex_mask))):
-            ms = cuda_time_ms(fn)
+        kernels = [(f"Triton {c}" if c else "Triton", lambda table=table, c=c: block_sparse_attention(q, k, v, table, config=c))
+                   for c in configs]
+        kernels.append(("Flex", lambda flex_mask=flex_mask: flex_attention_bnhd(q, k, v, block_mask=flex_mask)))
+        for kernel, fn in kernels:
+            try:
+                ms = cuda_time_ms(fn)
+            except Exception as error:  # a tuning config may not fit shared memory
+                print(f"{kernel} on {label} failed: {type(error).__name__}: {str(error)[:160]}")
+                continue
             rows.append({"shape": shape, "mask": label, "density": density, "kernel": kernel, "ms": ms,
                          "x dense": dense_ms / ms, "x dense / (1/d)": dense_ms / ms * density,
                          "sparse TFLOP/s": attention_tflops(1, heads, n, n, 128, ms) * density,
@@ -76,11 +82,13 @@ def shape_rows(shape: str, densities: list[float]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="Wan-1.3B shape, two densities")
+    parser.add_argument("--configs", action="store_true", help="also time other pipeline depths of the Triton kernel")
     args = parser.parse_args()
+    configs = [{}] + ([dict(num_stages=2), dict(num_warps=4, num_stages=2)] if args.configs else [])
     print(write_results("block_sparse_accuracy", accuracy_rows(), f"Block-sparse kernels vs float64, bf16, {device_name()}"))
     densities = [0.1, 0.5] if args.quick else [0.05, 0.1, 0.2, 0.3, 0.5, 1.0]
     shapes = list(SHAPES)[:1] if args.quick else list(SHAPES)
-    rows = [row for shape in shapes for row in shape_rows(shape, densities)]
+    rows = [row for shape in shapes for row in shape_rows(shape, densities, configs)]
     print(write_results("block_sparse_kernel", rows, f"Block-sparse attention kernels, d 128, bf16, 128-blocks, {device_name()}"))
 
 

@@ -140,6 +140,7 @@ def forward_rows(quick: bool, iters: int) -> list[dict]:
         "radial (decay 1.0)": lambda: RadialSparseProcessor(),
         "radial (decay 0.2)": lambda: RadialSparseProcessor(decay_factor=0.2),
         "adaptive density 0.25, pattern cached": lambda: AdaptiveSparseProcessor(density=0.25),
+        "adaptive density 0.10, pattern cached": lambda: AdaptiveSparseProcessor(density=0.1),
         "adaptive density 0.25, searched every call": lambda: AdaptiveSparseProcessor(density=0.25),
     }
     rows, dense_ms = [], None
@@ -164,7 +165,12 @@ def forward_rows(quick: bool, iters: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="Wan-1.3B shape only, two densities, 4-layer forward")
+    parser.add_argument("--forward-only", action="store_true", help="only the whole-forward table")
     args = parser.parse_args()
+    if args.forward_only:
+        rows = forward_rows(args.quick, 3 if args.quick else 10)
+        print(write_results("sparse_forward", rows, f"Wan2.1-1.3B-shaped forward, 480x832x81, bf16, {device_name()}"))
+        return
     densities = [0.25, 1.0] if args.quick else [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
     iters = 3 if args.quick else 10
     shapes = list(SHAPES)[:1] if args.quick else list(SHAPES)

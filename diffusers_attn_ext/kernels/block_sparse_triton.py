@@ -73,8 +73,12 @@ def _block_sparse_forward(
     n_full = N // BLOCK_N
     last = tl.load(Indices + tl.maximum(count - 1, 0))
     has_partial = (count > 0) & (last >= n_full)
-    for i in range(0, count - has_partial.to(tl.int32)):
-        start_n = tl.load(Indices + i) * BLOCK_N
+    n_unbounded = count - has_partial.to(tl.int32)
+    following = tl.load(Indices)
+    for i in range(0, n_unbounded):
+        # The next index is loaded one iteration ahead, so that K/V addresses do not wait on it.
+        start_n = following * BLOCK_N
+        following = tl.load(Indices + tl.minimum(i + 1, n_unbounded - 1))
         acc, l_i, m_i = _sparse_block(acc, l_i, m_i, q, K, V, start_n, offs_n, offs_d, stride_kn, stride_vn, N,
                                       qk_scale, False)
     if has_partial:
@@ -103,8 +107,11 @@ def compress_block_table(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return counts.contiguous(), indices.contiguous()
 
 
+DEFAULT_CONFIG = dict(num_warps=8, num_stages=3)
+
+
 def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor,
-                           scale: float | None = None) -> torch.Tensor:
+                           scale: float | None = None, config: dict | None = None) -> torch.Tensor:
     """Block-sparse attention on ``[B, N, H, D]`` CUDA tensors with a bool table ``[B|1, H|1, q_blocks, kv_blocks]``
     of 128x128 blocks; returns ``[B, N, H, D]``."""
     if not supports(query, key, BLOCK):
@@ -127,6 +134,6 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
         broadcast_stride(counts, 0), broadcast_stride(counts, 1), counts.stride(2),
         broadcast_stride(indices, 0), broadcast_stride(indices, 1), indices.stride(2),
         heads, n, scale * LOG2E,
-        BLOCK_M=BLOCK, BLOCK_N=BLOCK, HEAD_DIM=head_dim, num_warps=8, num_stages=3,
+        BLOCK_M=BLOCK, BLOCK_N=BLOCK, HEAD_DIM=head_dim, **{**DEFAULT_CONFIG, **(config or {})},
     )
     return out
