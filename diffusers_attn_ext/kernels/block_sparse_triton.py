@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .flash_triton import load_kv_block, online_softmax_step
+
 LOG2E = 1.4426950408889634
 BLOCK = 128
 
@@ -23,22 +25,11 @@ BLOCK = 128
 def _sparse_block(acc, l_i, m_i, q, K, V, start_n, offs_n, offs_d, stride_kn, stride_vn, N, qk_scale,
                   BOUNDS: tl.constexpr):
     offs_kv = start_n + offs_n
-    if BOUNDS:
-        in_range = offs_kv < N
-        k = tl.load(K + offs_kv[None, :] * stride_kn + offs_d[:, None], mask=in_range[None, :], other=0.0)
-        v = tl.load(V + offs_kv[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
-    else:
-        k = tl.load(K + offs_kv[None, :] * stride_kn + offs_d[:, None])
-        v = tl.load(V + offs_kv[:, None] * stride_vn + offs_d[None, :])
+    k, v = load_kv_block(K, V, offs_kv, offs_d, stride_kn, stride_vn, N, BOUNDS)
     qk = tl.dot(q, k) * qk_scale
     if BOUNDS:
-        qk = tl.where(in_range[None, :], qk, float("-inf"))
-    m_ij = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_ij[:, None])
-    correction = tl.math.exp2(m_i - m_ij)
-    l_i = l_i * correction + tl.sum(p, 1)
-    acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, l_i, m_ij
+        qk = tl.where((offs_kv < N)[None, :], qk, float("-inf"))
+    return online_softmax_step(acc, l_i, m_i, qk, v)
 
 
 @triton.jit

@@ -19,45 +19,39 @@ import triton
 import triton.language as tl
 
 from ..masks import ULTRAVICO_BLOCKED_LOGIT, ExtrapolationWindow
+from .flash_triton import load_kv_block, online_softmax_step
 
 LOG2E = 1.4426950408889634
 
 
-NEAR, FAR, RULE = 0, 1, 2  # what a key block needs: nothing, the sign rule only, the whole rule per element
+# What a range of key blocks needs: nothing, the sign rule only, or the whole rule per element.
+NEAR, FAR, RULE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
-def _attend_block(
-    acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
+def _attend_blocks(
+    acc, l_i, m_i, q, K, V, first, last, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
     qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit,
-    MODE: tl.constexpr, BOUNDS: tl.constexpr, RESTRICT: tl.constexpr,
+    MODE: tl.constexpr, BOUNDS: tl.constexpr, RESTRICT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    offs_kv = start_n + offs_n
-    if BOUNDS:
-        in_range = offs_kv < N
-        k = tl.load(K + offs_kv[None, :] * stride_kn + offs_d[:, None], mask=in_range[None, :], other=0.0)
-        v = tl.load(V + offs_kv[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
-    else:
-        k = tl.load(K + offs_kv[None, :] * stride_kn + offs_d[:, None])
-        v = tl.load(V + offs_kv[:, None] * stride_vn + offs_d[None, :])
-    qk = tl.dot(q, k) * qk_scale
-    if MODE == 1:
-        # Every pair is far: alpha * s for s > 0, s otherwise, which for alpha <= 1 is min(s, alpha * s).
-        qk = tl.minimum(qk, qk * alpha)
-    if MODE == 2:
-        far = tl.abs(offs_m[:, None] - offs_kv[None, :]) > half
-        qk = tl.where(far, tl.minimum(qk, qk * alpha), qk)
-        if RESTRICT:
-            blocked = (offs_m[:, None] < frame_tokens) & (offs_kv[None, :] >= train_tokens)
-            qk = tl.where(blocked, blocked_logit, qk)
-    if BOUNDS:
-        qk = tl.where(in_range[None, :], qk, float("-inf"))
-    m_ij = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_ij[:, None])
-    correction = tl.math.exp2(m_i - m_ij)
-    l_i = l_i * correction + tl.sum(p, 1)
-    acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, l_i, m_ij
+    """Attend to key blocks ``[first, last)``, all of one class (``MODE``)."""
+    for start_n in range(first * BLOCK_N, last * BLOCK_N, BLOCK_N):
+        offs_kv = start_n + offs_n
+        k, v = load_kv_block(K, V, offs_kv, offs_d, stride_kn, stride_vn, N, BOUNDS)
+        qk = tl.dot(q, k) * qk_scale
+        if MODE == FAR:
+            # Every pair is far: alpha * s for s > 0, s otherwise, which for alpha <= 1 is min(s, alpha * s).
+            qk = tl.minimum(qk, qk * alpha)
+        if MODE == RULE:
+            far = tl.abs(offs_m[:, None] - offs_kv[None, :]) > half
+            qk = tl.where(far, tl.minimum(qk, qk * alpha), qk)
+            if RESTRICT:
+                blocked = (offs_m[:, None] < frame_tokens) & (offs_kv[None, :] >= train_tokens)
+                qk = tl.where(blocked, blocked_logit, qk)
+        if BOUNDS:
+            qk = tl.where((offs_kv < N)[None, :], qk, float("-inf"))
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v)
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -103,24 +97,24 @@ def _ultravico_forward(
     hi = tl.maximum(hi, lo)
     b = tl.maximum(tl.minimum(b, n_full), hi)
 
-    for start_n in range(0, a * BLOCK_N, BLOCK_N):
-        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
-                                      qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit, 1, False, RESTRICT)
-    for start_n in range(a * BLOCK_N, lo * BLOCK_N, BLOCK_N):
-        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
-                                      qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit, 2, False, RESTRICT)
-    for start_n in range(lo * BLOCK_N, hi * BLOCK_N, BLOCK_N):
-        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
-                                      qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit, 0, False, RESTRICT)
-    for start_n in range(hi * BLOCK_N, b * BLOCK_N, BLOCK_N):
-        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
-                                      qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit, 2, False, RESTRICT)
-    for start_n in range(b * BLOCK_N, n_full * BLOCK_N, BLOCK_N):
-        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
-                                      qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit, 1, False, RESTRICT)
-    for start_n in range(n_full * BLOCK_N, n_blocks * BLOCK_N, BLOCK_N):
-        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
-                                      qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit, 2, True, RESTRICT)
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, K, V, 0, a, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
+                                   qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit,
+                                   MODE=FAR, BOUNDS=False, RESTRICT=RESTRICT, BLOCK_N=BLOCK_N)
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, K, V, a, lo, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
+                                   qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit,
+                                   MODE=RULE, BOUNDS=False, RESTRICT=RESTRICT, BLOCK_N=BLOCK_N)
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, K, V, lo, hi, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
+                                   qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit,
+                                   MODE=NEAR, BOUNDS=False, RESTRICT=RESTRICT, BLOCK_N=BLOCK_N)
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, K, V, hi, b, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
+                                   qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit,
+                                   MODE=RULE, BOUNDS=False, RESTRICT=RESTRICT, BLOCK_N=BLOCK_N)
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, K, V, b, n_full, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
+                                   qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit,
+                                   MODE=FAR, BOUNDS=False, RESTRICT=RESTRICT, BLOCK_N=BLOCK_N)
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, K, V, n_full, n_blocks, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
+                                   qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit,
+                                   MODE=RULE, BOUNDS=True, RESTRICT=RESTRICT, BLOCK_N=BLOCK_N)
 
     acc = acc / l_i[:, None]
     tl.store(Out + offs_m[:, None] * stride_om + offs_d[None, :], acc.to(Out.dtype.element_ty), mask=offs_m[:, None] < N)
