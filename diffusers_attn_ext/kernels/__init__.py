@@ -75,6 +75,17 @@ def attend(call: AttentionCall) -> torch.Tensor:
     )
 
 
+def _triton_status(cuda: bool) -> str:
+    """Whether our Triton kernels can run here."""
+    if not cuda:
+        return "needs CUDA"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton not installed"
+    return "available"
+
+
 def kernel_report() -> dict[str, str]:
     """What is available on this machine and which kernel each kind of call gets."""
     cuda = torch.cuda.is_available()
@@ -93,6 +104,13 @@ def kernel_report() -> dict[str, str]:
                 ("efficient", cuda_backends.mem_efficient_sdp_enabled()), ("math", cuda_backends.math_sdp_enabled()),
             ) if on
         )
+    triton_reason = _triton_status(cuda)
+    report["ultravico"] = f"fused Triton kernel ({triton_reason})" if triton_reason == "available" else (
+        f"FlexAttention score_mod (fused Triton kernel: {triton_reason})"
+    )
+    report["block_sparse"] = f"Triton block-sparse kernel ({triton_reason})" if triton_reason == "available" else (
+        f"FlexAttention block mask (Triton kernel: {triton_reason})"
+    )
     works, reason = xformers_status()
     report["xformers"] = reason
     try:
