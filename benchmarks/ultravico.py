@@ -13,9 +13,10 @@ import torch
 from common import attention_tflops, cuda_time_ms, device_name, peak_memory_gib, write_results
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from diffusers_attn_ext.kernels.flex import flex_attention_bnhd
+from diffusers_attn_ext.kernels.block_sparse_triton import block_sparse_attention
+from diffusers_attn_ext.kernels.flex import flex_attention_bnhd, flex_block_mask
 from diffusers_attn_ext.kernels.ultravico_triton import DEFAULT_CONFIG, ultravico_attention
-from diffusers_attn_ext.masks import ExtrapolationWindow, ultravico_reference, ultravico_score_mod
+from diffusers_attn_ext.masks import ExtrapolationWindow, radial_block_mask, ultravico_reference, ultravico_score_mod
 
 FRAME_TOKENS, TRAIN_FRAMES, HEADS, HEAD_DIM, ALPHA = 1560, 21, 12, 128, 0.9
 
@@ -60,6 +61,13 @@ def length_rows(ratio: int, configs: list[dict]) -> list[dict]:
     for config in configs:
         label = "fused Triton" + ("" if config == DEFAULT_CONFIG else f" {config}")
         variants[label] = lambda config=config: ultravico_attention(q, k, v, window, ALPHA, config=config)
+    # Composed with Radial Attention's mask (decay 1.0): the rule inside the block-sparse kernel, and Flex.
+    radial = radial_block_mask(TRAIN_FRAMES * ratio, FRAME_TOKENS).cuda()[None, None]
+    radial_flex = flex_block_mask(radial, 128, n, n)
+    params = dict(window=window, alpha=ALPHA, restrict_first_frame=True)
+    variants[f"+ radial ({radial.float().mean().item():.2f}), fused Triton"] = lambda: block_sparse_attention(
+        q, k, v, radial, ultravico=params)
+    variants["+ radial, Flex"] = lambda: flex_attention_bnhd(q, k, v, score_mod=mod, block_mask=radial_flex)
     rows, dense_ms = [], None
     for name, fn in variants.items():
         try:

@@ -18,18 +18,24 @@ CHECK = textwrap.dedent(
     """
     import torch, triton
     from diffusers_attn_ext.kernels import block_sparse_triton as bst
+    from diffusers_attn_ext.masks import ExtrapolationWindow, ultravico_score_mod
 
-    def reference(q, k, v, blocks):
+    def reference(q, k, v, blocks, window=None):
         n = q.shape[1]
         keep = blocks.repeat_interleave(128, -2).repeat_interleave(128, -1)[..., :n, :n]
         q, k, v = (x.double().transpose(1, 2) for x in (q, k, v))
-        scores = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill(~keep, float("-inf"))
-        out = scores.softmax(-1).nan_to_num(0.0) @ v  # rows without keys output 0, as the kernel
+        scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        if window is not None:
+            idx = torch.arange(n)
+            scores = ultravico_score_mod(window, 0.7)(scores, 0, 0, idx[:, None], idx[None, :])
+        out = scores.masked_fill(~keep, float("-inf")).softmax(-1).nan_to_num(0.0) @ v  # empty rows: 0
         return out.transpose(1, 2)
 
     g = torch.Generator().manual_seed(0)
-    # 300 tokens: a partial last block; per-head tables; one query block that keeps nothing.
-    for n, heads, batch_wide in [(300, 2, True), (256, 2, False)]:
+    # 300 tokens: a partial last block; per-head tables; one query block that keeps nothing; UltraViCo's
+    # rule inside the kept blocks (30 tokens per frame, 3 trained frames, 10 frames).
+    for n, heads, batch_wide, window in [(300, 2, True, None), (256, 2, False, None),
+                                         (300, 2, True, ExtrapolationWindow(30, 3, 0, 300))]:
         q, k, v = (torch.randn(2, n, heads, 64, generator=g) for _ in range(3))
         nb = triton.cdiv(n, 128)
         blocks = torch.rand(1 if batch_wide else 2, heads, nb, nb, generator=g) < 0.5
@@ -42,8 +48,10 @@ CHECK = textwrap.dedent(
             q, k, v, out, counts, indices, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
             k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             stride(counts, 0), stride(counts, 1), counts.stride(2), stride(indices, 0), stride(indices, 1),
-            indices.stride(2), heads, n, 64**-0.5 * bst.LOG2E, BLOCK_M=128, BLOCK_N=128, HEAD_DIM=64)
-        ref = reference(q, k, v, blocks)
+            indices.stride(2), heads, n, 64**-0.5 * bst.LOG2E, 0.7, window.half_window if window else 0,
+            30, 90, -1e4 * bst.LOG2E, ULTRAVICO=window is not None, RESTRICT=True,
+            BLOCK_M=128, BLOCK_N=128, HEAD_DIM=64)
+        ref = reference(q, k, v, blocks, window)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err < 1e-5, (n, heads, batch_wide, err)
     print("ok")

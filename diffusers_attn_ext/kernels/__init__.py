@@ -3,7 +3,8 @@
 - no score modification and no block mask: the dense kernel of the stock processor (bit-identical to it);
 - a block mask alone (no score mod), on CUDA inputs with 128-token blocks: the block-sparse Triton kernel;
 - a score_mod that carries a fused kernel (``score_mod.fused = (name, params)``), alone and on CUDA
-  inputs the fused kernel supports: that kernel (e.g. UltraViCo's Triton kernel);
+  inputs the fused kernel supports: that kernel (UltraViCo's Triton kernel; with a block mask too, the
+  block-sparse kernel with UltraViCo's rule inside);
 - otherwise FlexAttention with the composed ``score_mod`` and the block mask (compiled on CUDA, eager on
   CPU, the same function either way).
 """
@@ -22,14 +23,21 @@ DENSE, FLEX, FUSED, BLOCK_SPARSE = "dense", "flex", "fused", "block_sparse"
 
 def _fused_kernel(call: AttentionCall):
     """The fused kernel that computes ``call`` exactly, or None."""
-    if len(call.score_mods) != 1 or call.block_mask is not None or not call.query.is_cuda:
+    if len(call.score_mods) != 1 or not call.query.is_cuda:
         return None
     name, params = getattr(call.score_mods[0], "fused", (None, None))
-    if name == "ultravico":
-        from . import ultravico_triton
+    if name != "ultravico":
+        return None
+    from . import block_sparse_triton, ultravico_triton
 
-        if ultravico_triton.supports(call.query, params["window"]):
-            return lambda: ultravico_triton.ultravico_attention(call.query, call.key, call.value, scale=call.scale, **params)
+    if not ultravico_triton.supports(call.query, params["window"]):
+        return None
+    if call.block_mask is None:
+        return lambda: ultravico_triton.ultravico_attention(call.query, call.key, call.value, scale=call.scale, **params)
+    if block_sparse_triton.supports(call.query, call.key, call.block_size):  # UltraViCo composed with a sparse method
+        return lambda: block_sparse_triton.block_sparse_attention(
+            call.query, call.key, call.value, call.block_mask, scale=call.scale, ultravico=params
+        )
     return None
 
 

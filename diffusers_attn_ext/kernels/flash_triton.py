@@ -29,3 +29,17 @@ def online_softmax_step(acc, l_i, m_i, qk, v):
     l_i = l_i * correction + tl.sum(p, 1)
     acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, l_i, m_ij
+
+
+@triton.jit
+def ultravico_rule(qk, offs_m, offs_kv, alpha, half, frame_tokens, train_tokens, blocked_logit,
+                   RESTRICT: tl.constexpr):
+    """UltraViCo's rule per element on log2-domain scores: far pairs (|i - j| > half) take min(s, alpha * s),
+    i.e. alpha * s for s > 0 (alpha <= 1); first-frame queries get ``blocked_logit`` for keys beyond the
+    training length. Indices are positions in the video sequence."""
+    far = tl.abs(offs_m[:, None] - offs_kv[None, :]) > half
+    qk = tl.where(far, tl.minimum(qk, qk * alpha), qk)
+    if RESTRICT:
+        blocked = (offs_m[:, None] < frame_tokens) & (offs_kv[None, :] >= train_tokens)
+        qk = tl.where(blocked, blocked_logit, qk)
+    return qk

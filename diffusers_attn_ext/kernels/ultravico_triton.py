@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..masks import ULTRAVICO_BLOCKED_LOGIT, ExtrapolationWindow
-from .flash_triton import load_kv_block, online_softmax_step
+from .flash_triton import load_kv_block, online_softmax_step, ultravico_rule
 
 LOG2E = 1.4426950408889634
 
@@ -43,11 +43,7 @@ def _attend_blocks(
             # Every pair is far: alpha * s for s > 0, s otherwise, which for alpha <= 1 is min(s, alpha * s).
             qk = tl.minimum(qk, qk * alpha)
         if MODE == RULE:
-            far = tl.abs(offs_m[:, None] - offs_kv[None, :]) > half
-            qk = tl.where(far, tl.minimum(qk, qk * alpha), qk)
-            if RESTRICT:
-                blocked = (offs_m[:, None] < frame_tokens) & (offs_kv[None, :] >= train_tokens)
-                qk = tl.where(blocked, blocked_logit, qk)
+            qk = ultravico_rule(qk, offs_m, offs_kv, alpha, half, frame_tokens, train_tokens, blocked_logit, RESTRICT)
         if BOUNDS:
             qk = tl.where((offs_kv < N)[None, :], qk, float("-inf"))
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v)
