@@ -7,6 +7,7 @@ Each generator has a ``draw_*`` counterpart or a dense form so that the pattern 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,7 @@ class ExtrapolationWindow:
         return self.video_tokens > self.train_tokens
 
 
+@functools.lru_cache(maxsize=64)
 def ultravico_score_mod(window: ExtrapolationWindow, alpha: float, restrict_first_frame: bool = True):
     """UltraViCo's score modification (arXiv 2511.20123; the authors' Wan attention kernel).
 
@@ -58,7 +60,8 @@ def ultravico_score_mod(window: ExtrapolationWindow, alpha: float, restrict_firs
     - queries of the first latent frame (i < frame_tokens) do not attend to keys beyond the training
       length (j >= W): s_ij <- -1e4.
 
-    Pairs involving text tokens are unchanged.
+    Pairs involving text tokens are unchanged. One closure per parameter set (cached): compiled
+    FlexAttention guards on the closure, and a new one per call would recompile until dynamo's limit.
     """
     start, end = window.video_start, window.video_start + window.video_tokens
     half, frame, train = window.half_window, window.frame_tokens, window.train_tokens

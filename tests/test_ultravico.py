@@ -143,3 +143,10 @@ def test_image_family_is_rejected(pipe_for):
     install(pipe, UltraViCoProcessor())
     with pytest.raises(ValueError, match="applies to video families"):
         run(pipe, "flux")
+
+
+def test_score_mod_is_one_closure_per_parameter_set():
+    """Compiled FlexAttention guards on the closure: a new one per call would recompile every call."""
+    window = ExtrapolationWindow(frame_tokens=4, train_frames=2, video_start=0, video_tokens=24)
+    assert ultravico_score_mod(window, 0.9) is ultravico_score_mod(ExtrapolationWindow(4, 2, 0, 24), 0.9)
+    assert ultravico_score_mod(window, 0.9) is not ultravico_score_mod(window, 0.8)
