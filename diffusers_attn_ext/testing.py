@@ -247,8 +247,8 @@ def tiny_pipeline(
     """Build a tiny random pipeline of ``family`` on CPU and return ``(pipe, call_kwargs)``.
 
     ``pipe(**call_kwargs)`` runs two denoising steps in well under a second on CPU. Weights are drawn from
-    ``seed`` without touching the global torch RNG; text encoders and tokenizers are ``None``. The progress
-    bar is disabled.
+    ``seed`` without touching the global torch RNG; text encoders and tokenizers are ``None``; modules are in
+    eval mode, as ``from_pretrained`` leaves them. The progress bar is disabled.
 
     Args:
         family: one of :data:`FAMILIES`.
@@ -267,6 +267,9 @@ def tiny_pipeline(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         components = _COMPONENT_BUILDERS[family](transformer_config or {})
+    for component in components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # as from_pretrained leaves them: a loaded pipeline must compute the same
     pipe = PIPELINE_CLASSES[family](**components, **dict.fromkeys(TEXT_COMPONENTS[family]))
     pipe.set_progress_bar_config(disable=True)
     return pipe, tiny_call_kwargs(family, seed=seed, **overrides)

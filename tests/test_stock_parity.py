@@ -33,5 +33,9 @@ def test_diffusers_way_set_attn_processor_equals_stock(family, pipe_for, stock_o
 def test_save_and_load_then_install(family, pipe_for, stock_outputs, tmp_path):
     pipe_for(family).save_pretrained(tmp_path)
     loaded = load_tiny_pipeline(family, str(tmp_path))
+    loaded_stock = run(loaded, family)
+    # Same weights, but memory-mapped safetensors can take other CPU GEMM paths: equal up to float32 rounding.
+    torch.testing.assert_close(loaded_stock, stock_outputs(family), rtol=0, atol=1e-5)
     install(loaded, StockAttnProcessor())
-    assert torch.equal(run(loaded, family), stock_outputs(family))
+    assert torch.equal(run(loaded, family), loaded_stock)
+    uninstall(loaded)
