@@ -1,0 +1,228 @@
+"""Attention statistics of one attention call, computed blockwise over query rows (no N x N tensor).
+
+For a head h, a batch row b and a visual query i, the attention row is the softmax over every key j of the
+scores the kernel computes, score mods and masks included:
+
+    P_ij = softmax_j( mod(scale * q_i . k_j, b, h, i, j) )     (-inf where a block mask or attn_mask drops j)
+
+Each chunk of query rows is computed with the full key set, so every row is exact; only the chunk's
+``rows x keys`` scores of one head exist at a time. Over the visual queries i (and batch rows and calls),
+each statistic is a mean per head:
+
+- ``text_mass``: sum of P_ij over text keys j (0 without text keys in the sequence);
+- ``temporal[d]``: sum of P_ij over visual keys whose latent frame is d frames from the query's, the
+  energy-decay profile over time (Radial Attention, arXiv 2506.19852, Sec. 3);
+- ``spatial[d]``: sum over visual keys at Chebyshev distance max(|dy|, |dx|) = d on the latent grid (any
+  frame);
+- ``entropy``: -sum_j P_ij log P_ij in nats, over all keys;
+- ``received[j]``: P_ij summed over queries i, averaged like the rest: the mass key j receives from a
+  query on average; its largest entries are the attention sinks;
+- ``maps``: the rows P_i. of sampled visual queries (every visual query for small inputs), mean over batch
+  rows and calls.
+
+The views are those of "How Does Attention Work in Vision Transformers? A Visual Analytics Attempt" (Li et
+al., IEEE TVCG 2023, Sec. 4: head importance, attention strength by spatial distance, attention patterns)
+for diffusion transformers, with time as a further axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..context import TokenGrid
+from ..families.base import AttentionCall
+from ..kernels.flex import compose_score_mods
+
+_SUMS = ("text_mass_sum", "entropy_sum", "temporal_sum", "spatial_sum", "received_sum", "maps_sum")
+
+
+@dataclass
+class AttentionStatistics:
+    """Sums over ``rows`` query rows (batch rows x visual queries x calls) of per-head statistics.
+
+    Tensors are on the CPU, indexed by position in ``heads``: float64, except the stored maps (float32, or
+    float64 for float64 inputs). The properties give means per query
+    row; :meth:`merge` adds another call's sums (e.g. the cond and uncond forwards of one step).
+    """
+
+    heads: tuple[int, ...]
+    grid: TokenGrid
+    rows: int
+    text_mass_sum: torch.Tensor  # [H]
+    entropy_sum: torch.Tensor  # [H]
+    temporal_sum: torch.Tensor  # [H, frames]
+    spatial_sum: torch.Tensor  # [H, max(height, width)]
+    received_sum: torch.Tensor  # [H, keys]
+    map_rows: torch.Tensor  # [R] query indices (in the attention sequence) of the stored maps
+    maps_sum: torch.Tensor  # [H, R, keys], summed over batch rows and calls
+    map_count: int
+    text: slice | None
+    visual: slice
+
+    @property
+    def text_mass(self) -> torch.Tensor:
+        return self.text_mass_sum / self.rows
+
+    @property
+    def entropy(self) -> torch.Tensor:
+        return self.entropy_sum / self.rows
+
+    @property
+    def temporal(self) -> torch.Tensor:
+        """``[H, frames]``: mean attention mass at each temporal distance (in latent frames)."""
+        return self.temporal_sum / self.rows
+
+    @property
+    def spatial(self) -> torch.Tensor:
+        """``[H, max(height, width)]``: mean attention mass at each spatial (Chebyshev) distance in tokens."""
+        return self.spatial_sum / self.rows
+
+    @property
+    def received(self) -> torch.Tensor:
+        """``[H, keys]``: mean mass each key receives from one query."""
+        return self.received_sum / self.rows
+
+    @property
+    def maps(self) -> torch.Tensor:
+        """``[H, R, keys]``: attention rows of the queries ``map_rows``."""
+        return self.maps_sum / self.map_count
+
+    def sinks(self, top: int = 8) -> list[list[tuple[int, float]]]:
+        """Per head, the ``top`` keys receiving the most mass: (key index, mean mass received)."""
+        values, indices = self.received.topk(min(top, self.received.shape[-1]), dim=-1)
+        return [[(int(i), float(v)) for i, v in zip(idx, val, strict=True)] for idx, val in zip(indices, values, strict=True)]
+
+    def visual_maps(self) -> torch.Tensor:
+        """``[H, R, frames, height, width]``: the stored rows restricted to visual keys, on the latent grid."""
+        g = self.grid
+        return self.maps[..., self.visual].reshape(*self.maps.shape[:2], g.frames, g.height, g.width)
+
+    def copy(self) -> AttentionStatistics:
+        """A copy whose sums can be merged into without changing this one."""
+        return replace(self, **{name: getattr(self, name).clone() for name in _SUMS})
+
+    def merge(self, other: AttentionStatistics) -> None:
+        """Add the sums of another call with the same heads, layout and sampled rows."""
+        if other.heads != self.heads or other.grid != self.grid or not torch.equal(other.map_rows, self.map_rows):
+            raise ValueError(
+                f"cannot merge statistics of heads {other.heads} on grid {other.grid} into heads {self.heads} on "
+                f"grid {self.grid}: a layer changed its token layout within one inspection; call reset() between sizes"
+            )
+        self.rows += other.rows
+        self.map_count += other.map_count
+        for name in _SUMS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+def sampled_query_rows(visual: slice, samples: int, full_map_tokens: int) -> torch.Tensor:
+    """Query indices whose full rows are stored: every visual query when there are at most ``full_map_tokens``,
+    else ``samples`` evenly spaced ones."""
+    count = visual.stop - visual.start
+    if count <= full_map_tokens:
+        return torch.arange(visual.start, visual.stop)
+    if samples == 0:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.linspace(visual.start, visual.stop - 1, samples).round().long()
+
+
+def _masked_scores(call: AttentionCall, head: int, key_t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``[B, rows, keys]`` scores of one head for the query indices ``rows``, as the kernel computes them;
+    ``key_t`` is the head's keys ``[B, D, keys]`` in the compute dtype."""
+    scale = call.head_dim**-0.5 if call.scale is None else call.scale
+    q = call.query[:, rows, head].to(key_t.dtype) * scale
+    scores = (q @ key_t).unsqueeze(1)  # [B, 1, rows, keys]
+    device, keys = scores.device, key_t.shape[-1]
+    kv_idx = torch.arange(keys, device=device)
+    mod = compose_score_mods(call.score_mods)
+    if mod is not None:
+        b = torch.arange(scores.shape[0], device=device).view(-1, 1, 1, 1)
+        h = torch.full((1, 1, 1, 1), head, device=device)
+        scores = mod(scores, b, h, rows.view(1, 1, -1, 1), kv_idx.view(1, 1, 1, -1))
+    scores = scores[:, 0]
+    if call.block_mask is not None:
+        blocks = call.block_mask[:, head if call.block_mask.shape[1] > 1 else 0]
+        keep = blocks[:, (rows // call.block_size)[:, None], (kv_idx // call.block_size)[None, :]]
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if call.attn_mask is not None:
+        mask = call.attn_mask
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(0)
+        mask = mask[:, head if mask.shape[1] > 1 else 0]
+        mask = mask[:, rows] if mask.shape[1] > 1 else mask
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(scores.dtype)
+    return scores
+
+
+def _distance_index(call: AttentionCall, grid: TokenGrid, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query row: temporal distance to each key frame ``[rows, frames]`` and Chebyshev distance to each
+    grid position ``[rows, height * width]``."""
+    local = rows - call.visual.start
+    frame, position = local // grid.tokens_per_frame, local % grid.tokens_per_frame
+    y, x = position // grid.width, position % grid.width
+    frames = torch.arange(grid.frames, device=rows.device)
+    temporal = (frame[:, None] - frames[None, :]).abs()
+    grid_y = torch.arange(grid.height, device=rows.device).repeat_interleave(grid.width)
+    grid_x = torch.arange(grid.width, device=rows.device).repeat(grid.height)
+    spatial = torch.maximum((y[:, None] - grid_y[None, :]).abs(), (x[:, None] - grid_x[None, :]).abs())
+    return temporal, spatial
+
+
+def attention_statistics(
+    call: AttentionCall,
+    heads: tuple[int, ...],
+    grid: TokenGrid,
+    *,
+    chunk_elements: int = 2**20,
+    map_rows: torch.Tensor | None = None,
+) -> AttentionStatistics:
+    """Statistics (module docstring) of the given heads of a self-attention ``call``, blockwise.
+
+    Query rows are processed in chunks of ``max(1, chunk_elements // (batch * keys))`` rows per head, so the
+    extra memory is a few ``chunk_elements``-sized tensors in the compute dtype (float32, or float64 for
+    float64 inputs). ``map_rows`` (query indices) selects the stored attention rows; None stores none.
+    """
+    device = call.query.device
+    compute = torch.promote_types(call.query.dtype, torch.float32)
+    batch, keys = call.query.shape[0], call.key.shape[1]
+    visual = call.visual
+    map_rows = torch.zeros(0, dtype=torch.long) if map_rows is None else map_rows.cpu()
+    map_rows_dev = map_rows.to(device)
+    chunk = max(1, chunk_elements // (batch * keys))
+    extent = max(grid.height, grid.width)
+    sums = {
+        "text": torch.zeros(len(heads), dtype=compute, device=device),
+        "entropy": torch.zeros(len(heads), dtype=compute, device=device),
+        "temporal": torch.zeros(len(heads), grid.frames, dtype=compute, device=device),
+        "spatial": torch.zeros(len(heads), extent, dtype=compute, device=device),
+        "received": torch.zeros(len(heads), keys, dtype=compute, device=device),
+        "maps": torch.zeros(len(heads), len(map_rows), keys, dtype=compute, device=device),
+    }
+    for slot, head in enumerate(heads):
+        key_t = call.key[:, :, head].to(compute).transpose(1, 2).contiguous()
+        for start in range(visual.start, visual.stop, chunk):
+            rows = torch.arange(start, min(start + chunk, visual.stop), device=device)
+            probs = _masked_scores(call, head, key_t, rows).softmax(-1)  # [B, rows, keys]
+            if call.text is not None:
+                sums["text"][slot] += probs[..., call.text].sum()
+            sums["entropy"][slot] += torch.special.entr(probs).sum()
+            sums["received"][slot] += probs.sum((0, 1))
+            temporal_index, spatial_index = _distance_index(call, grid, rows)
+            on_grid = probs[..., visual].unflatten(-1, (grid.frames, grid.tokens_per_frame))
+            per_frame = on_grid.sum(-1).sum(0)  # [rows, frames]
+            per_position = on_grid.sum(-2).sum(0)  # [rows, height * width]
+            sums["temporal"][slot].index_add_(0, temporal_index.flatten(), per_frame.flatten())
+            sums["spatial"][slot].index_add_(0, spatial_index.flatten(), per_position.flatten())
+            stored = torch.searchsorted(rows, map_rows_dev).clamp(max=len(rows) - 1)
+            hit = rows[stored] == map_rows_dev
+            if hit.any():
+                sums["maps"][slot, hit] += probs[:, stored[hit]].sum(0)
+    cpu = {name: value.to("cpu", torch.float64) for name, value in sums.items() if name != "maps"}
+    cpu["maps"] = sums["maps"].to("cpu", torch.float32 if compute == torch.float32 else compute)
+    return AttentionStatistics(
+        heads=tuple(heads), grid=grid, rows=batch * (visual.stop - visual.start),
+        text_mass_sum=cpu["text"], entropy_sum=cpu["entropy"], temporal_sum=cpu["temporal"],
+        spatial_sum=cpu["spatial"], received_sum=cpu["received"], map_rows=map_rows, maps_sum=cpu["maps"],
+        map_count=batch, text=call.text, visual=visual,
+    )
