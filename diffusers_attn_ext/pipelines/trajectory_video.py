@@ -1,0 +1,184 @@
+"""Ready-made pipelines for trajectory control (DiTraj, arXiv 2509.21839): Wan and 3D-RoPE CogVideoX.
+
+They are the diffusers pipelines (same components; ``from_pretrained`` and ``from_pipe`` work) whose
+``__call__`` also takes a ``trajectory`` and DiTraj's settings. For the call only, composed after any method
+the user installed:
+
+- :class:`~diffusers_attn_ext.processors.std_rope.STDRoPEProcessor` on the video self-attention of the
+  first ``rope_steps`` steps (both guidance branches, as the authors' code);
+- with a foreground and a background prompt (Wan): on the conditional forwards of the first ``mask_steps``
+  steps the text context becomes ``[background; foreground]`` (a transformer hook swaps it in, as the
+  authors' loop does) and
+  :class:`~diffusers_attn_ext.processors.fg_bg_guidance.ForegroundBackgroundCrossAttnProcessor` masks the
+  cross-attention; the base prompt conditions the later steps.
+
+No trajectory: the parent pipeline, unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import CogVideoXPipeline, WanPipeline
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import StateManager
+
+from ..context import _forward_kwargs
+from ..install import installed
+from ..processors.fg_bg_guidance import DEFAULT_MASK_STEPS, ForegroundBackgroundCrossAttnProcessor
+from ..processors.std_rope import DEFAULT_ROPE_STEPS, STDRoPEProcessor
+from ..trajectory import Trajectory
+
+FG_BG_HOOK_NAME = "diffusers_attn_ext.fg_bg_prompts"
+
+
+class _ForegroundBackgroundPromptHook(ModelHook):
+    """Replaces the text of conditional forwards of steps < ``steps`` by ``[background; foreground]``."""
+
+    _is_stateful = True  # receives the pipeline's cache context ("cond" / "uncond", step_index)
+
+    def __init__(self, text: torch.Tensor, steps: int):
+        super().__init__()
+        self.text, self.steps = text, steps
+        self.cache_context = StateManager(None)
+
+    def pre_forward(self, module, *args, **kwargs):
+        cache = self.cache_context._context
+        if cache is None or cache.name != "cond" or cache.step_index is None or cache.step_index >= self.steps:
+            return args, kwargs
+        kwargs = _forward_kwargs(module, args, kwargs)
+        kwargs.pop("self", None)
+        batch = kwargs["hidden_states"].shape[0]
+        kwargs["encoder_hidden_states"] = self.text.to(kwargs["encoder_hidden_states"].dtype).expand(batch, -1, -1)
+        return (), kwargs
+
+    def reset_state(self, module):
+        return module
+
+
+class _TrajectoryCall:
+    """The shared ``__call__``: check the trajectory, install DiTraj's processors, run the parent pipeline."""
+
+    def __call__(self, *args, trajectory: Trajectory | None = None, rope_steps: int | None = DEFAULT_ROPE_STEPS,
+                 isolate_duplicates: bool = True, foreground_prompt: str | None = None,
+                 background_prompt: str | None = None, foreground_prompt_embeds: torch.Tensor | None = None,
+                 background_prompt_embeds: torch.Tensor | None = None, mask_steps: int = DEFAULT_MASK_STEPS,
+                 trajectory_layers: str | list[str] | None = None, **kwargs):
+        """The parent pipeline's call with DiTraj installed for it.
+
+        Args:
+            trajectory: a :class:`~diffusers_attn_ext.trajectory.Trajectory` with one box per frame of this
+                video (``num_frames`` boxes, drawn on ``width x height``); None: the plain pipeline.
+            rope_steps: STD-RoPE on steps ``0 .. rope_steps - 1`` (authors: 5); None for every step.
+            isolate_duplicates: the authors' self-attention mask on those steps (default on).
+            foreground_prompt, background_prompt (or ``*_prompt_embeds``): what is inside the box and what is
+                around it; both or neither (Wan only).
+            mask_steps: foreground/background guidance on steps ``0 .. mask_steps - 1`` (authors: 30).
+            trajectory_layers: attention modules to install on (``install``'s ``layers`` patterns); None:
+                every module, as the authors.
+            everything else: the parent pipeline's arguments.
+        """
+        if trajectory is None:
+            return super().__call__(*args, **kwargs)
+        if not isinstance(trajectory, Trajectory):
+            raise ValueError(f"trajectory must be a Trajectory or None, got {type(trajectory).__name__!r}")
+        self.check_rope()
+        height = kwargs.get("height") or self.default_video_size()[0]
+        width = kwargs.get("width") or self.default_video_size()[1]
+        trajectory.check_video(kwargs.get("num_frames") or self.default_num_frames(), height, width)
+        frame_stride = self.vae_scale_factor_temporal * (self.transformer.config.get("patch_size_t") or 1)
+        processors = [STDRoPEProcessor(trajectory, rope_steps, frame_stride, isolate_duplicates)]
+        text = self.foreground_background_text(foreground_prompt, background_prompt, foreground_prompt_embeds,
+                                               background_prompt_embeds, kwargs)
+        if text is not None:
+            background, foreground = text
+            processors.append(ForegroundBackgroundCrossAttnProcessor(
+                trajectory, background.shape[1], foreground.shape[1], mask_steps, frame_stride))
+        with installed(self, *processors, layers=trajectory_layers):
+            if text is None:
+                return super().__call__(*args, **kwargs)
+            registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
+            registry.register_hook(_ForegroundBackgroundPromptHook(torch.cat(text, dim=1), mask_steps), FG_BG_HOOK_NAME)
+            try:
+                return super().__call__(*args, **kwargs)
+            finally:
+                registry.remove_hook(FG_BG_HOOK_NAME, recurse=False)
+
+    def check_rope(self) -> None:
+        """ValueError when the transformer has no 3D RoPE. Default: it has (Wan)."""
+
+    def default_video_size(self) -> tuple[int, int]:
+        """(height, width) the parent pipeline uses when the call gives none."""
+        return 480, 832
+
+    def default_num_frames(self) -> int:
+        return 81
+
+    def foreground_background_text(self, foreground_prompt, background_prompt, foreground_prompt_embeds,
+                                   background_prompt_embeds, call_kwargs) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(background, foreground) text embeddings ``[B, L, C]``, or None when no split is given."""
+        given = [x is not None for x in (foreground_prompt, background_prompt, foreground_prompt_embeds,
+                                         background_prompt_embeds)]
+        if not any(given):
+            return None
+        raise ValueError("foreground_prompt / background_prompt (and their embeddings) are supported by "
+                         "WanTrajectoryPipeline only")
+
+
+class WanTrajectoryPipeline(_TrajectoryCall, WanPipeline):
+    """``WanPipeline`` (Wan2.1 text-to-video) with DiTraj trajectory control.
+
+    Extra ``__call__`` arguments: ``trajectory``, ``rope_steps`` (5), ``isolate_duplicates`` (True),
+    ``foreground_prompt`` / ``background_prompt`` or ``foreground_prompt_embeds`` / ``background_prompt_embeds``,
+    ``mask_steps`` (30), ``trajectory_layers`` (None: all). The authors run 50 steps, guidance 5, 81 frames of
+    832x480, UniPC with flow shift 3.
+    """
+
+    def foreground_background_text(self, foreground_prompt, background_prompt, foreground_prompt_embeds,
+                                   background_prompt_embeds, call_kwargs):
+        parts = []
+        for name, prompt, embeds in (("background", background_prompt, background_prompt_embeds),
+                                     ("foreground", foreground_prompt, foreground_prompt_embeds)):
+            if prompt is not None and embeds is not None:
+                raise ValueError(f"give either {name}_prompt or {name}_prompt_embeds, not both")
+            if embeds is None and prompt is not None:
+                embeds, _ = self.encode_prompt(
+                    prompt, do_classifier_free_guidance=False, device=self._execution_device,
+                    max_sequence_length=call_kwargs.get("max_sequence_length", 512),
+                )
+            parts.append(embeds)
+        if (parts[0] is None) != (parts[1] is None):
+            raise ValueError("give both a foreground and a background prompt (or prompt embeddings), or neither")
+        if parts[0] is None:
+            return None
+        for name, embeds in zip(("background_prompt_embeds", "foreground_prompt_embeds"), parts, strict=True):
+            if embeds.dim() != 3 or embeds.shape[-1] != self.transformer.config.text_dim:
+                raise ValueError(f"{name} of shape {tuple(embeds.shape)} must be [batch, tokens, "
+                                 f"{self.transformer.config.text_dim}]")
+        if parts[0].shape[0] != parts[1].shape[0]:
+            raise ValueError(f"background_prompt_embeds and foreground_prompt_embeds have batch sizes "
+                             f"{parts[0].shape[0]} and {parts[1].shape[0]}")
+        return parts[0].to(self._execution_device), parts[1].to(self._execution_device)
+
+
+class CogVideoXTrajectoryPipeline(_TrajectoryCall, CogVideoXPipeline):
+    """``CogVideoXPipeline`` with DiTraj's STD-RoPE, for checkpoints with 3D RoPE
+    (``use_rotary_positional_embeddings=True``: CogVideoX-5B, 1.5); others raise a ValueError.
+
+    Extra ``__call__`` arguments: ``trajectory``, ``rope_steps`` (5), ``isolate_duplicates`` (True),
+    ``trajectory_layers``. Foreground/background prompts are not supported on CogVideoX (its text and video
+    share one joint attention; the authors' masking is defined for Wan's cross-attention).
+    """
+
+    def check_rope(self) -> None:
+        if not self.transformer.config.get("use_rotary_positional_embeddings", False):
+            raise ValueError(
+                "trajectory control needs 3D RoPE, but this CogVideoX transformer has "
+                "use_rotary_positional_embeddings=False (sin-cos positions; e.g. CogVideoX-2B): use CogVideoX-5B or 1.5"
+            )
+
+    def default_video_size(self) -> tuple[int, int]:
+        scale = self.vae_scale_factor_spatial
+        return self.transformer.config.sample_height * scale, self.transformer.config.sample_width * scale
+
+    def default_num_frames(self) -> int:
+        return 49

@@ -1,0 +1,108 @@
+"""Foreground-background separation guidance: DiTraj's masked cross-attention to two prompts.
+
+Paper: "DiTraj: training-free trajectory control for video diffusion transformer" (arXiv 2509.21839),
+Sec. 3.2; the authors' code (HaofeiDing/DiTraj ``module/pipe.py``: ``create_cross_attention_mask``, the
+``mask_step`` loop; ``module/attention_processor.py``).
+
+On the conditional forwards of steps ``0 .. steps - 1`` the Wan text context is the background prompt's
+tokens followed by the foreground prompt's, ``[c_bg; c_fg]`` (the pipeline swaps it in), and in every
+cross-attention (Wan attn2) a video token ``i`` attends only to its half::
+
+    out_i = softmax(q_i K_fg^T / sqrt(d)) V_fg   if i is inside its frame's box
+    out_i = softmax(q_i K_bg^T / sqrt(d)) V_bg   otherwise
+
+which is the authors' boolean mask on ``[c_bg; c_fg]``, computed as two dense attentions (background for
+all queries, foreground for the box's queries) with no ``N x L`` mask. Unconditional forwards are stock.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..families.base import AttentionCall
+from ..kernels.dense import dense_attention
+from ..trajectory import Trajectory, foreground_mask
+from .base import AttnExtProcessor
+
+DEFAULT_MASK_STEPS = 30  # the authors' mask_step
+
+
+class ForegroundBackgroundCrossAttnProcessor(AttnExtProcessor):
+    """Foreground video tokens attend to the foreground prompt, background tokens to the background prompt.
+
+    Args:
+        trajectory: the foreground box of every video frame.
+        background_tokens: length of the background prompt's part of the text context (first part); the
+            foreground prompt's tokens follow it. Wan pads prompts to 512 tokens.
+        foreground_tokens: length of the foreground prompt's part.
+        steps: acts on denoising steps ``0 .. steps - 1`` (the authors' ``mask_step``, 30 of 50); an integer >= 0.
+        frame_stride: video frames per latent token frame (Wan: 4).
+
+    Only conditional rows are changed ("cond" branch of the context); Wan (attn2) only.
+    """
+
+    def __init__(self, trajectory: Trajectory, background_tokens: int, foreground_tokens: int,
+                 steps: int = DEFAULT_MASK_STEPS, frame_stride: int = 4):
+        if not isinstance(trajectory, Trajectory):
+            raise ValueError(f"trajectory must be a Trajectory, got {type(trajectory).__name__!r}")
+        for name, value in (("background_tokens", background_tokens), ("foreground_tokens", foreground_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps={steps!r} must be an integer >= 0")
+        if not isinstance(frame_stride, int) or frame_stride < 1:
+            raise ValueError(f"frame_stride={frame_stride!r} must be an integer >= 1")
+        self.trajectory = trajectory
+        self.background_tokens = background_tokens
+        self.foreground_tokens = foreground_tokens
+        self.steps = steps
+        self.frame_stride = frame_stride
+
+    def applies_to(self, call: AttentionCall) -> bool:
+        if call.family != "wan":
+            raise ValueError(f"ForegroundBackgroundCrossAttnProcessor supports family 'wan', not {call.family!r}")
+        context = call.context
+        if call.kind != "cross" or context is None or context.step_index >= self.steps:
+            return False
+        cond_rows = context.rows("cond")
+        if not cond_rows:
+            return False
+        if len(cond_rows) != context.batch_size:
+            raise ValueError("ForegroundBackgroundCrossAttnProcessor needs conditional and unconditional rows in "
+                             f"separate forwards, got branches {context.branch_labels}")
+        expected = self.background_tokens + self.foreground_tokens
+        if call.key.shape[1] != expected:
+            raise ValueError(
+                f"the text context has {call.key.shape[1]} tokens but background_tokens + foreground_tokens = "
+                f"{expected}: on conditional forwards of steps < {self.steps} the text must be [background; foreground]"
+            )
+        return True
+
+    def foreground_index(self, call: AttentionCall) -> torch.Tensor:
+        """Flat indices of the video tokens inside their frame's box, once per generation and device."""
+        grid = call.require_grid("ForegroundBackgroundCrossAttnProcessor")
+        key = ("fg_bg.index", id(self), grid, call.query.device)
+        index = call.context.state.get(key)
+        if index is None:
+            mask = foreground_mask(self.trajectory.token_boxes(grid, self.frame_stride), grid)
+            index = call.context.state[key] = mask.flatten().nonzero().squeeze(1).to(call.query.device)
+        return index
+
+    def edit_attention(self, call: AttentionCall) -> None:
+        split = self.background_tokens
+        call.extras["fg_bg.foreground_kv"] = (call.key[:, split:], call.value[:, split:])
+        call.key, call.value = call.key[:, :split], call.value[:, :split]
+
+    def edit_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
+        index = self.foreground_index(call)
+        key, value = call.extras.pop("fg_bg.foreground_kv")
+        foreground = dense_attention(
+            call.query.index_select(1, index), key, value, scale=call.scale, via=call.dense_via,
+            backend=call.backend,
+        )
+        return out.index_copy(1, index, foreground.to(out.dtype))
+
+    def __repr__(self) -> str:
+        return (f"ForegroundBackgroundCrossAttnProcessor(trajectory=<{self.trajectory.num_frames} boxes>, "
+                f"background_tokens={self.background_tokens}, foreground_tokens={self.foreground_tokens}, "
+                f"steps={self.steps}, frame_stride={self.frame_stride})")

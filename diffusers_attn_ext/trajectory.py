@@ -1,0 +1,229 @@
+"""A trajectory: one box per video frame, and what DiTraj derives from it on the latent token grid.
+
+Paper: "DiTraj: training-free trajectory control for video diffusion transformer" (arXiv 2509.21839),
+Sec. 3.2 (foreground-background separation) and Sec. 3.3 (STD-RoPE); the authors' code
+(HaofeiDing/DiTraj: ``run.py``, ``utils.plan_path``, ``module/transformer_wan.py``, ``module/pipe.py``).
+
+- Boxes are ``(left, top, right, bottom)`` in pixels of the generated video, one per frame; key boxes are
+  interpolated linearly per frame (``utils.plan_path``).
+- Token frame ``t`` shows pixel frame ``t * frame_stride`` (``PATHS[::4]`` in ``run.py``; the stride is the
+  VAE's temporal compression times the temporal patch: 4 for Wan and CogVideoX 1.0).
+- A box covers the tokens ``[floor(top * H / height), floor(bottom * H / height))`` x
+  ``[floor(left * W / width), floor(right * W / width))`` of its frame's ``H x W`` token grid (``run.py``:
+  ``int(fraction * tokens)``).
+- STD-RoPE positions (``transformer_wan.py``): the reference box is the first frame's box of smallest area;
+  the box of every frame without its last row and column (the authors' corner arithmetic) takes the spatial
+  positions of the reference region, resampled nearest-neighbour when the sizes differ
+  (``round(linspace(0, R - 1, r))``: the "density" of positions inside a larger box falls to R / r, which is
+  how boxes that grow or shrink give 3D-aware control). Temporal positions and every other token stay.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .context import TokenGrid
+
+Box = tuple[float, float, float, float]
+
+
+def _check_box(box: Sequence[float], frame: int, height: int, width: int) -> Box:
+    if len(box) != 4:
+        raise ValueError(f"boxes[{frame}]={tuple(box)!r} must be (left, top, right, bottom) in pixels")
+    left, top, right, bottom = (float(v) for v in box)
+    if not (0 <= left <= width and 0 <= right <= width and 0 <= top <= height and 0 <= bottom <= height):
+        raise ValueError(
+            f"boxes[{frame}]={tuple(box)!r} lies outside the {width}x{height} frame: allowed left, right in "
+            f"[0, {width}] and top, bottom in [0, {height}] pixels"
+        )
+    if right <= left or bottom <= top:
+        raise ValueError(f"boxes[{frame}]={tuple(box)!r} is empty: need right > left and bottom > top")
+    return left, top, right, bottom
+
+
+@dataclass(frozen=True)
+class TokenBox:
+    """A box on the latent token grid: rows ``[top, bottom)`` and columns ``[left, right)``."""
+
+    top: int
+    bottom: int
+    left: int
+    right: int
+
+    @property
+    def region(self) -> tuple[int, int]:
+        """Rows and columns whose positions STD-RoPE changes: the box without its last row and column."""
+        return self.bottom - 1 - self.top, self.right - 1 - self.left
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """Where the foreground object is in each frame of a video.
+
+    Args:
+        boxes: one ``(left, top, right, bottom)`` box in pixels per video frame (``num_frames`` of them).
+        height, width: the video size in pixels; every box must lie inside it and be non-empty.
+
+    Use :meth:`from_key_boxes` to give a few boxes and interpolate the others.
+    """
+
+    boxes: tuple[Box, ...]
+    height: int
+    width: int
+
+    def __post_init__(self):
+        if not isinstance(self.height, int) or not isinstance(self.width, int) or self.height <= 0 or self.width <= 0:
+            raise ValueError(f"height={self.height!r}, width={self.width!r} must be positive integers (pixels)")
+        if len(self.boxes) == 0:
+            raise ValueError("boxes is empty: give one box per video frame")
+        checked = tuple(_check_box(box, i, self.height, self.width) for i, box in enumerate(self.boxes))
+        object.__setattr__(self, "boxes", checked)
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.boxes)
+
+    @classmethod
+    def from_key_boxes(cls, key_boxes: Mapping[int, Sequence[float]], num_frames: int, height: int,
+                       width: int) -> Trajectory:
+        """Boxes at a few frames, linearly interpolated in between (``utils.plan_path``); frames before the
+        first key or after the last hold that key's box.
+
+        Args:
+            key_boxes: ``{frame index: (left, top, right, bottom)}`` in pixels, frame indices in
+                ``[0, num_frames)``.
+        """
+        if not isinstance(num_frames, int) or num_frames <= 0:
+            raise ValueError(f"num_frames={num_frames!r} must be a positive integer")
+        if not key_boxes:
+            raise ValueError("key_boxes is empty: give at least one {frame: box}")
+        frames = sorted(key_boxes)
+        outside = [f for f in frames if not isinstance(f, int) or not 0 <= f < num_frames]
+        if outside:
+            raise ValueError(f"key_boxes frames {outside} are outside the allowed range [0, {num_frames - 1}]")
+        key_boxes = {f: _check_box(key_boxes[f], f, height, width) for f in frames}
+        boxes = []
+        for frame in range(num_frames):
+            if frame <= frames[0]:
+                boxes.append(tuple(key_boxes[frames[0]]))
+                continue
+            if frame >= frames[-1]:
+                boxes.append(tuple(key_boxes[frames[-1]]))
+                continue
+            end = next(f for f in frames if f >= frame)
+            start = max(f for f in frames if f < frame)
+            a, b, step = key_boxes[start], key_boxes[end], frame - start
+            boxes.append(tuple(step * (e - s) / (end - start) + s for s, e in zip(a, b, strict=True)))
+        return cls(tuple(boxes), height, width)
+
+    @classmethod
+    def static(cls, box: Sequence[float], num_frames: int, height: int, width: int) -> Trajectory:
+        """The same box in every frame."""
+        return cls.from_key_boxes({0: box}, num_frames, height, width)
+
+    def check_video(self, num_frames: int, height: int, width: int) -> None:
+        """ValueError unless the trajectory was made for a video of this length and size."""
+        if num_frames != self.num_frames:
+            raise ValueError(
+                f"num_frames={num_frames} but the trajectory has {self.num_frames} boxes: give one box per frame "
+                "(Trajectory.from_key_boxes(..., num_frames=num_frames, ...))"
+            )
+        if (height, width) != (self.height, self.width):
+            raise ValueError(
+                f"height={height}, width={width} but the trajectory was drawn on a {self.width}x{self.height} video"
+            )
+
+    def token_boxes(self, grid: TokenGrid, frame_stride: int) -> tuple[TokenBox, ...]:
+        """The box of each token frame on ``grid``: token frame ``t`` shows pixel frame ``t * frame_stride``.
+
+        ValueError when the grid needs more frames than the trajectory has, or a box covers no token.
+        """
+        last = (grid.frames - 1) * frame_stride
+        if last >= self.num_frames:
+            raise ValueError(
+                f"trajectory has {self.num_frames} frames but {grid.frames} latent frames with frame_stride="
+                f"{frame_stride} need num_frames >= {last + 1}"
+            )
+        token_boxes = []
+        for t in range(grid.frames):
+            left, top, right, bottom = self.boxes[t * frame_stride]
+            box = TokenBox(
+                top=math.floor(top * grid.height / self.height), bottom=math.floor(bottom * grid.height / self.height),
+                left=math.floor(left * grid.width / self.width), right=math.floor(right * grid.width / self.width),
+            )
+            if box.bottom <= box.top or box.right <= box.left:
+                raise ValueError(
+                    f"trajectory box {self.boxes[t * frame_stride]} of frame {t * frame_stride} covers no latent "
+                    f"token of the {grid.width}x{grid.height} grid: a token is {self.width / grid.width:g}x"
+                    f"{self.height / grid.height:g} pixels"
+                )
+            token_boxes.append(box)
+        return tuple(token_boxes)
+
+
+def foreground_mask(token_boxes: Sequence[TokenBox], grid: TokenGrid) -> torch.Tensor:
+    """Boolean ``[frames, height, width]``: the tokens inside each frame's box (the authors' ``bbox_mask``)."""
+    mask = torch.zeros(grid.frames, grid.height, grid.width, dtype=torch.bool)
+    for t, box in enumerate(token_boxes):
+        mask[t, box.top:box.bottom, box.left:box.right] = True
+    return mask
+
+
+def reference_frame(token_boxes: Sequence[TokenBox]) -> int:
+    """The frame whose STD-RoPE region is smallest (the first one on ties), as the authors choose it."""
+    areas = [box.region[0] * box.region[1] for box in token_boxes]
+    return areas.index(min(areas))
+
+
+def std_rope_positions(token_boxes: Sequence[TokenBox], grid: TokenGrid) -> torch.Tensor:
+    """The (t, h, w) position of every token under STD-RoPE, ``[frames, height, width, 3]`` int64.
+
+    Token ``(t, top_t + i, left_t + j)`` of frame ``t``'s region (box without last row and column, ``r_h x
+    r_w``) takes ``(t, top_ref + y_i, left_ref + x_j)`` with ``y = round(linspace(0, R_h - 1, r_h))`` and
+    ``x = round(linspace(0, R_w - 1, r_w))`` over the reference region ``R_h x R_w`` (float32 linspace,
+    round half to even, as the authors' ``scale_complex_tensor``). Every other token keeps its own position.
+    """
+    t, h, w = torch.meshgrid(
+        torch.arange(grid.frames), torch.arange(grid.height), torch.arange(grid.width), indexing="ij"
+    )
+    positions = torch.stack([t, h, w], dim=-1)
+    ref = token_boxes[reference_frame(token_boxes)]
+    ref_rows, ref_cols = ref.region
+    for frame, box in enumerate(token_boxes):
+        rows, cols = box.region
+        if rows <= 0 or cols <= 0:
+            continue
+        if ref_rows <= 0 or ref_cols <= 0:
+            raise ValueError(
+                f"trajectory: the smallest box ({ref.bottom - ref.top}x{ref.right - ref.left} latent tokens) leaves "
+                "no STD-RoPE region while others do; boxes must span at least 2 latent tokens in each direction"
+            )
+        y = torch.linspace(0, ref_rows - 1, rows, dtype=torch.float32).round().long() + ref.top
+        x = torch.linspace(0, ref_cols - 1, cols, dtype=torch.float32).round().long() + ref.left
+        positions[frame, box.top:box.top + rows, box.left:box.left + cols, 1] = y[:, None]
+        positions[frame, box.top:box.top + rows, box.left:box.left + cols, 2] = x[None, :]
+    return positions
+
+
+def position_source_index(positions: torch.Tensor) -> torch.Tensor:
+    """Flat index (frame-major) of the stock token whose RoPE each token takes, ``[frames * height * width]``:
+    RoPE rows gathered by it are the stock RoPE evaluated at ``positions``."""
+    frames, height, width, _ = positions.shape
+    return ((positions[..., 0] * height + positions[..., 1]) * width + positions[..., 2]).flatten()
+
+
+def duplicate_position_tokens(positions: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
+    """Background tokens whose position some foreground token took (the authors' ``redundant_token``),
+    boolean ``[frames, height, width]``. Positions keep their frame, so duplicates are within a frame."""
+    frames, height, width, _ = positions.shape
+    taken = torch.zeros(frames, height * width, dtype=torch.bool)
+    moved = (positions[..., 1:] != torch.stack(torch.meshgrid(
+        torch.arange(height), torch.arange(width), indexing="ij"), dim=-1)).any(-1)
+    frame_index = torch.arange(frames)[:, None, None].expand(frames, height, width)
+    flat = positions[..., 1] * width + positions[..., 2]
+    taken[frame_index[moved], flat[moved]] = True
+    return taken.view(frames, height, width) & ~foreground
