@@ -1,0 +1,162 @@
+"""STDRoPEProcessor: the RoPE it applies is diffusers' RoPE at the STD-RoPE positions (float64 reference),
+the duplicate-isolation mask, stock parity, caching, and models without 3D RoPE."""
+
+import pytest
+import torch
+from conftest import run
+from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+from torch.nn.attention.flex_attention import flex_attention
+
+from diffusers_attn_ext import install
+from diffusers_attn_ext.context import AttnContext, TokenGrid
+from diffusers_attn_ext.families.base import AttentionCall
+from diffusers_attn_ext.families.wan import WanAdapter
+from diffusers_attn_ext.processors.std_rope import (
+    STDRoPEProcessor,
+    draw_duplicate_isolation,
+    duplicate_isolation_score_mod,
+)
+from diffusers_attn_ext.testing import tiny_call_kwargs, tiny_pipeline
+from diffusers_attn_ext.trajectory import Trajectory, foreground_mask, std_rope_positions
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+GRID = TokenGrid(3, 4, 4)
+HEAD_DIM = 24  # t: 8, h: 8, w: 8 channels, as WanRotaryPosEmbed splits it
+
+
+def moving_right() -> Trajectory:
+    return Trajectory.from_key_boxes({0: (0, 0, 32, 48), 8: (32, 0, 64, 48)}, num_frames=9, height=64, width=64)
+
+
+def wan_rope_float64(positions: torch.Tensor, head_dim: int, theta: float = 10000.0):
+    """cos, sin ``[N, head_dim]`` of Wan's 3D RoPE at (t, h, w) ``positions`` ``[N, 3]``, from the formula:
+    head_dim splits as t = D - 4 (D // 6), h = w = 2 (D // 6); a part of d channels rotates pair k by
+    pos * theta^(-2k / d), each angle repeated for the two channels of its pair."""
+    h_dim = w_dim = 2 * (head_dim // 6)
+    parts = []
+    for axis, dim in enumerate((head_dim - h_dim - w_dim, h_dim, w_dim)):
+        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        parts.append(positions[:, axis:axis + 1].double() * freqs[None, :])
+    angles = torch.cat(parts, dim=1).repeat_interleave(2, dim=1)
+    return angles.cos(), angles.sin()
+
+
+def self_call(context, rotary, generator, tokens=48, dtype=torch.float64):
+    q, k, v = (torch.randn(1, tokens, 2, HEAD_DIM, generator=generator, dtype=dtype) for _ in range(3))
+    return AttentionCall(module=torch.nn.Identity(), family="wan", kind="self", query=q, key=k, value=v,
+                         text=None, visual=slice(0, tokens), context=context, rotary=rotary)
+
+
+def stock_wan_rope():
+    rope = WanRotaryPosEmbed(HEAD_DIM, (1, 2, 2), max_seq_len=32)
+    return rope(torch.zeros(1, 1, GRID.frames, GRID.height * 2, GRID.width * 2))
+
+
+def test_applied_rope_equals_wan_rope_at_std_positions_float64():
+    context = AttnContext(family="wan", grid=GRID, step_index=0)
+    generator = torch.Generator().manual_seed(0)
+    call = self_call(context, stock_wan_rope(), generator)
+    query = call.query.clone()
+    processor = STDRoPEProcessor(moving_right(), isolate_duplicates=False)
+    processor.edit_positions(call)
+    positions = std_rope_positions(moving_right().token_boxes(GRID, 4), GRID).reshape(-1, 3)
+    cos, sin = wan_rope_float64(positions, HEAD_DIM)
+    # diffusers computes the table in float64 and stores it in float32: equal up to float32 rounding.
+    assert call.rotary[0].dtype == torch.float32
+    torch.testing.assert_close(call.rotary[0][0, :, 0].double(), cos, rtol=0, atol=6e-8)
+    torch.testing.assert_close(call.rotary[1][0, :, 0].double(), sin, rtol=0, atol=6e-8)
+    WanAdapter().apply_rotary(call)
+    # Reference rotation: pairs (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos).
+    x0, x1 = query[..., 0::2], query[..., 1::2]
+    c, s = cos[None, :, None, 0::2], sin[None, :, None, 0::2]
+    expected = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
+    torch.testing.assert_close(call.query, expected, rtol=0, atol=1e-6)
+    # Foreground token (t=1, h=0, w=1) now rotates as (1, 0, 0); background tokens as their own positions.
+    stock_cos = stock_wan_rope()[0][0, :, 0]
+    assert torch.equal(call.rotary[0][0, 16 + 1, 0], stock_cos[16 + 0])
+    background = ~foreground_mask(moving_right().token_boxes(GRID, 4), GRID).flatten()
+    assert torch.equal(call.rotary[0][0, background, 0], stock_cos[background])
+
+
+def test_gathered_table_is_built_once_per_forward():
+    context = AttnContext(family="wan", grid=GRID, step_index=0)
+    generator = torch.Generator().manual_seed(0)
+    rotary = stock_wan_rope()
+    processor = STDRoPEProcessor(moving_right())
+    first, second = self_call(context, rotary, generator), self_call(context, rotary, generator)
+    processor.edit_positions(first)
+    processor.edit_positions(second)
+    assert first.rotary[0] is second.rotary[0]
+    third = self_call(context, stock_wan_rope(), generator)  # a new forward's table
+    processor.edit_positions(third)
+    assert third.rotary[0] is not first.rotary[0] and torch.equal(third.rotary[0], first.rotary[0])
+
+
+def test_steps_and_kinds():
+    processor = STDRoPEProcessor(moving_right(), steps=2)
+    generator = torch.Generator().manual_seed(0)
+    for step, expected in ((0, True), (1, True), (2, False)):
+        call = self_call(AttnContext(family="wan", grid=GRID, step_index=step), None, generator)
+        assert processor.applies_to(call) is expected
+    call.kind = "cross"
+    call.context.step_index = 0
+    assert not processor.applies_to(call)
+    call.family = "sd3"
+    with pytest.raises(ValueError, match="family='sd3'"):
+        processor.applies_to(call)
+
+
+def test_duplicate_isolation_matches_float64_masked_softmax():
+    trajectory = moving_right()
+    context = AttnContext(family="wan", grid=GRID, step_index=0)
+    generator = torch.Generator().manual_seed(1)
+    call = self_call(context, stock_wan_rope(), generator)
+    STDRoPEProcessor(trajectory).edit_attention(call)
+    assert len(call.score_mods) == 1
+    groups = torch.zeros(48, dtype=torch.int8)
+    groups[foreground_mask(trajectory.token_boxes(GRID, 4), GRID).flatten()] = 1
+    for t, h, w in ((1, 0, 0), (1, 1, 0), (2, 0, 0), (2, 1, 0)):
+        groups[t * 16 + h * 4 + w] = 2
+    allowed = draw_duplicate_isolation(groups)
+    assert not allowed[16 + 1, 16 + 0] and not allowed[16 + 0, 16 + 1] and allowed[16 + 0, 16 + 3]
+    q, k, v = (x.transpose(1, 2) for x in (call.query, call.key, call.value))
+    out = flex_attention(q, k, v, score_mod=call.score_mods[0])
+    scores = (q @ k.transpose(-1, -2)) / HEAD_DIM**0.5
+    expected = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+    assert torch.allclose(out, expected, rtol=0, atol=1e-10)
+    assert torch.equal(draw_duplicate_isolation(groups), draw_duplicate_isolation(groups.clone()))
+    assert duplicate_isolation_score_mod(groups).__name__ == "isolate_duplicates"
+
+
+def test_full_frame_box_is_stock_exactly(pipe_for):
+    pipe = pipe_for("wan")
+    full = Trajectory.static((0, 0, 64, 64), 9, 64, 64)
+    stock = run(pipe, "wan", height=64, width=64)
+    install(pipe, STDRoPEProcessor(full, steps=None))
+    assert torch.equal(run(pipe, "wan", height=64, width=64), stock)
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_moving_box_changes_the_video(family, pipe_for):
+    pipe = pipe_for(family)
+    frames = 9
+    trajectory = Trajectory.from_key_boxes({0: (0, 0, 32, 48), 8: (32, 0, 64, 48)}, frames, 64, 64)
+    stock = run(pipe, family, height=64, width=64)
+    install(pipe, STDRoPEProcessor(trajectory))
+    out = run(pipe, family, height=64, width=64)
+    assert torch.isfinite(out).all() and not torch.equal(out, stock)
+
+
+def test_model_without_3d_rope_raises():
+    pipe, _ = tiny_pipeline("cogvideox", transformer_config={"use_rotary_positional_embeddings": False})
+    install(pipe, STDRoPEProcessor(Trajectory.static((0, 0, 32, 32), 9, 64, 64)))
+    with pytest.raises(ValueError, match="use_rotary_positional_embeddings=False"):
+        pipe(**tiny_call_kwargs("cogvideox", height=64, width=64))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"steps": -1}, "steps=-1"), ({"frame_stride": 0}, "frame_stride=0"), ({"trajectory": [(0, 0, 1, 1)]}, "Trajectory"),
+])
+def test_bad_parameters_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        STDRoPEProcessor(**{"trajectory": moving_right(), **kwargs})
