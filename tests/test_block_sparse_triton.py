@@ -41,16 +41,8 @@ CHECK = textwrap.dedent(
         blocks = torch.rand(1 if batch_wide else 2, heads, nb, nb, generator=g) < 0.5
         blocks[..., -1, -1] = True
         blocks[0, 0, 0] = False
-        counts, indices = bst.compress_block_table(blocks)
-        out = torch.full_like(q, float("nan"))
-        stride = lambda t, d: 0 if t.shape[d] == 1 else t.stride(d)
-        bst._block_sparse_forward[(nb, 2 * heads)](
-            q, k, v, out, counts, indices, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-            k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            stride(counts, 0), stride(counts, 1), counts.stride(2), stride(indices, 0), stride(indices, 1),
-            indices.stride(2), heads, n, 64**-0.5 * bst.LOG2E, 0.7, window.half_window if window else 0,
-            30, 90, -1e4 * bst.LOG2E, ULTRAVICO=window is not None, RESTRICT=True,
-            BLOCK_M=128, BLOCK_N=128, HEAD_DIM=64)
+        ultravico = dict(window=window, alpha=0.7, restrict_first_frame=True) if window else None
+        out = bst.launch_block_sparse(q, k, v, blocks, ultravico=ultravico)
         ref = reference(q, k, v, blocks, window)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err < 1e-5, (n, heads, batch_wide, err)

@@ -28,12 +28,8 @@ CHECK = textwrap.dedent(
         n, heads, dim = w.video_tokens, 2, 64
         g = torch.Generator().manual_seed(frame + train)
         q, k, v = (torch.randn(2, n, heads, dim, generator=g) for _ in range(3))
-        out = torch.full_like(q, float("nan"))
-        ut._ultravico_forward[(triton.cdiv(n, bm), 2 * heads)](
-            q, k, v, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            heads, n, dim**-0.5 * ut.LOG2E, 0.7, w.half_window, w.frame_tokens, w.train_tokens,
-            -1e4 * ut.LOG2E, RESTRICT=restrict, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=dim)
+        config = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
+        out = ut.launch_ultravico(q, k, v, w, 0.7, restrict_first_frame=restrict, config=config)
         ref = ultravico_reference(q, k, v, w, 0.7, restrict_first_frame=restrict)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err < 1e-5, (frame, train, frames, bm, bn, restrict, err)

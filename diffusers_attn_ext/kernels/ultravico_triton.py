@@ -6,7 +6,8 @@ pair within W/2, and for first-frame queries inside the training length) run pla
 (every pair beyond W/2) apply the sign rule as ``min(s, alpha * s)``, which equals "alpha * s if s > 0"
 for alpha <= 1 at the cost of one multiply and one min; the few boundary blocks apply the whole rule per
 element. Scores are kept in the log2 domain (scale * log2(e)), where scaling a logit by alpha is the same
-operation. Only the partial last key block uses bounds-checked loads.
+operation. Tiles move through tensor descriptors (zero rows past the sequence); only the partial last
+key block needs a ``-inf`` mask.
 
 Supports video-only sequences (Wan self-attention: the video starts at token 0 and fills the sequence),
 head dims 64 and 128, fp16/bf16. Everything else goes through FlexAttention.
@@ -19,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..masks import ULTRAVICO_BLOCKED_LOGIT, ExtrapolationWindow
-from .flash_triton import load_kv_block, online_softmax_step, ultravico_rule
+from .flash_triton import load_rows, online_softmax_step, store_rows, tensor_descriptor, ultravico_rule
 
 LOG2E = 1.4426950408889634
 
@@ -30,15 +31,16 @@ NEAR, FAR, RULE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 @triton.jit
 def _attend_blocks(
-    acc, l_i, m_i, q, K, V, first, last, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
+    acc, l_i, m_i, q, k_desc, v_desc, z, h, first, last, offs_m, offs_n, N,
     qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit,
-    MODE: tl.constexpr, BOUNDS: tl.constexpr, RESTRICT: tl.constexpr, BLOCK_N: tl.constexpr,
+    MODE: tl.constexpr, BOUNDS: tl.constexpr, RESTRICT: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """Attend to key blocks ``[first, last)``, all of one class (``MODE``)."""
     for start_n in range(first * BLOCK_N, last * BLOCK_N, BLOCK_N):
         offs_kv = start_n + offs_n
-        k, v = load_kv_block(K, V, offs_kv, offs_d, stride_kn, stride_vn, N, BOUNDS)
-        qk = tl.dot(q, k) * qk_scale
+        k = load_rows(k_desc, z, h, start_n, BLOCK_N, HEAD_DIM)
+        v = load_rows(v_desc, z, h, start_n, BLOCK_N, HEAD_DIM)
+        qk = tl.dot(q, k.T) * qk_scale
         if MODE == FAR:
             # Every pair is far: alpha * s for s > 0, s otherwise, which for alpha <= 1 is min(s, alpha * s).
             qk = tl.minimum(qk, qk * alpha)
@@ -52,24 +54,17 @@ def _attend_blocks(
 
 @triton.jit
 def _ultravico_forward(
-    Q, K, V, Out,
-    stride_qz, stride_qm, stride_qh, stride_kz, stride_kn, stride_kh,
-    stride_vz, stride_vn, stride_vh, stride_oz, stride_om, stride_oh,
+    q_desc, k_desc, v_desc, o_desc,
     H, N, qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit,
     RESTRICT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     off_hz = tl.program_id(1)
     z, h = off_hz // H, off_hz % H
-    Q += z * stride_qz + h * stride_qh
-    K += z * stride_kz + h * stride_kh
-    V += z * stride_vz + h * stride_vh
-    Out += z * stride_oz + h * stride_oh
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=offs_m[:, None] < N, other=0.0)
+    q = load_rows(q_desc, z, h, start_m * BLOCK_M, BLOCK_M, HEAD_DIM)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -93,27 +88,33 @@ def _ultravico_forward(
     hi = tl.maximum(hi, lo)
     b = tl.maximum(tl.minimum(b, n_full), hi)
 
-    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, K, V, 0, a, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, z, h, 0, a, offs_m, offs_n, N,
                                    qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit,
-                                   MODE=FAR, BOUNDS=False, RESTRICT=RESTRICT, BLOCK_N=BLOCK_N)
-    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, K, V, a, lo, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
+                                   MODE=FAR, BOUNDS=False, RESTRICT=RESTRICT, BLOCK_N=BLOCK_N,
+                                   HEAD_DIM=HEAD_DIM)
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, z, h, a, lo, offs_m, offs_n, N,
                                    qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit,
-                                   MODE=RULE, BOUNDS=False, RESTRICT=RESTRICT, BLOCK_N=BLOCK_N)
-    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, K, V, lo, hi, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
+                                   MODE=RULE, BOUNDS=False, RESTRICT=RESTRICT, BLOCK_N=BLOCK_N,
+                                   HEAD_DIM=HEAD_DIM)
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, z, h, lo, hi, offs_m, offs_n, N,
                                    qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit,
-                                   MODE=NEAR, BOUNDS=False, RESTRICT=RESTRICT, BLOCK_N=BLOCK_N)
-    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, K, V, hi, b, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
+                                   MODE=NEAR, BOUNDS=False, RESTRICT=RESTRICT, BLOCK_N=BLOCK_N,
+                                   HEAD_DIM=HEAD_DIM)
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, z, h, hi, b, offs_m, offs_n, N,
                                    qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit,
-                                   MODE=RULE, BOUNDS=False, RESTRICT=RESTRICT, BLOCK_N=BLOCK_N)
-    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, K, V, b, n_full, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
+                                   MODE=RULE, BOUNDS=False, RESTRICT=RESTRICT, BLOCK_N=BLOCK_N,
+                                   HEAD_DIM=HEAD_DIM)
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, z, h, b, n_full, offs_m, offs_n, N,
                                    qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit,
-                                   MODE=FAR, BOUNDS=False, RESTRICT=RESTRICT, BLOCK_N=BLOCK_N)
-    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, K, V, n_full, n_blocks, offs_m, offs_n, offs_d, stride_kn, stride_vn, N,
+                                   MODE=FAR, BOUNDS=False, RESTRICT=RESTRICT, BLOCK_N=BLOCK_N,
+                                   HEAD_DIM=HEAD_DIM)
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, z, h, n_full, n_blocks, offs_m, offs_n, N,
                                    qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit,
-                                   MODE=RULE, BOUNDS=True, RESTRICT=RESTRICT, BLOCK_N=BLOCK_N)
+                                   MODE=RULE, BOUNDS=True, RESTRICT=RESTRICT, BLOCK_N=BLOCK_N,
+                                   HEAD_DIM=HEAD_DIM)
 
     acc = acc / l_i[:, None]
-    tl.store(Out + offs_m[:, None] * stride_om + offs_d[None, :], acc.to(Out.dtype.element_ty), mask=offs_m[:, None] < N)
+    store_rows(o_desc, z, h, start_m * BLOCK_M, acc, BLOCK_M, HEAD_DIM)
 
 
 # Chosen by measurement on the H100 (benchmarks/ultravico.py); overridable for tuning.
@@ -138,17 +139,22 @@ def ultravico_attention(
     """UltraViCo attention on ``[B, N, H, D]`` CUDA tensors (video-only sequence), returning ``[B, N, H, D]``."""
     if not supports(query, window):
         raise ValueError("ultravico_attention needs CUDA fp16/bf16 [B, N, H, 64|128] video-only tensors")
+    return launch_ultravico(query, key, value, window, alpha, restrict_first_frame, scale, config)
+
+
+def launch_ultravico(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window: ExtrapolationWindow, alpha: float,
+    restrict_first_frame: bool = True, scale: float | None = None, config: dict | None = None,
+) -> torch.Tensor:
+    """:func:`ultravico_attention` without the device check (Triton's CPU interpreter runs it in the tests)."""
     config = {**DEFAULT_CONFIG, **(config or {})}
     batch, n, heads, head_dim = query.shape
-    key, value = key.contiguous() if key.stride(-1) != 1 else key, value.contiguous() if value.stride(-1) != 1 else value
-    query = query.contiguous() if query.stride(-1) != 1 else query
-    out = torch.empty_like(query)
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # contiguous: the descriptor writes it
     scale = head_dim**-0.5 if scale is None else scale
     grid = (triton.cdiv(n, config["BLOCK_M"]), batch * heads)
     _ultravico_forward[grid](
-        query, key, value, out,
-        query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        tensor_descriptor(query, config["BLOCK_M"]), tensor_descriptor(key, config["BLOCK_N"]),
+        tensor_descriptor(value, config["BLOCK_N"]), tensor_descriptor(out, config["BLOCK_M"]),
         heads, n, scale * LOG2E, alpha, window.half_window, window.frame_tokens, window.train_tokens,
         ULTRAVICO_BLOCKED_LOGIT * LOG2E,
         RESTRICT=restrict_first_frame, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], HEAD_DIM=head_dim,
