@@ -1,4 +1,8 @@
-"""Command line: info and demo."""
+"""Command line: info, demo, inspect and bench."""
+
+import json
+
+import torch
 
 from diffusers_attn_ext.__main__ import main
 from diffusers_attn_ext.demo import DEMOS
@@ -18,3 +22,43 @@ def test_demo_writes_every_entry_of_a_family(tmp_path):
     assert "| stock (StockAttnProcessor) | sd3 |" in summary[2] and summary[2].split("|")[4].strip() == "0"
     for row in summary[2:]:
         assert (tmp_path / row.split("|")[5].strip()).exists()
+
+
+def test_inspect_writes_plots_and_summary(tmp_path):
+    assert main(["inspect", "--family", "cogvideox", "--output", str(tmp_path), "--layers", r"blocks\.1\.attn1",
+                 "--heads", "1", "--steps", "0"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["family"] == "cogvideox" and list(summary["layers"]) == ["transformer_blocks.1.attn1"]
+    layer = summary["layers"]["transformer_blocks.1.attn1"]
+    assert layer["heads"] == [1] and layer["steps"] == [0] and layer["grid"] == [3, 2, 2]
+    assert abs(layer["text_mass"][0] + sum(layer["temporal_profile"][0]) - 1) < 1e-5
+    for name in summary["files"]:
+        assert (tmp_path / name).stat().st_size > 0
+    assert {"heads_entropy.png", "decay_temporal.png", "transformer_blocks_1_attn1_maps.png"} <= set(summary["files"])
+
+
+def test_inspect_bad_input_is_an_error_naming_the_parameter(tmp_path, capsys):
+    assert main(["inspect", "--family", "wan", "--output", str(tmp_path), "--heads", "7"]) == 2
+    assert "heads has index 7" in capsys.readouterr().err
+    assert main(["inspect", "--family", "wan", "--output", str(tmp_path), "--layers", "nothing"]) == 2
+    assert "layers pattern 'nothing'" in capsys.readouterr().err
+
+
+def test_bench_lists_and_checks_before_running(capsys, monkeypatch):
+    assert main(["bench"]) == 0
+    listed = capsys.readouterr().out
+    assert "inspect_memory [--smoke]" in listed and "stock_overhead" in listed and "common" not in listed
+    assert main(["bench", "no_such_bench"]) == 2
+    assert "no_such_bench" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "stock_overhead"]) == 2
+    assert "CUDA" in capsys.readouterr().err
+    assert main(["bench", "stock_overhead", "--smoke"]) == 2
+    assert "--smoke is not supported by ['stock_overhead']" in capsys.readouterr().err
+
+
+def test_bench_smoke_runs_the_script(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert main(["bench", "inspect_memory", "--smoke"]) == 0
+    table = (tmp_path / "inspect_memory_smoke.md").read_text()
+    assert "output unchanged by the inspector: True" in table and "attn1 call, inspector" in table

@@ -214,12 +214,10 @@ def attention_statistics(
             per_position = on_grid.sum(-2).sum(0)  # [rows, height * width]
             sums["temporal"][slot].index_add_(0, temporal_index.flatten(), per_frame.flatten())
             sums["spatial"][slot].index_add_(0, spatial_index.flatten(), per_position.flatten())
-            stored = torch.searchsorted(rows, map_rows_dev).clamp(max=len(rows) - 1)
-            hit = rows[stored] == map_rows_dev
-            if hit.any():
-                sums["maps"][slot, hit] += probs[:, stored[hit]].sum(0)
+        if len(map_rows):
+            sums["maps"][slot] = _masked_scores(call, head, key_t, map_rows_dev).softmax(-1).sum(0)
     cpu = {name: value.to("cpu", torch.float64) for name, value in sums.items() if name != "maps"}
-    cpu["maps"] = sums["maps"].to("cpu", torch.float32 if compute == torch.float32 else compute)
+    cpu["maps"] = sums["maps"].to("cpu")
     return AttentionStatistics(
         heads=tuple(heads), grid=grid, rows=batch * (visual.stop - visual.start),
         text_mass_sum=cpu["text"], entropy_sum=cpu["entropy"], temporal_sum=cpu["temporal"],
