@@ -1,0 +1,92 @@
+"""Consistent multiple subjects across a batch of images (IR-Diffusion, arXiv 2411.19261) for FLUX.1 and SD3.
+
+A call generates one image per prompt; the first prompt's image is the reference (generated in the same
+batch, with stock attention) and the others are targets whose subjects attend the reference's subjects
+through :class:`~diffusers_attn_ext.processors.isolation_reposition.IsolationRepositionProcessor`::
+
+    pipe = FluxMultiSubjectPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16)
+    images = pipe(
+        ["a corgi and a tabby cat, studio portrait", "the corgi and the tabby cat on a beach", ...],
+        subject_boxes=[{"corgi": (0.05, 0.3, 0.45, 0.95), "cat": (0.55, 0.3, 0.95, 0.95)}, {...}, ...],
+    ).images
+
+``subject_boxes`` holds one ``{subject: (x0, y0, x1, y1)}`` per prompt (fractions of the image; a boolean
+mask of any resolution works too); every subject must appear in every image and in every prompt string.
+Without ``subject_boxes`` the pipeline is the stock one. Extra arguments (authors' defaults from
+``DreamStory/pipe/pipe_test.py``): ``ir_start_step=0`` and ``ir_end_step=None`` (every step),
+``ir_interpolation="nearest"``, ``ir_reference_dropout=0.5`` (``dropout``), ``ir_dropout_seed``, and
+``ir_layers`` (attention-module name patterns as ``install``'s ``layers``; default every layer, see
+docs/ir-diffusion.md). Prompt embeddings work as in the parent pipelines (one row per image).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+from ..install import installed
+from ..processors.isolation_reposition import IsolationRepositionProcessor
+from ..subjects import SubjectLayout
+
+
+class MultiSubjectMixin:
+    """Builds the IR-Diffusion processor of a call and runs the parent pipeline with it installed."""
+
+    def multi_subject_processor(
+        self, subject_boxes: Sequence[Mapping[str, object]], prompt=None, prompt_embeds=None,
+        num_images_per_prompt: int | None = 1, ir_start_step: int = 0, ir_end_step: int | None = None,
+        ir_interpolation: str = "nearest", ir_reference_dropout: float = 0.5, ir_dropout_seed: int = 0,
+    ) -> IsolationRepositionProcessor:
+        """The processor a call with these arguments installs; ValueError when the batch does not match."""
+        if num_images_per_prompt not in (None, 1):
+            raise ValueError(
+                f"num_images_per_prompt={num_images_per_prompt}: a multi-subject call makes one image per prompt "
+                "(reference first); repeat the prompts instead"
+            )
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        images = len(prompts) if prompts is not None else (prompt_embeds.shape[0] if prompt_embeds is not None else 1)
+        if len(subject_boxes) != images:
+            raise ValueError(
+                f"subject_boxes has {len(subject_boxes)} entries for {images} images: give one per prompt, "
+                "reference first"
+            )
+        layout = SubjectLayout.from_boxes(subject_boxes, prompts)
+        return IsolationRepositionProcessor(
+            layout, start_step=ir_start_step, end_step=ir_end_step, interpolation=ir_interpolation,
+            reference_dropout=ir_reference_dropout, dropout_seed=ir_dropout_seed,
+        )
+
+    def _call_with_subjects(self, parent_call, prompt, subject_boxes, ir_layers, ir_settings, kwargs):
+        if subject_boxes is None:
+            return parent_call(self, prompt=prompt, **kwargs)
+        processor = self.multi_subject_processor(
+            subject_boxes, prompt, kwargs.get("prompt_embeds"), kwargs.get("num_images_per_prompt", 1), **ir_settings
+        )
+        with installed(self, processor, layers=ir_layers):
+            return parent_call(self, prompt=prompt, **kwargs)
+
+
+class FluxMultiSubjectPipeline(MultiSubjectMixin, FluxPipeline):
+    """``FluxPipeline`` with IR-Diffusion multi-subject consistency; see the module docstring."""
+
+    def __call__(self, prompt=None, *, subject_boxes=None, ir_start_step: int = 0, ir_end_step: int | None = None,
+                 ir_layers: str | list[str] | None = None, ir_interpolation: str = "nearest",
+                 ir_reference_dropout: float = 0.5, ir_dropout_seed: int = 0, **kwargs):
+        settings = dict(ir_start_step=ir_start_step, ir_end_step=ir_end_step, ir_interpolation=ir_interpolation,
+                        ir_reference_dropout=ir_reference_dropout, ir_dropout_seed=ir_dropout_seed)
+        return self._call_with_subjects(FluxPipeline.__call__, prompt, subject_boxes, ir_layers, settings, kwargs)
+
+
+class StableDiffusion3MultiSubjectPipeline(MultiSubjectMixin, StableDiffusion3Pipeline):
+    """``StableDiffusion3Pipeline`` with IR-Diffusion multi-subject consistency; with classifier-free guidance
+    the batch ``[negatives, prompts]`` holds two groups of images, each with its reference first."""
+
+    def __call__(self, prompt=None, *, subject_boxes=None, ir_start_step: int = 0, ir_end_step: int | None = None,
+                 ir_layers: str | list[str] | None = None, ir_interpolation: str = "nearest",
+                 ir_reference_dropout: float = 0.5, ir_dropout_seed: int = 0, **kwargs):
+        settings = dict(ir_start_step=ir_start_step, ir_end_step=ir_end_step, ir_interpolation=ir_interpolation,
+                        ir_reference_dropout=ir_reference_dropout, ir_dropout_seed=ir_dropout_seed)
+        return self._call_with_subjects(
+            StableDiffusion3Pipeline.__call__, prompt, subject_boxes, ir_layers, settings, kwargs
+        )
