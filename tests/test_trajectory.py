@@ -124,3 +124,25 @@ def test_one_token_reference_with_larger_boxes_raises():
     trajectory = Trajectory.from_key_boxes({0: (0, 0, 16, 16), 8: (0, 0, 48, 48)}, 9, 64, 64)
     with pytest.raises(ValueError, match="at least 2 latent tokens"):
         std_rope_positions(trajectory.token_boxes(GRID, 4), GRID)
+
+
+def test_drawing_and_gif_export(tmp_path):
+    from PIL import Image
+
+    from diffusers_attn_ext.trajectory_drawing import draw_trajectory, export_gif, export_mp4
+
+    frames = torch.zeros(9, 3, 64, 64)
+    drawn = draw_trajectory(frames, moving_right())
+    assert len(drawn) == 9 and drawn[0].getpixel((0, 0)) == (127, 255, 127)
+    assert drawn[0].getpixel((40, 20)) == (0, 0, 0) and drawn[8].getpixel((32, 20)) == (127, 255, 127)
+    path = export_gif(drawn, tmp_path / "t.gif")
+    assert Image.open(path).n_frames == 9
+    with pytest.raises(ValueError, match="num_frames=9"):
+        draw_trajectory(frames[:3], moving_right())
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install imageio imageio-ffmpeg"):
+            export_mp4(drawn, tmp_path / "t.mp4")
+    else:
+        assert export_mp4(drawn, tmp_path / "t.mp4").stat().st_size > 0
