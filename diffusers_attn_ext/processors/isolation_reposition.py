@@ -51,57 +51,67 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def repositioned_reference(
     key: torch.Tensor, value: torch.Tensor, tokens: SubjectTokens, rotary=None, keep: torch.Tensor | None = None,
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference subject's keys and values resampled into the target box: ``[M, H, D]`` each.
 
     ``key``/``value`` are one reference row ``[S, H, D]`` (keys already rotated when ``rotary`` is given);
     ``rotary`` is FLUX's ``(cos, sin)``, each ``[S, D]``, or None; ``keep`` selects repositioned keys (dropout).
+    Tokens run in chunks whose float32 temporaries take about ``max_chunk_bytes``.
     """
     sources, weights, positions = tokens.ref_sources, tokens.ref_weights, tokens.ref_positions
     if keep is not None:
         sources, weights, positions = sources[keep], weights[keep], positions[keep]
-    weights = weights.to(key.device, torch.float32 if key.dtype in (torch.float16, torch.bfloat16) else key.dtype)
-    gathered_v = value[sources]  # [M, k, H, D]
-    v_new = (gathered_v.to(weights.dtype) * weights[..., None, None]).sum(1).to(value.dtype)
-    gathered_k = key[sources]
-    if rotary is None:
-        k_new = (gathered_k.to(weights.dtype) * weights[..., None, None]).sum(1)
-        return k_new.to(key.dtype), v_new
-    if not (isinstance(rotary, tuple) and len(rotary) == 2 and rotary[0].shape[0] == key.shape[0]):
+    if rotary is not None and not (isinstance(rotary, tuple) and len(rotary) == 2 and rotary[0].shape[0] == key.shape[0]):
         raise ValueError(
             "IsolationRepositionProcessor repositions RoPE keys given as FLUX's (cos, sin) over the whole sequence; "
             f"got {type(rotary).__name__}"
         )
-    cos, sin = (r.to(key.device, torch.float32) for r in rotary)
-    cos_m, sin_m = cos[positions][:, None], sin[positions][:, None]  # [M, 1, D]
-    cos_n, sin_n = cos[sources], sin[sources]  # [M, k, D]
-    cos_d, sin_d = cos_m * cos_n + sin_m * sin_n, sin_m * cos_n - cos_m * sin_n
-    count, k = sources.shape
-    rotated = _rotate(gathered_k.flatten(0, 1), cos_d.flatten(0, 1), sin_d.flatten(0, 1)).unflatten(0, (count, k))
-    k_new = (rotated * weights[..., None, None].float()).sum(1)
-    return k_new.to(key.dtype), v_new
+    acc = torch.float32 if key.dtype in (torch.float16, torch.bfloat16) else key.dtype
+    weights = weights.to(key.device, acc)[..., None, None]
+    count, taps = sources.shape
+    k_new = key.new_empty(count, *key.shape[1:])
+    v_new = value.new_empty(count, *value.shape[1:])
+    chunk = max(1, max_chunk_bytes // (taps * key[0].numel() * 16))
+    for start in range(0, count, chunk):
+        part = slice(start, start + chunk)
+        src, w = sources[part], weights[part]
+        v_new[part] = (value[src].to(acc) * w).sum(1)
+        gathered = key[src]  # [c, taps, H, D]
+        if rotary is not None:
+            # R(m - n) applied to the key rotated at its source n gives the RoPE of its new position m.
+            cos, sin = (r.to(key.device, torch.float32) for r in rotary)
+            cos_m, sin_m = cos[positions[part]][:, None], sin[positions[part]][:, None]
+            cos_n, sin_n = cos[src], sin[src]
+            delta_cos, delta_sin = cos_m * cos_n + sin_m * sin_n, sin_m * cos_n - cos_m * sin_n
+            gathered = _rotate(gathered.flatten(0, 1), delta_cos.flatten(0, 1), delta_sin.flatten(0, 1))
+            gathered = gathered.unflatten(0, (src.shape[0], taps))
+        k_new[part] = (gathered.to(acc) * w).sum(1)
+    return k_new, v_new
 
 
 def subject_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_allowed: torch.Tensor,
-    extra_key: torch.Tensor, extra_value: torch.Tensor, scale: float, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> torch.Tensor:
-    """softmax attention of ``query [M, H, D]`` over the allowed keys of ``key [S, H, D]`` (``key_allowed``,
-    bool ``[S]``) together with every key of ``extra_key [E, H, D]``; returns ``[M, H, D]``.
+    query: torch.Tensor, queries: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_allowed: torch.Tensor,
+    extra_key: torch.Tensor, extra_value: torch.Tensor, scale: float, out: torch.Tensor,
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> None:
+    """softmax attention of the tokens ``queries`` (indices) of one row ``query [S, H, D]`` over the allowed
+    keys of ``key [S, H, D]`` (``key_allowed``, bool ``[S]``) together with every key of ``extra_key [E, H, D]``;
+    the results overwrite the same tokens of ``out [S, H, D]``.
 
     Queries run in chunks so that one chunk's scores take at most ``max_chunk_bytes``; statistics are float32
     for half-precision inputs (scores are computed in the input dtype, as diffusers' ``get_attention_scores``).
     """
-    q, k, v = (x.transpose(0, 1) for x in (query, key, value))  # [H, ., D]
+    k, v = key.transpose(0, 1), value.transpose(0, 1)  # [H, S, D]
     ke, ve = extra_key.transpose(0, 1), extra_value.transpose(0, 1)
-    stats = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    blocked = (~key_allowed).to(q.device)
-    heads, count = q.shape[0], q.shape[1]
-    per_query = heads * (k.shape[1] + ke.shape[1]) * (torch.empty((), dtype=stats).element_size() + q.element_size())
+    stats = torch.float32 if k.dtype in (torch.float16, torch.bfloat16) else k.dtype
+    blocked = (~key_allowed).to(k.device)
+    heads = k.shape[0]
+    per_query = heads * (k.shape[1] + ke.shape[1]) * (torch.empty((), dtype=stats).element_size() + k.element_size())
     chunk = max(1, max_chunk_bytes // per_query)
-    out = torch.empty_like(q)
-    for start in range(0, count, chunk):
-        qc = q[:, start:start + chunk]
+    for start in range(0, queries.numel(), chunk):
+        rows = queries[start:start + chunk]
+        qc = query[rows].transpose(0, 1)  # [H, c, D]
         own = (qc @ k.transpose(-1, -2)).to(stats).mul_(scale).masked_fill_(blocked, float("-inf"))
         extra = (qc @ ke.transpose(-1, -2)).to(stats).mul_(scale)
         peak = own.amax(-1, keepdim=True)
@@ -110,9 +120,8 @@ def subject_attention(
         own.sub_(peak).exp_()
         extra.sub_(peak).exp_()
         total = own.sum(-1, keepdim=True) + extra.sum(-1, keepdim=True)
-        mixed = (own.to(q.dtype) @ v).to(stats) + (extra.to(q.dtype) @ ve).to(stats)
-        out[:, start:start + chunk] = (mixed / total).to(q.dtype)
-    return out.transpose(0, 1)
+        mixed = (own.to(k.dtype) @ v).to(stats) + (extra.to(k.dtype) @ ve).to(stats)
+        out[rows] = (mixed / total).to(out.dtype).transpose(0, 1)
 
 
 def isolation_reposition_attention(
@@ -135,12 +144,11 @@ def isolation_reposition_attention(
             row = reference + image
             for s, tokens in enumerate(image_plans):
                 k_ref, v_ref = repositioned_reference(
-                    key[reference], value[reference], tokens, rotary, None if keep is None else keep[(image, s)]
-                )
-                out[row, tokens.queries] = subject_attention(
-                    query[row, tokens.queries], key[row], value[row], tokens.own_allowed, k_ref, v_ref, scale,
+                    key[reference], value[reference], tokens, rotary, None if keep is None else keep[(image, s)],
                     max_chunk_bytes,
                 )
+                subject_attention(query[row], tokens.queries, key[row], value[row], tokens.own_allowed, k_ref, v_ref,
+                                  scale, out[row], max_chunk_bytes)
     return out
 
 
