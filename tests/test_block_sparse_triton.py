@@ -55,3 +55,18 @@ def test_kernel_matches_reference_in_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     result = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_compressed_table_is_cached_until_the_mask_changes():
+    import torch
+
+    from diffusers_attn_ext.kernels.block_sparse_triton import cached_compressed_table
+
+    blocks = torch.tensor([[[[True, False, True], [False, False, True], [True, True, True]]]])
+    counts, indices, order = cached_compressed_table(blocks)
+    assert counts.tolist() == [[[2, 1, 3]]]
+    assert indices[0, 0, 0, :2].tolist() == [0, 2] and indices[0, 0, 1, :1].tolist() == [2]
+    assert order.tolist() == [[[2, 0, 1]]]  # longest row first
+    assert cached_compressed_table(blocks)[0] is counts  # reused
+    blocks[0, 0, 1, 0] = True  # in place: the version moves, the table is compressed again
+    assert cached_compressed_table(blocks)[0].tolist() == [[[2, 2, 3]]]

@@ -106,6 +106,21 @@ def compress_block_table(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return counts.contiguous(), indices.contiguous(), order.contiguous()
 
 
+COMPRESSED_ATTR = "_attn_ext_compressed"
+
+
+def cached_compressed_table(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`compress_block_table` of ``blocks``, kept on the tensor until it is changed in place (its version
+    counter moves). The sparse processors reuse one mask tensor across calls (radial: per grid; adaptive: per
+    cache window), so the sorts run once per mask, not once per attention call."""
+    cached = getattr(blocks, COMPRESSED_ATTR, None)
+    if cached is not None and cached[0] == blocks._version:
+        return cached[1]
+    compressed = compress_block_table(blocks)
+    setattr(blocks, COMPRESSED_ATTR, (blocks._version, compressed))
+    return compressed
+
+
 DEFAULT_CONFIG = dict(num_warps=8, num_stages=3)
 
 
@@ -132,7 +147,7 @@ def launch_block_sparse(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     window: ExtrapolationWindow | None = ultravico["window"] if ultravico else None
     if window is not None and (window.video_start != 0 or window.video_tokens != n):
         raise ValueError("the fused UltraViCo rule needs a video-only sequence (video_start 0, all tokens video)")
-    counts, indices, order = compress_block_table(blocks)
+    counts, indices, order = cached_compressed_table(blocks)
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # contiguous: the descriptor writes it
     scale = head_dim**-0.5 if scale is None else scale
 
