@@ -17,10 +17,13 @@ On the first ``steps`` denoising steps, in every video self-attention:
    N x N tensor).
 
 The per-generation work (positions, gather index, token groups) and the per-forward work (the gathered
-table, shared by every block of a forward) are cached in ``context.state``.
+table, shared by every block of a forward) are cached in ``context.state``; the isolation score_mod is
+cached per token layout across generations, so compiled FlexAttention does not recompile per call.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -56,6 +59,16 @@ def duplicate_isolation_score_mod(groups: torch.Tensor):
     return isolate_duplicates
 
 
+@functools.lru_cache(maxsize=16)
+def _isolation_score_mod_for(groups_bytes: bytes, start: int, length: int, device: str):
+    """One closure per token layout, reused across generations: compiled FlexAttention guards on the
+    score_mod closure and would recompile for every new one (see ``kernels/flex.py``)."""
+    groups = torch.zeros(length, dtype=torch.int8)
+    video = torch.frombuffer(bytearray(groups_bytes), dtype=torch.int8)
+    groups[start:start + video.numel()] = video
+    return duplicate_isolation_score_mod(groups.to(device))
+
+
 def draw_duplicate_isolation(groups: torch.Tensor) -> torch.Tensor:
     """Dense boolean form of :func:`duplicate_isolation_score_mod` (True: may attend), for small inputs."""
     return (groups[:, None] + groups[None, :]) != FOREGROUND + DUPLICATE
@@ -77,6 +90,7 @@ class STDRoPEPlan:
             groups[self.foreground.flatten()] = FOREGROUND
             groups[duplicates.flatten()] = DUPLICATE
             self.groups = groups
+        self.groups_bytes = None if self.groups is None else self.groups.numpy().tobytes()
         self._on_device: dict = {}
 
     def on(self, name: str, device: torch.device) -> torch.Tensor | None:
@@ -160,13 +174,8 @@ class STDRoPEProcessor(AttnExtProcessor):
         plan = self.plan(call)
         if plan.groups is None:
             return
-        key = ("std_rope.score_mod", id(self), call.visual.start, call.key.shape[1], call.query.device)
-        score_mod = call.context.state.get(key)
-        if score_mod is None:
-            groups = torch.zeros(call.key.shape[1], dtype=torch.int8, device=call.query.device)
-            groups[call.visual] = plan.on("groups", call.query.device)
-            score_mod = call.context.state[key] = duplicate_isolation_score_mod(groups)
-        call.score_mods.append(score_mod)
+        call.score_mods.append(_isolation_score_mod_for(
+            plan.groups_bytes, call.visual.start, call.key.shape[1], str(call.query.device)))
 
     def __repr__(self) -> str:
         return (f"STDRoPEProcessor(trajectory=<{self.trajectory.num_frames} boxes>, steps={self.steps}, "
