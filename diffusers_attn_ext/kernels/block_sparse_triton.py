@@ -112,12 +112,14 @@ COMPRESSED_ATTR = "_attn_ext_compressed"
 def cached_compressed_table(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`compress_block_table` of ``blocks``, kept on the tensor until it is changed in place (its version
     counter moves). The sparse processors reuse one mask tensor across calls (radial: per grid; adaptive: per
-    cache window), so the sorts run once per mask, not once per attention call."""
+    cache window) and never change it in place, so the sorts run once per mask, not once per attention call.
+    Tensors made under ``torch.inference_mode`` have no version counter: their table is kept for their lifetime."""
+    version = None if blocks.is_inference() else blocks._version
     cached = getattr(blocks, COMPRESSED_ATTR, None)
-    if cached is not None and cached[0] == blocks._version:
+    if cached is not None and cached[0] == version:
         return cached[1]
     compressed = compress_block_table(blocks)
-    setattr(blocks, COMPRESSED_ATTR, (blocks._version, compressed))
+    setattr(blocks, COMPRESSED_ATTR, (version, compressed))
     return compressed
 
 
