@@ -127,7 +127,7 @@ def test_planted_patterns_through_an_installed_method(pipe_for):
     install(pipe, PlantedPattern(), inspector)
     run(pipe, "cogvideox")
     assert list(inspector.records) == ["transformer_blocks.1.attn1"]
-    assert list(inspector.records["transformer_blocks.1.attn1"]) == [1]
+    assert list(inspector.step_records["transformer_blocks.1.attn1"]) == [1]
     stats = inspector.layer_statistics("transformer_blocks.1.attn1")
     own_frame, text_only = 0, 1
     torch.testing.assert_close(stats.temporal[own_frame], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
@@ -144,9 +144,13 @@ def test_inspector_records_what_runs_and_changes_nothing(pipe_for, stock_outputs
     plain = AttentionInspector(heads=[1])
     output, _ = inspect_pipeline(pipe, inspector=plain, **tiny_call_kwargs("wan"))
     assert torch.equal(torch.as_tensor(output[0]), stock_outputs("wan"))
-    assert set(plain.records) == {"blocks.0.attn1", "blocks.1.attn1"} and all(len(s) == 2 for s in plain.records.values())
+    assert set(plain.records) == {"blocks.0.attn1", "blocks.1.attn1"} and all(len(s) == 2 for s in plain.step_records.values())
     damped = AttentionInspector(heads=[1])
     inspect_pipeline(pipe, UltraViCoProcessor(alpha=0.5, train_frames=1), inspector=damped, **tiny_call_kwargs("wan"))
+    steps = plain.step_records["blocks.1.attn1"]
+    merged = plain.layer_statistics("blocks.1.attn1")
+    torch.testing.assert_close(sum(p.temporal_sum for p in steps.values()), merged.temporal_sum)
+    assert sum(p.rows for p in steps.values()) == merged.rows
     far = lambda inspector: inspector.layer_statistics("blocks.1.attn1").temporal[0, 1:].sum()  # noqa: E731
     assert far(damped) != far(plain)
     assert all(type(p).__name__ == "WanAttnProcessor" for p in pipe.transformer.attn_processors.values())
@@ -161,6 +165,7 @@ def test_save_writes_summary_and_plots(pipe_for, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     layer = summary["layers"]["transformer_blocks.0.attn"]
     assert layer["grid"] == [1, 8, 8] and len(layer["spatial_profile"][0]) == 8
+    assert list(layer["by_step"]) == ["0"] and layer["by_step"]["0"]["entropy"] == layer["entropy"]
     assert abs(layer["text_mass"][0] + sum(layer["temporal_profile"][0]) - 1) < 1e-5
     assert (tmp_path / "heads_entropy.png").exists() and (tmp_path / "transformer_blocks_1_attn_maps.png").exists()
 

@@ -27,7 +27,7 @@ for diffusion transformers, with time as a further axis.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -35,16 +35,13 @@ from ..context import TokenGrid
 from ..families.base import AttentionCall
 from ..kernels.flex import compose_score_mods
 
-_SUMS = ("text_mass_sum", "entropy_sum", "temporal_sum", "spatial_sum", "received_sum", "maps_sum")
-
 
 @dataclass
-class AttentionStatistics:
-    """Sums over ``rows`` query rows (batch rows x visual queries x calls) of per-head statistics.
+class HeadProfiles:
+    """Sums over ``rows`` query rows (batch rows x visual queries x calls) of the small per-head statistics.
 
-    Tensors are on the CPU, indexed by position in ``heads``: float64, except the stored maps (float32, or
-    float64 for float64 inputs). The properties give means per query
-    row; :meth:`merge` adds another call's sums (e.g. the cond and uncond forwards of one step).
+    Tensors are float64 on the CPU, indexed by position in ``heads``; the properties give means per query row;
+    :meth:`merge` adds the sums of another call or step.
     """
 
     heads: tuple[int, ...]
@@ -54,12 +51,8 @@ class AttentionStatistics:
     entropy_sum: torch.Tensor  # [H]
     temporal_sum: torch.Tensor  # [H, frames]
     spatial_sum: torch.Tensor  # [H, max(height, width)]
-    received_sum: torch.Tensor  # [H, keys]
-    map_rows: torch.Tensor  # [R] query indices (in the attention sequence) of the stored maps
-    maps_sum: torch.Tensor  # [H, R, keys], summed over batch rows and calls
-    map_count: int
-    text: slice | None
-    visual: slice
+
+    _sums = ("text_mass_sum", "entropy_sum", "temporal_sum", "spatial_sum")
 
     @property
     def text_mass(self) -> torch.Tensor:
@@ -78,6 +71,42 @@ class AttentionStatistics:
     def spatial(self) -> torch.Tensor:
         """``[H, max(height, width)]``: mean attention mass at each spatial (Chebyshev) distance in tokens."""
         return self.spatial_sum / self.rows
+
+    def profiles(self) -> HeadProfiles:
+        """A copy of the small statistics alone (what is kept per step)."""
+        return HeadProfiles(self.heads, self.grid, self.rows,
+                            *(getattr(self, name).clone() for name in HeadProfiles._sums))
+
+    def _check_same_layout(self, other: HeadProfiles) -> None:
+        if other.heads != self.heads or other.grid != self.grid:
+            raise ValueError(
+                f"cannot merge statistics of heads {other.heads} on grid {other.grid} into heads {self.heads} on "
+                f"grid {self.grid}: a layer changed its token layout within one inspection; call reset() between sizes"
+            )
+
+    def merge(self, other: HeadProfiles) -> None:
+        """Add the sums of another call with the same heads and layout."""
+        self._check_same_layout(other)
+        self.rows += other.rows
+        for name in self._sums:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class AttentionStatistics(HeadProfiles):
+    """:class:`HeadProfiles` plus the mass each key receives and the stored attention rows.
+
+    The stored maps are float32 (float64 for float64 inputs), summed over ``map_count`` batch rows and calls.
+    """
+
+    received_sum: torch.Tensor  # [H, keys]
+    map_rows: torch.Tensor  # [R] query indices (in the attention sequence) of the stored maps
+    maps_sum: torch.Tensor  # [H, R, keys]
+    map_count: int
+    text: slice | None
+    visual: slice
+
+    _sums = (*HeadProfiles._sums, "received_sum", "maps_sum")
 
     @property
     def received(self) -> torch.Tensor:
@@ -99,21 +128,14 @@ class AttentionStatistics:
         g = self.grid
         return self.maps[..., self.visual].reshape(*self.maps.shape[:2], g.frames, g.height, g.width)
 
-    def copy(self) -> AttentionStatistics:
-        """A copy whose sums can be merged into without changing this one."""
-        return replace(self, **{name: getattr(self, name).clone() for name in _SUMS})
-
     def merge(self, other: AttentionStatistics) -> None:
         """Add the sums of another call with the same heads, layout and sampled rows."""
-        if other.heads != self.heads or other.grid != self.grid or not torch.equal(other.map_rows, self.map_rows):
-            raise ValueError(
-                f"cannot merge statistics of heads {other.heads} on grid {other.grid} into heads {self.heads} on "
-                f"grid {self.grid}: a layer changed its token layout within one inspection; call reset() between sizes"
-            )
-        self.rows += other.rows
+        self._check_same_layout(other)
+        if not torch.equal(other.map_rows, self.map_rows):
+            raise ValueError(f"cannot merge statistics with stored rows {other.map_rows.tolist()} into rows "
+                             f"{self.map_rows.tolist()}; call reset() between sizes")
+        super().merge(other)
         self.map_count += other.map_count
-        for name in _SUMS:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 def sampled_query_rows(visual: slice, samples: int, full_map_tokens: int) -> torch.Tensor:
