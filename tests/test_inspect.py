@@ -246,3 +246,14 @@ def test_bad_inputs_name_the_parameter(pipe_for):
     pipe.transformer.set_attn_processor(AttentionInspector())
     with pytest.raises(ValueError, match="install"):
         run(pipe, "wan")
+
+
+def test_subpackage_does_not_shadow_the_standard_library():
+    import importlib
+    import inspect as stdlib_inspect
+
+    import diffusers_attn_ext.inspect as ours
+    from diffusers_attn_ext import context
+
+    assert ours.__name__ == "diffusers_attn_ext.inspect" and stdlib_inspect.__name__ == "inspect"
+    assert context.inspect is importlib.import_module("inspect") and hasattr(context.inspect, "signature")
