@@ -16,12 +16,17 @@ from .processors import (
     AttnExtProcessor,
     ComposedProcessor,
     EntropyScalingProcessor,
+    ForegroundBackgroundCrossAttnProcessor,
+    IsolationRepositionProcessor,
     RadialSparseProcessor,
     SoftPAGProcessor,
+    STDRoPEProcessor,
     StockAttnProcessor,
     UltraViCoProcessor,
 )
 from .sparse import enable_sparse_attention
+from .subjects import Box, SubjectLayout
+from .trajectory import Trajectory
 
 __version__ = "0.1.0"
 
@@ -29,13 +34,19 @@ __all__ = [
     "AdaptiveSparseProcessor",
     "AttnContext",
     "AttnExtProcessor",
+    "Box",
     "ComposedProcessor",
     "EntropyScalingProcessor",
+    "ForegroundBackgroundCrossAttnProcessor",
     "HeadSet",
+    "IsolationRepositionProcessor",
     "RadialSparseProcessor",
+    "STDRoPEProcessor",
     "SoftPAGProcessor",
     "StockAttnProcessor",
+    "SubjectLayout",
     "TokenGrid",
+    "Trajectory",
     "attach_context",
     "attention_modules",
     "detach_context",

@@ -19,6 +19,8 @@ from PIL import Image
 
 from .install import install, uninstall
 from .pipelines.head_pag import FluxHeadPAGPipeline, StableDiffusion3HeadPAGPipeline
+from .pipelines.multi_subject import FluxMultiSubjectPipeline, StableDiffusion3MultiSubjectPipeline
+from .pipelines.trajectory_video import WanTrajectoryPipeline
 from .processors import (
     AdaptiveSparseProcessor,
     EntropyScalingProcessor,
@@ -26,7 +28,8 @@ from .processors import (
     StockAttnProcessor,
     UltraViCoProcessor,
 )
-from .testing import FAMILIES, tiny_call_kwargs, tiny_pipeline
+from .testing import FAMILIES, TEXT_DIM, TEXT_SEQ_LEN, tiny_call_kwargs, tiny_pipeline
+from .trajectory import Trajectory
 
 
 @dataclass
@@ -40,6 +43,21 @@ class DemoEntry:
     pipeline: Callable[[Any], Any] | None = None  # builds the method's pipeline from the stock one (from_pipe)
     method_kwargs: dict[str, Any] = field(default_factory=dict)  # extra arguments of that pipeline's call
 
+
+# A tiny Wan video of 9 frames at 64x64 whose foreground box moves left to right; tiny prompts are embeddings.
+TRAJECTORY_TINY = {"height": 64, "width": 64, "num_frames": 9}
+_fg_bg = torch.Generator().manual_seed(1)
+TRAJECTORY_KWARGS = {
+    "trajectory": Trajectory.from_key_boxes({0: (0, 16, 32, 48), 8: (32, 16, 64, 48)}, num_frames=9, height=64, width=64),
+    "foreground_prompt_embeds": torch.randn(1, TEXT_SEQ_LEN, TEXT_DIM, generator=_fg_bg),
+    "background_prompt_embeds": torch.randn(1, TEXT_SEQ_LEN, TEXT_DIM, generator=_fg_bg),
+}
+# Three tiny images (reference first) sharing two subjects, in fractions of the image.
+SUBJECT_BOXES = [
+    {"dog": (0.0, 0.25, 0.5, 1.0), "cat": (0.5, 0.25, 1.0, 1.0)},
+    {"dog": (0.5, 0.0, 1.0, 0.5), "cat": (0.0, 0.5, 0.25, 1.0)},
+    {"dog": (0.25, 0.25, 0.75, 0.75), "cat": (0.75, 0.0, 1.0, 0.25)},
+]
 
 # Tiny videos are a few blocks only with small blocks; do not reuse these settings with a real model.
 SPARSE_TINY = {"height": 64, "width": 64, "num_frames": 17}
@@ -70,6 +88,13 @@ DEMOS: list[DemoEntry] = [
         DemoEntry("adaptive sparse (density 0.25)", family,
                   lambda block=block: [AdaptiveSparseProcessor(density=0.25, block_size=block)], SPARSE_TINY)
         for family, block in (("wan", 16), ("cogvideox", 8))
+    ),
+    DemoEntry("DiTraj (moving box, fg/bg prompts)", "wan", lambda: [StockAttnProcessor()], TRAJECTORY_TINY,
+              pipeline=WanTrajectoryPipeline.from_pipe, method_kwargs=TRAJECTORY_KWARGS),
+    *(
+        DemoEntry("IR-Diffusion (2 subjects, 3 images)", family, lambda: [StockAttnProcessor()], {"batch_size": 3},
+                  pipeline=pipeline.from_pipe, method_kwargs={"subject_boxes": SUBJECT_BOXES})
+        for family, pipeline in (("sd3", StableDiffusion3MultiSubjectPipeline), ("flux", FluxMultiSubjectPipeline))
     ),
 ]
 

@@ -3,8 +3,11 @@
 from .adaptive_sparse import AdaptiveSparseProcessor
 from .base import AttnExtProcessor, ComposedProcessor
 from .entropy_scaling import EntropyScalingProcessor
+from .fg_bg_guidance import ForegroundBackgroundCrossAttnProcessor
+from .isolation_reposition import IsolationRepositionProcessor
 from .radial_sparse import RadialSparseProcessor, SparseVideoProcessor
 from .softpag import SoftPAGProcessor
+from .std_rope import STDRoPEProcessor
 from .stock import StockAttnProcessor
 from .ultravico import UltraViCoProcessor
 
@@ -13,7 +16,10 @@ __all__ = [
     "AttnExtProcessor",
     "ComposedProcessor",
     "EntropyScalingProcessor",
+    "ForegroundBackgroundCrossAttnProcessor",
+    "IsolationRepositionProcessor",
     "RadialSparseProcessor",
+    "STDRoPEProcessor",
     "SoftPAGProcessor",
     "SparseVideoProcessor",
     "StockAttnProcessor",
