@@ -243,9 +243,13 @@ def test_bad_inputs_name_the_parameter(pipe_for):
         HeadPerturbation(-1)
     with pytest.raises(ValueError, match="k="):
         head_importance(pipe, candidates=[("blocks.0", 0)], progress=False, **tiny_call_kwargs("wan")).top(0)
-    pipe.transformer.set_attn_processor(AttentionInspector())
-    with pytest.raises(ValueError, match="install"):
-        run(pipe, "wan")
+    stock = dict(pipe.transformer.attn_processors)
+    pipe.transformer.set_attn_processor(AttentionInspector())  # no context attached
+    try:
+        with pytest.raises(ValueError, match="install"):
+            run(pipe, "wan")
+    finally:
+        pipe.transformer.set_attn_processor(stock)
 
 
 def test_subpackage_does_not_shadow_the_standard_library():

@@ -91,6 +91,11 @@ class AttentionInspector(AttnExtProcessor):
         self.records: dict[str, AttentionStatistics] = {}
         self.step_records: dict[str, dict[int, HeadProfiles]] = {}
 
+    @staticmethod
+    def matches_pattern(pattern: str, module_name: str) -> bool:
+        """``install``'s rule: ``pattern`` is found in the name, and "blocks.1" does not match "blocks.10"."""
+        return re.search(pattern, module_name) is not None and not _ends_in_other_number(pattern, module_name)
+
     def matches(self, module_name: str) -> bool:
         """Whether the attention module ``module_name`` is among ``layers``."""
         return self.layers is None or any(self.matches_pattern(p, module_name) for p in self.layers)
@@ -110,10 +115,6 @@ class AttentionInspector(AttnExtProcessor):
             if self.heads is not None and self.heads[-1] >= module.heads:
                 raise ValueError(f"heads has index {self.heads[-1]}; allowed range for {name}: 0..{module.heads - 1}")
         return {name: self.heads or tuple(range(m.heads)) for name, m in selected.items()}
-
-    @staticmethod
-    def matches_pattern(pattern: str, module_name: str) -> bool:
-        return re.search(pattern, module_name) is not None and not _ends_in_other_number(pattern, module_name)
 
     def applies_to(self, call: AttentionCall) -> bool:
         if call.context is None or call.module_name is None:
@@ -143,6 +144,9 @@ class AttentionInspector(AttnExtProcessor):
         else:
             self.records[name] = stats
         return out
+
+    def __repr__(self) -> str:
+        return f"AttentionInspector(layers={self.layers}, heads={self.heads}, steps={self.steps})"
 
     def reset(self) -> None:
         """Forget every record."""
