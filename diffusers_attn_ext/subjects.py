@@ -225,6 +225,8 @@ class SubjectTokens:
         queries: sequence indices of the target subject's tokens (the queries IR-Diffusion changes).
         own_allowed: ``[seq_len]`` bool, the target's own keys those queries may attend: everything but the
             tokens of the other subjects (Isolation Attention).
+        own_keys: sequence indices of those allowed keys (``own_allowed.nonzero()``, kept so that the kernel
+            gathers them without a device synchronisation).
         ref_sources: ``[M, k]`` sequence indices of reference tokens blended into each repositioned key.
         ref_weights: ``[M, k]`` blend weights (one 1 for nearest).
         ref_positions: ``[M]`` sequence indices of the target positions the repositioned keys take (their
@@ -233,6 +235,7 @@ class SubjectTokens:
 
     queries: torch.Tensor
     own_allowed: torch.Tensor
+    own_keys: torch.Tensor
     ref_sources: torch.Tensor
     ref_weights: torch.Tensor
     ref_positions: torch.Tensor
@@ -271,6 +274,7 @@ def subject_tokens(
         plans.append(SubjectTokens(
             queries=visual_start + target.flatten().nonzero().flatten(),
             own_allowed=own_allowed,
+            own_keys=own_allowed.nonzero().flatten(),
             ref_sources=visual_start + (rows * width + cols)[kept],
             ref_weights=weights[kept],
             ref_positions=visual_start + (ty * width + tx)[kept],

@@ -23,15 +23,22 @@ difference before blending, which equals blending the raw keys and rotating by `
 positions are in the hidden states), so its keys are resampled as they are.
 
 Kernel: the stock kernel runs first on every row (it is exact for all rows and tokens but the target subject
-tokens); :meth:`IsolationRepositionProcessor.edit_output` then recomputes the target subject queries only,
-subject by subject and in query chunks, with the isolation mask as a boolean key vector and the repositioned
-keys as a second key segment merged in one softmax. No N x N tensor and no copy of a row's keys: the extra
-memory is the repositioned keys of one subject and one chunk of scores (``max_chunk_bytes``).
+tokens); :meth:`IsolationRepositionProcessor.edit_output` then recomputes the target subject queries with
+``F.scaled_dot_product_attention`` without a mask: for each target image, subject and chunk of heads, the
+allowed keys (the row's own keys but the other subjects' tokens, then the subject's repositioned reference
+keys, dropped ones left out) are gathered into one contiguous K and V, so the gather is the mask and the
+fused kernels (flash, cuDNN, memory-efficient) apply; the results are scattered back into the output rows.
+Nothing of size queries x keys is materialised by this code. Memory: the heads of one chunk are chosen so that
+its gathered K, V, Q and SDPA's output, or K, V and the float32 temporaries of the resampling, stay under
+``max_chunk_bytes`` (see :func:`heads_per_chunk`); at least one head per chunk.
 """
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
+
 import torch
+import torch.nn.functional as F
 
 from ..families.base import AttentionCall
 from ..subjects import INTERPOLATIONS, SubjectLayout, SubjectTokens, subject_tokens
@@ -40,88 +47,147 @@ from .base import AttnExtProcessor
 DEFAULT_CHUNK_BYTES = 16 * 2**20
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """FLUX's real RoPE (diffusers ``apply_rotary_emb``, ``use_real_unbind_dim=-1``) on ``[M, H, D]`` with
-    per-token ``cos, sin`` of shape ``[M, D]``, in float32."""
-    x = x.float()
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """FLUX's real RoPE (diffusers ``apply_rotary_emb``, ``use_real_unbind_dim=-1``) applied in place to a
+    float32 ``[M, H, D]`` with per-token ``cos, sin`` of shape ``[M, D]``: ``x cos + rot(x) sin``."""
     real, imag = x.unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack([-imag, real], -1).flatten(-2)
-    return x * cos[:, None] + rotated * sin[:, None]
+    return x.mul_(cos[:, None]).add_(rotated.mul_(sin[:, None]))
+
+
+def _rope_deltas(rotary, tokens: SubjectTokens, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of ``m - n`` for every repositioned key (target position m) and source tap n: ``[M, k, D]``
+    float32, from FLUX's ``(cos, sin)`` over the sequence. ``R(m - n) R(n) k = R(m) k`` moves a key rotated at
+    its source n to the RoPE of its new position m."""
+    if not (isinstance(rotary, tuple) and len(rotary) == 2 and rotary[0].shape[0] == key.shape[0]):
+        raise ValueError(
+            "IsolationRepositionProcessor repositions RoPE keys given as FLUX's (cos, sin) over the whole sequence; "
+            f"got {type(rotary).__name__}"
+        )
+    cos, sin = (r.to(key.device, torch.float32) for r in rotary)
+    cos_m, sin_m = cos[tokens.ref_positions][:, None], sin[tokens.ref_positions][:, None]
+    cos_n, sin_n = cos[tokens.ref_sources], sin[tokens.ref_sources]
+    return cos_m * cos_n + sin_m * sin_n, sin_m * cos_n - cos_m * sin_n
+
+
+def _kept(tokens: SubjectTokens, keep: torch.Tensor | None) -> SubjectTokens:
+    """``tokens`` with only the repositioned keys ``keep`` (bool mask or indices) selects."""
+    if keep is None:
+        return tokens
+    return replace(tokens, ref_sources=tokens.ref_sources[keep], ref_weights=tokens.ref_weights[keep],
+                   ref_positions=tokens.ref_positions[keep])
+
+
+def _resample_into(key: torch.Tensor, value: torch.Tensor, tokens: SubjectTokens, deltas, k_out: torch.Tensor,
+                   v_out: torch.Tensor) -> None:
+    """Write the repositioned reference keys and values ``[M, H, D]`` into ``k_out``, ``v_out``.
+
+    Nearest without RoPE is a plain gather. Otherwise the temporaries are float32 (float64 for float64
+    input): about 3 accumulation-dtype elements per (key, tap, head, channel), the ``RESAMPLE_TEMPORARIES``
+    of :func:`heads_per_chunk`. Keys are rotated in float32 by ``deltas`` (:func:`_rope_deltas`), then blended.
+    """
+    sources, taps = tokens.ref_sources, tokens.ref_sources.shape[1]
+    acc = _accumulation_dtype(key.dtype)
+    if taps == 1:  # nearest: weights are exactly 1
+        torch.index_select(value, 0, sources[:, 0], out=v_out)
+        if deltas is None:
+            torch.index_select(key, 0, sources[:, 0], out=k_out)
+            return
+    else:
+        weights = tokens.ref_weights.to(key.device, acc)[..., None, None]
+        v_out.copy_((value[sources].to(acc) * weights).sum(1))
+    gathered = key[sources]  # [M, taps, H, D]
+    if deltas is not None:
+        rotated = _rotate_(gathered.flatten(0, 1).float(), *(d.flatten(0, 1) for d in deltas))
+        gathered = rotated.unflatten(0, sources.shape)
+    k_out.copy_(gathered[:, 0] if taps == 1 else (gathered.to(acc) * weights).sum(1))
 
 
 def repositioned_reference(
     key: torch.Tensor, value: torch.Tensor, tokens: SubjectTokens, rotary=None, keep: torch.Tensor | None = None,
-    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference subject's keys and values resampled into the target box: ``[M, H, D]`` each.
 
     ``key``/``value`` are one reference row ``[S, H, D]`` (keys already rotated when ``rotary`` is given);
     ``rotary`` is FLUX's ``(cos, sin)``, each ``[S, D]``, or None; ``keep`` selects repositioned keys (dropout).
-    Tokens run in chunks whose float32 temporaries take about ``max_chunk_bytes``.
     """
-    sources, weights, positions = tokens.ref_sources, tokens.ref_weights, tokens.ref_positions
-    if keep is not None:
-        sources, weights, positions = sources[keep], weights[keep], positions[keep]
-    if rotary is not None and not (isinstance(rotary, tuple) and len(rotary) == 2 and rotary[0].shape[0] == key.shape[0]):
-        raise ValueError(
-            "IsolationRepositionProcessor repositions RoPE keys given as FLUX's (cos, sin) over the whole sequence; "
-            f"got {type(rotary).__name__}"
-        )
-    acc = torch.float32 if key.dtype in (torch.float16, torch.bfloat16) else key.dtype
-    weights = weights.to(key.device, acc)[..., None, None]
-    count, taps = sources.shape
-    k_new = key.new_empty(count, *key.shape[1:])
-    v_new = value.new_empty(count, *value.shape[1:])
-    chunk = max(1, max_chunk_bytes // (taps * key[0].numel() * 16))
-    for start in range(0, count, chunk):
-        part = slice(start, start + chunk)
-        src, w = sources[part], weights[part]
-        v_new[part] = (value[src].to(acc) * w).sum(1)
-        gathered = key[src]  # [c, taps, H, D]
-        if rotary is not None:
-            # R(m - n) applied to the key rotated at its source n gives the RoPE of its new position m.
-            cos, sin = (r.to(key.device, torch.float32) for r in rotary)
-            cos_m, sin_m = cos[positions[part]][:, None], sin[positions[part]][:, None]
-            cos_n, sin_n = cos[src], sin[src]
-            delta_cos, delta_sin = cos_m * cos_n + sin_m * sin_n, sin_m * cos_n - cos_m * sin_n
-            gathered = _rotate(gathered.flatten(0, 1), delta_cos.flatten(0, 1), delta_sin.flatten(0, 1))
-            gathered = gathered.unflatten(0, (src.shape[0], taps))
-        k_new[part] = (gathered.to(acc) * w).sum(1)
+    tokens = _kept(tokens, keep)
+    deltas = None if rotary is None else _rope_deltas(rotary, tokens, key)
+    count = tokens.ref_positions.numel()
+    k_new, v_new = key.new_empty(count, *key.shape[1:]), value.new_empty(count, *value.shape[1:])
+    _resample_into(key, value, tokens, deltas, k_new, v_new)
     return k_new, v_new
 
 
+RESAMPLE_TEMPORARIES = 3  # accumulation-dtype elements per resampled (key, tap, head, channel), see _resample_into
+
+
+def heads_per_chunk(heads: int, head_dim: int, keys: int, queries: int, resampled: int, element_size: int,
+                    accumulation_size: int, max_chunk_bytes: int, fixed_bytes: int = 0) -> int:
+    """Heads per SDPA call of one target subject, so that a chunk stays under ``max_chunk_bytes``.
+
+    Per head a chunk holds the gathered keys and values (``keys`` tokens each) and then either the float32
+    temporaries of resampling ``resampled`` (key, tap) pairs (0 when resampling is a plain gather) or the
+    gathered queries and SDPA's output (``queries`` tokens each)::
+
+        per_head = head_dim * (2 e keys + max(2 e queries, RESAMPLE_TEMPORARIES a resampled))
+
+    (``e``, ``a``: element sizes of the inputs and of the accumulation). ``fixed_bytes`` (the RoPE deltas,
+    held for the whole subject) comes off the budget first. The largest count that fits (at least 1) is then
+    evened out over the chunks: 24 heads fitting 5 per chunk run as 5 chunks of 5, 5, 5, 5, 4.
+    """
+    per_head = head_dim * (2 * element_size * keys
+                           + max(2 * element_size * queries, RESAMPLE_TEMPORARIES * accumulation_size * resampled))
+    fit = min(heads, max(1, (max_chunk_bytes - fixed_bytes) // per_head))
+    chunks = -(-heads // fit)
+    return -(-heads // chunks)
+
+
+def _head_chunk(query, key, value, ref_key, ref_value, tokens: SubjectTokens, deltas, scale, out) -> None:
+    """Attention of one subject's queries over its gathered keys, for the heads of these ``[S, h, D]`` slices;
+    results overwrite the subject's tokens of ``out``. Buffers die on return, before the next chunk."""
+    own = tokens.own_keys.numel()
+    count = own + tokens.ref_positions.numel()
+    k = key.new_empty(count, *key.shape[1:])
+    v = value.new_empty(count, *value.shape[1:])
+    torch.index_select(key, 0, tokens.own_keys, out=k[:own])
+    torch.index_select(value, 0, tokens.own_keys, out=v[:own])
+    _resample_into(ref_key, ref_value, tokens, deltas, k[own:], v[own:])
+    q = query.index_select(0, tokens.queries)
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                       scale=scale)
+    out.index_copy_(0, tokens.queries, o[0].transpose(0, 1).to(out.dtype))
+
+
 def subject_attention(
-    query: torch.Tensor, queries: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_allowed: torch.Tensor,
-    extra_key: torch.Tensor, extra_value: torch.Tensor, scale: float, out: torch.Tensor,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ref_key: torch.Tensor, ref_value: torch.Tensor,
+    tokens: SubjectTokens, out: torch.Tensor, rotary=None, scale: float | None = None,
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> None:
-    """softmax attention of the tokens ``queries`` (indices) of one row ``query [S, H, D]`` over the allowed
-    keys of ``key [S, H, D]`` (``key_allowed``, bool ``[S]``) together with every key of ``extra_key [E, H, D]``;
-    the results overwrite the same tokens of ``out [S, H, D]``.
+    """Isolation + Reposition attention of one target subject: the queries ``tokens.queries`` of the target row
+    ``query [S, H, D]`` over its keys ``tokens.own_keys`` and the repositioned keys of the reference row
+    ``ref_key, ref_value`` (``tokens`` already reduced to the kept ones), overwriting those tokens of ``out``.
 
-    Queries run in chunks so that one chunk's scores take at most ``max_chunk_bytes``; statistics are float32
-    for half-precision inputs (scores are computed in the input dtype, as diffusers' ``get_attention_scores``).
+    Heads run in chunks of :func:`heads_per_chunk`, one unmasked SDPA call each.
     """
-    k, v = key.transpose(0, 1), value.transpose(0, 1)  # [H, S, D]
-    ke, ve = extra_key.transpose(0, 1), extra_value.transpose(0, 1)
-    stats = torch.float32 if k.dtype in (torch.float16, torch.bfloat16) else k.dtype
-    blocked = (~key_allowed).to(k.device)
-    heads = k.shape[0]
-    per_query = heads * (k.shape[1] + ke.shape[1]) * (torch.empty((), dtype=stats).element_size() + k.element_size())
-    chunk = max(1, max_chunk_bytes // per_query)
-    for start in range(0, queries.numel(), chunk):
-        rows = queries[start:start + chunk]
-        qc = query[rows].transpose(0, 1)  # [H, c, D]
-        own = (qc @ k.transpose(-1, -2)).to(stats).mul_(scale).masked_fill_(blocked, float("-inf"))
-        extra = (qc @ ke.transpose(-1, -2)).to(stats).mul_(scale)
-        peak = own.amax(-1, keepdim=True)
-        if extra.shape[-1]:
-            peak = torch.maximum(peak, extra.amax(-1, keepdim=True))
-        own.sub_(peak).exp_()
-        extra.sub_(peak).exp_()
-        total = own.sum(-1, keepdim=True) + extra.sum(-1, keepdim=True)
-        mixed = (own.to(k.dtype) @ v).to(stats) + (extra.to(k.dtype) @ ve).to(stats)
-        out[rows] = (mixed / total).to(out.dtype).transpose(0, 1)
+    deltas = None if rotary is None else _rope_deltas(rotary, tokens, key)
+    heads, head_dim = query.shape[1], query.shape[2]
+    taps = tokens.ref_sources.shape[1]
+    resampled = 0 if taps == 1 and deltas is None else tokens.ref_sources.numel()
+    fixed = 0 if deltas is None else sum(d.numel() * d.element_size() for d in deltas)
+    step = heads_per_chunk(
+        heads, head_dim, tokens.own_keys.numel() + tokens.ref_positions.numel(), tokens.queries.numel(), resampled,
+        key.element_size(), torch.empty((), dtype=_accumulation_dtype(key.dtype)).element_size(), max_chunk_bytes,
+        fixed,
+    )
+    for start in range(0, heads, step):
+        part = slice(start, start + step)
+        _head_chunk(query[:, part], key[:, part], value[:, part], ref_key[:, part], ref_value[:, part], tokens,
+                    deltas, scale, out[:, part])
 
 
 def isolation_reposition_attention(
@@ -131,24 +197,23 @@ def isolation_reposition_attention(
     """Overwrite, in ``out [B, S, H, D]`` (the stock attention of every row), the target subject queries with
     Isolation + Reposition attention. ``plans[i - 1]`` are the :class:`SubjectTokens` of target image ``i``
     (on ``query``'s device); rows are groups of ``len(plans) + 1`` images, reference first. ``keep[(i, s)]``
-    selects the repositioned keys of subject ``s`` in image ``i`` (reference dropout). Returns ``out``."""
+    (bool mask or indices) selects the repositioned keys of subject ``s`` in image ``i`` (reference dropout).
+    ``max_chunk_bytes`` bounds the working memory (:func:`heads_per_chunk`). Returns ``out``."""
     images = len(plans) + 1
     batch = query.shape[0]
     if batch % images:
         raise ValueError(
             f"batch of {batch} rows does not split into groups of {images} images (reference + {images - 1} targets)"
         )
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
     for reference in range(0, batch, images):
         for image, image_plans in enumerate(plans, start=1):
             row = reference + image
             for s, tokens in enumerate(image_plans):
-                k_ref, v_ref = repositioned_reference(
-                    key[reference], value[reference], tokens, rotary, None if keep is None else keep[(image, s)],
+                subject_attention(
+                    query[row], key[row], value[row], key[reference], value[reference],
+                    _kept(tokens, None if keep is None else keep[(image, s)]), out[row], rotary, scale,
                     max_chunk_bytes,
                 )
-                subject_attention(query[row], tokens.queries, key[row], value[row], tokens.own_allowed, k_ref, v_ref,
-                                  scale, out[row], max_chunk_bytes)
     return out
 
 
@@ -179,7 +244,8 @@ class IsolationRepositionProcessor(AttnExtProcessor):
         reference_dropout: probability of dropping each repositioned reference key, drawn anew at every step
             (authors' default 0.5 in ``pipe_test.py``; their ``_dropout_mask``), keeping at least one.
         dropout_seed: seeds the dropout draws (``seed + step``), so a generation is reproducible.
-        max_chunk_bytes: memory of one chunk of scores of the subject queries.
+        max_chunk_bytes: working memory of the subject queries' attention: one chunk of heads' gathered keys,
+            values, queries and output (:func:`heads_per_chunk`; at least one head per chunk).
 
     One image, or a layout without subjects, is the stock processor.
     """
@@ -203,6 +269,7 @@ class IsolationRepositionProcessor(AttnExtProcessor):
         self.reference_dropout, self.dropout_seed = reference_dropout, dropout_seed
         self.max_chunk_bytes = max_chunk_bytes
         self._plans: dict[tuple, list[list[SubjectTokens]]] = {}
+        self._kept: tuple[tuple, dict | None] | None = None
 
     def applies_to(self, call: AttentionCall) -> bool:
         if not call.is_self_attention or self.layout.num_images < 2 or not self.layout.names:
@@ -215,15 +282,15 @@ class IsolationRepositionProcessor(AttnExtProcessor):
         cache_key = (height, width, visual_start, seq_len, str(device))
         if cache_key not in self._plans:
             self._plans[cache_key] = [
-                [SubjectTokens(*(t.to(device) for t in (p.queries, p.own_allowed, p.ref_sources, p.ref_weights,
-                                                        p.ref_positions)))
+                [SubjectTokens(**{f.name: getattr(p, f.name).to(device) for f in fields(SubjectTokens)})
                  for p in subject_tokens(self.layout, image, height, width, visual_start, seq_len, self.interpolation)]
                 for image in range(1, self.layout.num_images)
             ]
         return self._plans[cache_key]
 
     def keep_masks(self, plans: list[list[SubjectTokens]], step: int) -> dict | None:
-        """Reference dropout of one step: ``{(image, subject): bool [M]}``, at least one key kept; None at 0."""
+        """Reference dropout of one step: ``{(image, subject): bool [M]}`` on the CPU, where they are drawn, at
+        least one key kept; None at 0."""
         if self.reference_dropout == 0:
             return None
         generator = torch.Generator().manual_seed(self.dropout_seed + step)
@@ -234,8 +301,20 @@ class IsolationRepositionProcessor(AttnExtProcessor):
                 mask = torch.rand(count, generator=generator) >= self.reference_dropout
                 if not bool(mask.any()):
                     mask[torch.randint(count, (1,), generator=generator)] = True
-                keep[(image, s)] = mask.to(tokens.ref_positions.device)
+                keep[(image, s)] = mask
         return keep
+
+    def kept_keys(self, plans: list[list[SubjectTokens]], step: int) -> dict | None:
+        """:meth:`keep_masks` as indices on the plans' device, made once per step and layout: every layer of the
+        step reuses them, and indices select the kept keys without the synchronisation of a device bool mask."""
+        cache_key = (id(plans), step)
+        if self._kept is None or self._kept[0] != cache_key:
+            masks = self.keep_masks(plans, step)
+            self._kept = (cache_key, None if masks is None else {
+                (image, s): masks[(image, s)].nonzero().flatten().to(tokens.ref_positions.device)
+                for image, image_plans in enumerate(plans, start=1) for s, tokens in enumerate(image_plans)
+            })
+        return self._kept[1]
 
     def edit_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
         if call.score_mods or call.block_mask is not None or call.attn_mask is not None:
@@ -247,7 +326,7 @@ class IsolationRepositionProcessor(AttnExtProcessor):
         plans = self.plans(grid.height, grid.width, call.visual.start, call.query.shape[1], call.query.device)
         step = call.context.step_index if call.context is not None else 0
         return isolation_reposition_attention(
-            call.query, call.key, call.value, out, plans, call.rotary, call.scale, self.keep_masks(plans, step),
+            call.query, call.key, call.value, out, plans, call.rotary, call.scale, self.kept_keys(plans, step),
             self.max_chunk_bytes,
         )
 
