@@ -1,23 +1,27 @@
 """STDRoPEProcessor: the RoPE it applies is diffusers' RoPE at the STD-RoPE positions (float64 reference),
-the duplicate-isolation mask, stock parity, caching, and models without 3D RoPE."""
+the duplicate isolation (its pairs; the row-recompute kernel and the score_mod path against the float64 masked
+softmax), stock parity, caching, and models without 3D RoPE."""
 
 import pytest
 import torch
 from conftest import run
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
-from torch.nn.attention.flex_attention import flex_attention
 
-from diffusers_attn_ext import install
-from diffusers_attn_ext.context import AttnContext, TokenGrid
+from diffusers_attn_ext import ComposedProcessor, install, kernels
+from diffusers_attn_ext.context import CONTEXT_ATTR, AttnContext, TokenGrid
 from diffusers_attn_ext.families.base import AttentionCall
-from diffusers_attn_ext.families.wan import WanAdapter
+from diffusers_attn_ext.families.wan import WanAdapter, wan_apply_rotary
+from diffusers_attn_ext.kernels.dense import dense_attention
+from diffusers_attn_ext.processors.base import AttnExtProcessor
 from diffusers_attn_ext.processors.std_rope import (
+    IsolationRows,
     STDRoPEProcessor,
     draw_duplicate_isolation,
     duplicate_isolation_score_mod,
+    isolated_attention,
 )
 from diffusers_attn_ext.testing import tiny_call_kwargs, tiny_pipeline
-from diffusers_attn_ext.trajectory import Trajectory, foreground_mask, std_rope_positions
+from diffusers_attn_ext.trajectory import Trajectory, foreground_mask, position_source_index, std_rope_positions
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 GRID = TokenGrid(3, 4, 4)
@@ -106,26 +110,115 @@ def test_steps_and_kinds():
         processor.applies_to(call)
 
 
-def test_duplicate_isolation_matches_float64_masked_softmax():
-    trajectory = moving_right()
-    context = AttnContext(family="wan", grid=GRID, step_index=0)
-    generator = torch.Generator().manual_seed(1)
-    call = self_call(context, stock_wan_rope(), generator)
-    STDRoPEProcessor(trajectory).edit_attention(call)
-    assert len(call.score_mods) == 1
-    groups = torch.zeros(48, dtype=torch.int8)
-    groups[foreground_mask(trajectory.token_boxes(GRID, 4), GRID).flatten()] = 1
+def moving_right_groups(length: int = 48, start: int = 0) -> torch.Tensor:
+    """Token groups of :func:`moving_right` by hand (0 other, 1 foreground, 2 duplicate), ``length`` tokens with
+    the 48 video tokens from ``start``: frame 1's box took the positions of (1, 0..1, 0), frame 2's of (2, 0..1, 0)."""
+    groups = torch.zeros(length, dtype=torch.int8)
+    groups[start:start + 48][foreground_mask(moving_right().token_boxes(GRID, 4), GRID).flatten()] = 1
     for t, h, w in ((1, 0, 0), (1, 1, 0), (2, 0, 0), (2, 1, 0)):
-        groups[t * 16 + h * 4 + w] = 2
+        groups[start + t * 16 + h * 4 + w] = 2
+    return groups
+
+
+def masked_softmax_float64(q, k, v, allowed, scale):
+    """``[B, S, H, D]`` attention with a boolean ``[S, S]`` table of allowed pairs, as the authors' mask."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v.double())
+
+
+def test_isolation_mask_is_the_authors_pairs():
+    groups = moving_right_groups()
     allowed = draw_duplicate_isolation(groups)
-    assert not allowed[16 + 1, 16 + 0] and not allowed[16 + 0, 16 + 1] and allowed[16 + 0, 16 + 3]
-    q, k, v = (x.transpose(1, 2) for x in (call.query, call.key, call.value))
-    out = flex_attention(q, k, v, score_mod=call.score_mods[0])
-    scores = (q @ k.transpose(-1, -2)) / HEAD_DIM**0.5
-    expected = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
-    assert torch.allclose(out, expected, rtol=0, atol=1e-10)
-    assert torch.equal(draw_duplicate_isolation(groups), draw_duplicate_isolation(groups.clone()))
+    assert not allowed[16 + 1, 16 + 0] and not allowed[16 + 0, 16 + 1]  # foreground <-> the position it took
+    assert not allowed[1, 32] and allowed[16 + 0, 16 + 3] and allowed[1, 2] and allowed[16, 32]
+    assert int((~allowed).sum()) == 2 * 18 * 4  # F x D both ways, nothing else
+    plan = STDRoPEProcessor(moving_right()).plan(self_call(AttnContext(family="wan", grid=GRID, step_index=0), None,
+                                                           torch.Generator().manual_seed(0)))
+    assert torch.equal(plan.groups, groups)
     assert duplicate_isolation_score_mod(groups).__name__ == "isolate_duplicates"
+
+
+@pytest.mark.parametrize("start, length", [(0, 48), (5, 56)])  # Wan; CogVideoX-like text first and after
+def test_isolated_attention_matches_float64_masked_softmax(start, length):
+    groups = moving_right_groups(length, start)
+    rows = IsolationRows.from_groups(groups[start:start + 48], start, length)
+    assert torch.equal(rows.key_order.sort().values, torch.arange(length))
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, length, 2, HEAD_DIM, generator=generator, dtype=torch.float64) for _ in range(3))
+    v[1] += 3.0  # the two batch rows differ in scale and content
+    scale = 0.3
+    expected = masked_softmax_float64(q, k, v, draw_duplicate_isolation(groups), scale)
+    others = dense_attention(q.index_select(1, rows.others), k, v, scale=scale, via="sdpa")
+    out = isolated_attention(q, k, v, others, rows, scale=scale)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    unmasked = masked_softmax_float64(q, k, v, torch.ones(length, length, dtype=torch.bool), scale)
+    assert not torch.allclose(out[:, rows.foreground], unmasked[:, rows.foreground])
+    assert torch.equal(out[:, rows.others], others)
+
+
+def wan_module(context):
+    from diffusers.models.transformers.transformer_wan import WanAttention
+
+    torch.manual_seed(0)
+    attn = WanAttention(dim=48, heads=2, dim_head=HEAD_DIM).double()
+    setattr(attn, CONTEXT_ATTR, context)
+    return attn
+
+
+@torch.no_grad()
+def test_processor_isolation_alone_and_composed_match_float64_reference(monkeypatch):
+    context = AttnContext(family="wan", grid=GRID, step_index=0)
+    attn = wan_module(context)
+    hidden = torch.randn(2, 48, 48, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    rotary = tuple(t.double() for t in stock_wan_rope())
+    kernel_rows = []
+
+    def counting_dense(query, *args, **kwargs):
+        kernel_rows.append(query.shape[1])
+        return dense_attention(query, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "dense_attention", counting_dense)
+    processor = STDRoPEProcessor(moving_right())
+    attn.set_processor(processor)
+    alone = attn(hidden, None, None, rotary)
+    assert kernel_rows == [48 - 18 - 4]  # the stock kernel ran on the other queries only
+    attn.set_processor(ComposedProcessor(processor, AttnExtProcessor()))  # another method acts: score_mod path
+    composed = attn(hidden, None, None, rotary)
+    assert kernel_rows == [26]  # FlexAttention ran, not the dense kernel
+
+    source = position_source_index(std_rope_positions(moving_right().token_boxes(GRID, 4), GRID))
+    moved = tuple(t.index_select(1, source) for t in rotary)
+    q, k = (wan_apply_rotary(norm(proj(hidden)).unflatten(2, (2, -1)), *moved)
+            for norm, proj in ((attn.norm_q, attn.to_q), (attn.norm_k, attn.to_k)))
+    v = attn.to_v(hidden).unflatten(2, (2, -1))
+    reference = masked_softmax_float64(q, k, v, draw_duplicate_isolation(moving_right_groups()), HEAD_DIM**-0.5)
+    reference = attn.to_out[0](reference.flatten(2))
+    assert not torch.allclose(reference[0], reference[1])
+    torch.testing.assert_close(alone, reference, rtol=0, atol=1e-12)
+    torch.testing.assert_close(composed, reference, rtol=0, atol=1e-12)
+
+
+@torch.no_grad()
+def test_cogvideox_isolation_alone_equals_score_mod_path():
+    from diffusers.models.attention_processor import Attention
+
+    context = AttnContext(family="cogvideox", grid=GRID, step_index=0)
+    torch.manual_seed(0)
+    attn = Attention(48, heads=2, dim_head=HEAD_DIM, qk_norm="layer_norm", bias=True).double()
+    setattr(attn, CONTEXT_ATTR, context)
+    generator = torch.Generator().manual_seed(3)
+    hidden, text = (torch.randn(2, n, 48, generator=generator, dtype=torch.float64) for n in (48, 5))
+    rotary = tuple(torch.randn(48, HEAD_DIM, generator=generator, dtype=torch.float64) for _ in range(2))
+    processor = STDRoPEProcessor(moving_right())
+    attn.set_processor(processor)
+    alone = attn(hidden, encoder_hidden_states=text, image_rotary_emb=rotary)
+    attn.set_processor(ComposedProcessor(processor, AttnExtProcessor()))
+    composed = attn(hidden, encoder_hidden_states=text, image_rotary_emb=rotary)
+    for a, b in zip(alone, composed, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    attn.set_processor(STDRoPEProcessor(moving_right(), isolate_duplicates=False))
+    assert not torch.allclose(attn(hidden, encoder_hidden_states=text, image_rotary_emb=rotary)[0], alone[0])
 
 
 def test_full_frame_box_is_stock_exactly(pipe_for):

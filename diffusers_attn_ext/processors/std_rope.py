@@ -11,24 +11,38 @@ On the first ``steps`` denoising steps, in every video self-attention:
    table rows are gathered from the stock table, ``cos'[n] = cos[src(n)]``, ``src(n) = (t H + h') W + w'``,
    which is the stock RoPE evaluated at the new positions (diffusers' ``WanRotaryPosEmbed`` or CogVideoX's
    ``get_3d_rotary_pos_embed``);
-2. scores (``isolate_duplicates``): a foreground token and a background token that now share a position
-   do not attend to each other: ``s_ij = -inf`` when i is foreground and j a duplicated background token, or
-   the reverse (the authors' ``fixrope_self_attention_mask``, here a FlexAttention score_mod, never an
-   N x N tensor).
+2. scores (``isolate_duplicates``): with ``F`` the foreground tokens (every frame's box) and ``D`` the
+   background tokens whose position a foreground token took (the authors' ``redundant_token``), the
+   authors' ``fixrope_self_attention_mask`` sets ``s_ij = -inf`` for ``i in F, j in D`` and ``i in D, j in F``.
+   Every other pair is stock, so the attention is exactly::
 
-The per-generation work (positions, gather index, token groups) and the per-forward work (the gathered
-table, shared by every block of a forward) are cached in ``context.state``; the isolation score_mod is
-cached per token layout across generations, so compiled FlexAttention does not recompile per call.
+       out_i = softmax_j(s_ij) v_j  over all keys         for i in O (all other tokens, text included)
+       out_i = softmax over keys not in D                  for i in F
+       out_i = softmax over keys not in F                  for i in D
+
+   Kernel (:func:`isolated_attention`): the stock dense kernel runs on the ``O`` queries only; the ``F`` and
+   ``D`` queries then run the same dense kernel, with no mask, over one per-row copy of the keys and values
+   reordered ``[F, O, D]``, of which "not in D" is the prefix ``[F, O]`` and "not in F" the suffix ``[O, D]``
+   (contiguous slices). The work is ``|O| N + |F| (N - |D|) + |D| (N - |F|) <= N^2`` query-key pairs, about
+   that of the stock attention; extra memory: one batch row's K and V and the ``O`` rows' output. When other
+   methods act on the same call (they may add score mods or read the query), the isolation is a FlexAttention
+   score_mod instead (:func:`duplicate_isolation_score_mod`, the same function, composable, slower).
+
+The per-generation work (positions, gather index, token groups, row indices) and the per-forward work (the
+gathered table, shared by every block of a forward) are cached in ``context.state``; the isolation score_mod
+is cached per token layout across generations, so compiled FlexAttention does not recompile per call.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
 from ..context import TokenGrid
 from ..families.base import AttentionCall
+from ..kernels.dense import dense_attention
 from ..trajectory import (
     Trajectory,
     duplicate_position_tokens,
@@ -43,6 +57,7 @@ ROPE_FAMILIES = ("wan", "cogvideox")
 ROPE_TOKEN_DIM = {"wan": 1, "cogvideox": 0}
 DEFAULT_ROPE_STEPS = 5  # the authors' fixRope_step
 OTHER, FOREGROUND, DUPLICATE = 0, 1, 2
+ISOLATION_EXTRA = "std_rope.isolation"  # call.extras: (full query, IsolationRows) between the two stages
 
 
 def duplicate_isolation_score_mod(groups: torch.Tensor):
@@ -74,6 +89,54 @@ def draw_duplicate_isolation(groups: torch.Tensor) -> torch.Tensor:
     return (groups[:, None] + groups[None, :]) != FOREGROUND + DUPLICATE
 
 
+@dataclass(frozen=True)
+class IsolationRows:
+    """Token indices of one attention sequence for :func:`isolated_attention` (int64, one device).
+
+    ``others``: tokens attending every key (O, text included); ``foreground`` (F) and ``duplicates`` (D);
+    ``key_order``: ``[F, O, D]``, a permutation of the sequence.
+    """
+
+    others: torch.Tensor
+    foreground: torch.Tensor
+    duplicates: torch.Tensor
+    key_order: torch.Tensor
+
+    @classmethod
+    def from_groups(cls, groups: torch.Tensor, start: int, length: int) -> IsolationRows:
+        """Rows of a sequence of ``length`` tokens whose visual tokens, grouped by ``groups``, begin at ``start``."""
+        sequence = torch.full((length,), OTHER, dtype=torch.int8)
+        sequence[start:start + groups.numel()] = groups
+        others, foreground, duplicates = ((sequence == g).nonzero().squeeze(1) for g in (OTHER, FOREGROUND, DUPLICATE))
+        return cls(others, foreground, duplicates, torch.cat([foreground, others, duplicates]))
+
+    def to(self, device: torch.device) -> IsolationRows:
+        return IsolationRows(*(t.to(device) for t in (self.others, self.foreground, self.duplicates, self.key_order)))
+
+
+def isolated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, others_out: torch.Tensor,
+                       rows: IsolationRows, scale: float | None = None, via: str = "sdpa",
+                       backend=None) -> torch.Tensor:
+    """Duplicate-isolated self-attention ``[B, S, H, D]`` (see the module docstring) from ``others_out``, the
+    dense attention of the ``rows.others`` queries ``[B, |O|, H, D]``.
+
+    Per batch row: its K and V reordered ``[F, O, D]`` once (the only copy: one row's K and V); the F queries
+    attend the prefix ``[F, O]``, the D queries the suffix ``[O, D]``, each with the dense kernel
+    (:func:`~diffusers_attn_ext.kernels.dense.dense_attention` ``via``/``backend``: SDPA picks flash/cuDNN).
+    """
+    batch, length, heads, head_dim = query.shape
+    out = others_out.new_empty(batch, length, heads, head_dim)
+    out.index_copy_(1, rows.others, others_out)
+    num_fg, num_dup = rows.foreground.numel(), rows.duplicates.numel()
+    for b in range(batch):
+        key_row, value_row = (x[b:b + 1].index_select(1, rows.key_order) for x in (key, value))
+        for queries, keys in ((rows.foreground, slice(0, length - num_dup)), (rows.duplicates, slice(num_fg, length))):
+            part = dense_attention(query[b:b + 1].index_select(1, queries), key_row[:, keys], value_row[:, keys],
+                                   scale=scale, via=via, backend=backend)
+            out[b].index_copy_(0, queries, part[0].to(out.dtype))
+    return out
+
+
 class STDRoPEPlan:
     """What STD-RoPE does on one grid: the gather index (None when no position moves) and token groups."""
 
@@ -94,11 +157,18 @@ class STDRoPEPlan:
         self._on_device: dict = {}
 
     def on(self, name: str, device: torch.device) -> torch.Tensor | None:
-        """``source_index`` or ``groups`` on ``device`` (copied once)."""
+        """``source_index`` on ``device`` (copied once)."""
         key = (name, device)
         if key not in self._on_device:
             tensor = getattr(self, name)
             self._on_device[key] = None if tensor is None else tensor.to(device)
+        return self._on_device[key]
+
+    def isolation_rows(self, start: int, length: int, device: torch.device) -> IsolationRows:
+        """:class:`IsolationRows` of a ``length``-token sequence whose visual tokens begin at ``start`` (cached)."""
+        key = ("rows", start, length, device)
+        if key not in self._on_device:
+            self._on_device[key] = IsolationRows.from_groups(self.groups, start, length).to(device)
         return self._on_device[key]
 
 
@@ -168,14 +238,42 @@ class STDRoPEProcessor(AttnExtProcessor):
         call.context.state[("std_rope.rotary", id(self))] = (tuple(call.rotary), moved)
         call.rotary = moved
 
+    def acts_alone(self, call: AttentionCall) -> bool:
+        """Whether no other method of the processor on ``call.module`` acts on ``call``: then nothing else reads
+        the query or adds to the scores between this method's ``edit_attention`` and ``edit_output``."""
+        processor = getattr(call.module, "processor", None)
+        methods = processor.methods if isinstance(processor, AttnExtProcessor) else (self,)
+        return all(method is self or not method.applies_to(call) for method in methods)
+
     def edit_attention(self, call: AttentionCall) -> None:
+        """Isolation: alone, the kernel runs on the other queries only (:meth:`edit_output` adds the isolated
+        rows); composed with other methods, the isolation score_mod (FlexAttention)."""
         if not self.isolate_duplicates:
             return
         plan = self.plan(call)
         if plan.groups is None:
             return
-        call.score_mods.append(_isolation_score_mod_for(
-            plan.groups_bytes, call.visual.start, call.key.shape[1], str(call.query.device)))
+        if call.attn_mask is not None:
+            raise ValueError(
+                f"STDRoPEProcessor(isolate_duplicates=True) does not support the attention_mask the {call.family} model "
+                f"passed to {call.module_name or type(call.module).__name__}: use isolate_duplicates=False"
+            )
+        if not self.acts_alone(call):
+            call.score_mods.append(_isolation_score_mod_for(
+                plan.groups_bytes, call.visual.start, call.key.shape[1], str(call.query.device)))
+            return
+        rows = plan.isolation_rows(call.visual.start, call.query.shape[1], call.query.device)
+        call.extras[ISOLATION_EXTRA] = (call.query, rows)
+        call.query = call.query.index_select(1, rows.others)
+
+    def edit_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
+        """Restore the full query and add the foreground and duplicate rows (:func:`isolated_attention`)."""
+        stashed = call.extras.pop(ISOLATION_EXTRA, None)
+        if stashed is None:
+            return out
+        call.query, rows = stashed
+        return isolated_attention(call.query, call.key, call.value, out, rows, scale=call.scale, via=call.dense_via,
+                                  backend=call.backend)
 
     def __repr__(self) -> str:
         return (f"STDRoPEProcessor(trajectory=<{self.trajectory.num_frames} boxes>, steps={self.steps}, "
