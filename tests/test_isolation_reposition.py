@@ -1,14 +1,22 @@
 """IsolationRepositionProcessor: the mask table by hand, the kernel against a float64 reference with an
-explicit -inf bias, RoPE of repositioned keys, and stock parity at the identity setting."""
+explicit -inf bias (with and without RoPE and dropout), RoPE of repositioned keys, the head-chunk memory
+budget (by hand and by tracking live tensors), and stock parity at the identity setting."""
+
+import weakref
+from dataclasses import replace
 
 import pytest
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from diffusers_attn_ext import install, uninstall
 from diffusers_attn_ext.processors.isolation_reposition import (
     IsolationRepositionProcessor,
     allowed_pairs,
+    heads_per_chunk,
     isolation_reposition_attention,
     repositioned_reference,
 )
@@ -40,13 +48,21 @@ def test_allowed_pairs_of_a_two_subject_layout_equal_the_hand_table():
     assert torch.equal(allowed_pairs(plans, 7), EXPECTED)
 
 
-def reference_float64(query, key, value, plans, table):
-    """Explicit float64 attention of each target row over [own keys, repositioned keys] with a -inf bias."""
-    out = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", query, key) * query.shape[-1] ** -0.5, -1)
+def reference_float64(query, key, value, plans, table, rotary=None):
+    """Explicit float64 attention of each target row over [own keys, repositioned keys] with a -inf bias.
+    With ``rotary`` (cos, sin), ``key`` is raw: own keys are rotated at their positions and repositioned keys,
+    resampled from the raw reference keys, at their new positions."""
+    def rotate(x, positions):
+        return x if rotary is None else apply_rotary_emb(x[None], tuple(r[positions] for r in rotary), sequence_dim=1)[0]
+
+    everywhere = torch.arange(key.shape[1])
+    rotated = torch.stack([rotate(row, everywhere) for row in key])
+    out = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", query, rotated) * query.shape[-1] ** -0.5, -1)
     out = torch.einsum("bhqk,bkhd->bqhd", out, value)
-    appended_k = torch.cat([(key[0][p.ref_sources] * p.ref_weights[..., None, None]).sum(1) for p in plans])
+    appended_k = torch.cat([rotate((key[0][p.ref_sources] * p.ref_weights[..., None, None]).sum(1), p.ref_positions)
+                            for p in plans])
     appended_v = torch.cat([(value[0][p.ref_sources] * p.ref_weights[..., None, None]).sum(1) for p in plans])
-    keys, values = torch.cat([key[1], appended_k]), torch.cat([value[1], appended_v])
+    keys, values = torch.cat([rotated[1], appended_k]), torch.cat([value[1], appended_v])
     bias = torch.zeros(table.shape, dtype=torch.float64).masked_fill(~table, float("-inf"))
     scores = torch.einsum("qhd,khd->hqk", query[1], keys) * query.shape[-1] ** -0.5 + bias
     out[1] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
@@ -81,6 +97,98 @@ def test_repositioned_rope_keys_carry_the_rope_of_their_new_position(mode):
         at_new = tuple(r[tokens.ref_positions] for r in rotary)
         expected = apply_rotary_emb(resampled[None], at_new, sequence_dim=1)[0]
         torch.testing.assert_close(ours, expected.float().to(ours.dtype), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_rope_and_dropped_keys_through_the_kernel_equal_the_float64_reference(mode):
+    # The dropped repositioned keys leave the gather; the kept ones carry the RoPE of their new positions.
+    g = torch.Generator().manual_seed(2)
+    query, raw_key, value = (torch.randn(2, 7, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    angles = torch.randn(7, 4, generator=g, dtype=torch.float64).repeat_interleave(2, -1)
+    rotary = (angles.cos(), angles.sin())
+    rotated = apply_rotary_emb(raw_key, rotary, sequence_dim=1)
+    plans = subject_tokens(LAYOUT, 1, 2, 3, visual_start=1, seq_len=7, mode=mode)
+    keep = {(1, 0): torch.tensor([True, False]), (1, 1): torch.tensor([1])}
+    kept = [replace(p, ref_sources=p.ref_sources[k], ref_weights=p.ref_weights[k], ref_positions=p.ref_positions[k])
+            for p, k in zip(plans, keep.values(), strict=True)]
+    scores = torch.einsum("bqhd,bkhd->bhqk", query, rotated) * 8 ** -0.5
+    stock = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), value)
+    ours = isolation_reposition_attention(query, rotated, value, stock.clone(), [plans], rotary, keep=keep,
+                                          max_chunk_bytes=1)
+    expected = reference_float64(query, raw_key, value, kept, allowed_pairs(kept, 7), rotary)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)  # repositioned keys are rotated in float32
+
+
+def test_heads_per_chunk_by_hand():
+    # FLUX benchmark shape, the largest subject with dropout 0.5: 4836 keys, 1444 queries, 722 nearest RoPE keys.
+    fixed = 722 * 128 * 8  # cos and sin of m - n, float32
+    per_head = 128 * (2 * 2 * 4836 + max(2 * 2 * 1444, 3 * 4 * 722))  # K, V + max(Q, O | resampling temporaries)
+    assert heads_per_chunk(24, 128, 4836, 1444, 722, 2, 4, 16 * 2**20, fixed) == 4  # 4.47 fit: 6 chunks of 4
+    assert heads_per_chunk(24, 128, 4836, 1444, 722, 2, 4, 7 * per_head + fixed, fixed) == 6  # 7 fit: 4 chunks
+    assert heads_per_chunk(24, 128, 4836, 1444, 722, 2, 4, per_head - 1, fixed) == 1  # at least one head
+    assert heads_per_chunk(24, 128, 4836, 1444, 0, 2, 4, 2**40) == 24
+
+
+class LiveTensors(TorchDispatchMode):
+    """Peak bytes of the storages created inside the mode and still referenced, and the shapes created."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.bytes, self.peak, self.shapes = {}, 0, 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for tensor in (t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)):
+            self.shapes.add(tuple(tensor.shape))
+            ptr = tensor.untyped_storage().data_ptr()
+            if ptr not in self.live:
+                if ptr in inputs:  # a view of, or a write into, a tensor made outside
+                    continue
+                self.live[ptr] = [tensor.untyped_storage().nbytes(), 0]
+                self.bytes += self.live[ptr][0]
+                self.peak = max(self.peak, self.bytes)
+            self.live[ptr][1] += 1
+            weakref.finalize(tensor, self._release, ptr)
+        return out
+
+    def _release(self, ptr):
+        entry = self.live[ptr]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.bytes -= entry[0]
+            del self.live[ptr]
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_working_memory_stays_under_the_budget_and_no_query_by_key_tensor_exists(mode):
+    # 3 images on an 8x8 grid after 4 text tokens, 8 heads of 16, FLUX RoPE, dropout 0.5.
+    layout = SubjectLayout.from_boxes([
+        {"dog": (0.05, 0.30, 0.45, 0.95), "cat": (0.55, 0.30, 0.95, 0.95)},
+        {"dog": (0.55, 0.10, 0.95, 0.60), "cat": (0.00, 0.50, 0.35, 1.00)},
+        {"dog": (0.00, 0.00, 0.30, 0.40), "cat": (0.40, 0.40, 1.00, 1.00)},
+    ])
+    g = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(3, 68, 8, 16, generator=g) for _ in range(3))
+    ids = torch.cat([torch.zeros(4, 3), torch.stack(torch.meshgrid(
+        torch.zeros(1), torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1).flatten(0, 2)])
+    rotary = FluxPosEmbed(theta=10000, axes_dim=[4, 6, 6])(ids)
+    processor = IsolationRepositionProcessor(layout, interpolation=mode, reference_dropout=0.5)
+    plans = processor.plans(8, 8, 4, 68, "cpu")
+    keep = processor.kept_keys(plans, step=0)
+    peaks = {}
+    for budget in (40_000, 80_000, 2**30):
+        tracker, out = LiveTensors(), query.clone()
+        with tracker:
+            isolation_reposition_attention(query, key, value, out, plans, rotary, keep=keep, max_chunk_bytes=budget)
+        peaks[budget] = tracker.peak
+        # Index vectors and SDPA's log-sum-exp are outside the budget: O(tokens), not O(tokens x heads x dim).
+        assert tracker.peak <= budget + 2048
+        for (image, s), kept in keep.items():
+            tokens = plans[image - 1][s]
+            scores = (tokens.queries.numel(), tokens.own_keys.numel() + kept.numel())
+            assert not any(shape[-2:] == scores for shape in tracker.shapes)
+    assert peaks[40_000] < peaks[80_000] < peaks[2**30]  # the budget is what bounds the working memory
 
 
 def test_reference_dropout_keeps_at_least_one_key_and_is_reproducible():
