@@ -183,6 +183,8 @@ class STDRoPEProcessor(AttnExtProcessor):
             patch (Wan 4, CogVideoX 1.0 4, CogVideoX 1.5 8). An integer >= 1.
         isolate_duplicates: block attention between foreground tokens and background tokens holding a
             position a foreground token took (the authors' self-attention mask on these steps). Default on.
+            Alone on a call it costs about a dense attention (:func:`isolated_attention`); composed with other
+            methods acting on the same call it is a FlexAttention score_mod. Not with an ``attention_mask``.
 
     A trajectory that moves no position (e.g. a full-frame box) leaves the stock RoPE and kernel: the
     output equals stock. Models without 3D RoPE (CogVideoX with ``use_rotary_positional_embeddings=False``)
