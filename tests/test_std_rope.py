@@ -221,6 +221,17 @@ def test_cogvideox_isolation_alone_equals_score_mod_path():
     assert not torch.allclose(attn(hidden, encoder_hidden_states=text, image_rotary_emb=rotary)[0], alone[0])
 
 
+def test_isolation_off_or_with_attention_mask():
+    context = AttnContext(family="wan", grid=GRID, step_index=0)
+    call = self_call(context, None, torch.Generator().manual_seed(0))
+    query = call.query
+    STDRoPEProcessor(moving_right(), isolate_duplicates=False).edit_attention(call)
+    assert call.query is query and not call.score_mods and not call.extras
+    call.attn_mask = torch.ones(48, 48, dtype=torch.bool)
+    with pytest.raises(ValueError, match="attention_mask.*isolate_duplicates=False"):
+        STDRoPEProcessor(moving_right()).edit_attention(call)
+
+
 def test_full_frame_box_is_stock_exactly(pipe_for):
     pipe = pipe_for("wan")
     full = Trajectory.static((0, 0, 64, 64), 9, 64, 64)
