@@ -50,7 +50,7 @@ class AttentionInspector(AttnExtProcessor):
             the module name); None for every self-attention module.
         heads: head indices to record; None for all heads of each module.
         steps: denoising step indices (from 0) to record; None for every step.
-        chunk_elements: size of the score tile of one head, rows x keys, in elements (default 2^20: 4 MiB
+        chunk_elements: size of the score tile of one head, rows x keys, in elements (default 2^21: 8 MiB
             in float32); the extra memory is a few such tiles plus one head's keys in float32.
         sampled_rows: attention rows stored per head when there are more visual queries than
             ``full_map_tokens`` (evenly spaced queries); at most ``full_map_tokens`` queries, every row is kept.
@@ -69,7 +69,7 @@ class AttentionInspector(AttnExtProcessor):
         heads: Sequence[int] | None = None,
         steps: Sequence[int] | None = None,
         *,
-        chunk_elements: int = 2**20,
+        chunk_elements: int = 2**21,
         sampled_rows: int = 8,
         full_map_tokens: int = 256,
     ):

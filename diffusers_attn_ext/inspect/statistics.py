@@ -149,23 +149,38 @@ def sampled_query_rows(visual: slice, samples: int, full_map_tokens: int) -> tor
     return torch.linspace(visual.start, visual.stop - 1, samples).round().long()
 
 
-def _masked_scores(call: AttentionCall, head: int, key_t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``[B, rows, keys]`` scores of one head for the query indices ``rows``, as the kernel computes them;
-    ``key_t`` is the head's keys ``[B, D, keys]`` in the compute dtype."""
+class _CallIndices:
+    """Index tensors of one call, built once on its device: query/key positions, each visual token's frame and
+    grid coordinates, the grid's coordinates, and the frame-distance table."""
+
+    def __init__(self, call: AttentionCall, grid: TokenGrid):
+        device = call.query.device
+        self.tokens = torch.arange(max(call.query.shape[1], call.key.shape[1]), device=device)
+        self.batch = torch.arange(call.query.shape[0], device=device).view(-1, 1, 1, 1)
+        local = torch.arange(grid.num_tokens, device=device)
+        position = local % grid.tokens_per_frame
+        self.frame, self.y, self.x = local // grid.tokens_per_frame, position // grid.width, position % grid.width
+        self.grid_y, self.grid_x = self.y[: grid.tokens_per_frame], self.x[: grid.tokens_per_frame]
+        frames = torch.arange(grid.frames, device=device)
+        self.frame_distance = (frames[:, None] - frames[None, :]).abs()
+
+
+def _masked_scores(
+    call: AttentionCall, head: int, key_t: torch.Tensor, rows: slice | torch.Tensor, indices: _CallIndices
+) -> torch.Tensor:
+    """``[B, rows, keys]`` scores of one head for the query rows ``rows`` (a slice or indices), as the kernel
+    computes them; ``key_t`` is the head's keys ``[B, D, keys]`` in the compute dtype."""
     scale = call.head_dim**-0.5 if call.scale is None else call.scale
     q = call.query[:, rows, head].to(key_t.dtype) * scale
-    scores = (q @ key_t).unsqueeze(1)  # [B, 1, rows, keys]
-    device, keys = scores.device, key_t.shape[-1]
-    kv_idx = torch.arange(keys, device=device)
+    scores = q @ key_t  # [B, rows, keys]
+    q_idx, kv_idx = indices.tokens[rows], indices.tokens[: key_t.shape[-1]]
     mod = compose_score_mods(call.score_mods)
     if mod is not None:
-        b = torch.arange(scores.shape[0], device=device).view(-1, 1, 1, 1)
-        h = torch.full((1, 1, 1, 1), head, device=device)
-        scores = mod(scores, b, h, rows.view(1, 1, -1, 1), kv_idx.view(1, 1, 1, -1))
-    scores = scores[:, 0]
+        h = torch.full((1, 1, 1, 1), head, device=scores.device)
+        scores = mod(scores.unsqueeze(1), indices.batch, h, q_idx.view(1, 1, -1, 1), kv_idx.view(1, 1, 1, -1))[:, 0]
     if call.block_mask is not None:
         blocks = call.block_mask[:, head if call.block_mask.shape[1] > 1 else 0]
-        keep = blocks[:, (rows // call.block_size)[:, None], (kv_idx // call.block_size)[None, :]]
+        keep = blocks[:, (q_idx // call.block_size)[:, None], (kv_idx // call.block_size)[None, :]]
         scores = scores.masked_fill(~keep, float("-inf"))
     if call.attn_mask is not None:
         mask = call.attn_mask
@@ -177,67 +192,54 @@ def _masked_scores(call: AttentionCall, head: int, key_t: torch.Tensor, rows: to
     return scores
 
 
-def _distance_index(call: AttentionCall, grid: TokenGrid, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query row: temporal distance to each key frame ``[rows, frames]`` and Chebyshev distance to each
-    grid position ``[rows, height * width]``."""
-    local = rows - call.visual.start
-    frame, position = local // grid.tokens_per_frame, local % grid.tokens_per_frame
-    y, x = position // grid.width, position % grid.width
-    frames = torch.arange(grid.frames, device=rows.device)
-    temporal = (frame[:, None] - frames[None, :]).abs()
-    grid_y = torch.arange(grid.height, device=rows.device).repeat_interleave(grid.width)
-    grid_x = torch.arange(grid.width, device=rows.device).repeat(grid.height)
-    spatial = torch.maximum((y[:, None] - grid_y[None, :]).abs(), (x[:, None] - grid_x[None, :]).abs())
-    return temporal, spatial
-
-
 def attention_statistics(
     call: AttentionCall,
     heads: tuple[int, ...],
     grid: TokenGrid,
     *,
-    chunk_elements: int = 2**20,
+    chunk_elements: int = 2**21,
     map_rows: torch.Tensor | None = None,
 ) -> AttentionStatistics:
     """Statistics (module docstring) of the given heads of a self-attention ``call``, blockwise.
 
     Query rows are processed in chunks of ``max(1, chunk_elements // (batch * keys))`` rows per head, so the
     extra memory is a few ``chunk_elements``-sized tensors in the compute dtype (float32, or float64 for
-    float64 inputs). ``map_rows`` (query indices) selects the stored attention rows; None stores none.
+    float64 inputs) and one head's keys. ``map_rows`` (query indices) selects the stored attention rows; None
+    stores none.
+
+    Per chunk the temporal mass is gathered by (query frame, key frame) and the spatial mass by Chebyshev
+    distance; the frame pairs are folded into distances once per head.
     """
     device = call.query.device
     compute = torch.promote_types(call.query.dtype, torch.float32)
     batch, keys = call.query.shape[0], call.key.shape[1]
     visual = call.visual
     map_rows = torch.zeros(0, dtype=torch.long) if map_rows is None else map_rows.cpu()
-    map_rows_dev = map_rows.to(device)
     chunk = max(1, chunk_elements // (batch * keys))
-    extent = max(grid.height, grid.width)
-    sums = {
-        "text": torch.zeros(len(heads), dtype=compute, device=device),
-        "entropy": torch.zeros(len(heads), dtype=compute, device=device),
-        "temporal": torch.zeros(len(heads), grid.frames, dtype=compute, device=device),
-        "spatial": torch.zeros(len(heads), extent, dtype=compute, device=device),
-        "received": torch.zeros(len(heads), keys, dtype=compute, device=device),
-        "maps": torch.zeros(len(heads), len(map_rows), keys, dtype=compute, device=device),
-    }
+    indices = _CallIndices(call, grid)
+    zeros = lambda *shape: torch.zeros(len(heads), *shape, dtype=compute, device=device)  # noqa: E731
+    sums = {"text": zeros(), "entropy": zeros(), "temporal": zeros(grid.frames),
+            "spatial": zeros(max(grid.height, grid.width)), "received": zeros(keys), "maps": zeros(len(map_rows), keys)}
     for slot, head in enumerate(heads):
         key_t = call.key[:, :, head].to(compute).transpose(1, 2).contiguous()
+        frame_pairs = torch.zeros(grid.frames, grid.frames, dtype=compute, device=device)
         for start in range(visual.start, visual.stop, chunk):
-            rows = torch.arange(start, min(start + chunk, visual.stop), device=device)
-            probs = _masked_scores(call, head, key_t, rows).softmax(-1)  # [B, rows, keys]
+            rows = slice(start, min(start + chunk, visual.stop))
+            local = slice(rows.start - visual.start, rows.stop - visual.start)
+            probs = _masked_scores(call, head, key_t, rows, indices).softmax(-1)  # [B, rows, keys]
             if call.text is not None:
                 sums["text"][slot] += probs[..., call.text].sum()
             sums["entropy"][slot] += torch.special.entr(probs).sum()
             sums["received"][slot] += probs.sum((0, 1))
-            temporal_index, spatial_index = _distance_index(call, grid, rows)
             on_grid = probs[..., visual].unflatten(-1, (grid.frames, grid.tokens_per_frame))
-            per_frame = on_grid.sum(-1).sum(0)  # [rows, frames]
-            per_position = on_grid.sum(-2).sum(0)  # [rows, height * width]
-            sums["temporal"][slot].index_add_(0, temporal_index.flatten(), per_frame.flatten())
-            sums["spatial"][slot].index_add_(0, spatial_index.flatten(), per_position.flatten())
+            frame_pairs.index_add_(0, indices.frame[local], on_grid.sum(-1).sum(0))  # [query frame, key frame]
+            distance = (indices.y[local, None] - indices.grid_y).abs_()
+            distance = torch.maximum(distance, (indices.x[local, None] - indices.grid_x).abs_())
+            sums["spatial"][slot].index_add_(0, distance.flatten(), on_grid.sum(-2).sum(0).flatten())
+        sums["temporal"][slot].index_add_(0, indices.frame_distance.flatten(), frame_pairs.flatten())
         if len(map_rows):
-            sums["maps"][slot] = _masked_scores(call, head, key_t, map_rows_dev).softmax(-1).sum(0)
+            rows = map_rows.to(device)
+            sums["maps"][slot] = _masked_scores(call, head, key_t, rows, indices).softmax(-1).sum(0)
     cpu = {name: value.to("cpu", torch.float64) for name, value in sums.items() if name != "maps"}
     cpu["maps"] = sums["maps"].to("cpu")
     return AttentionStatistics(
