@@ -53,7 +53,8 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """FLUX's real RoPE (diffusers ``apply_rotary_emb``, ``use_real_unbind_dim=-1``) applied in place to a
-    float32 ``[M, H, D]`` with per-token ``cos, sin`` of shape ``[M, D]``: ``x cos + rot(x) sin``."""
+    float32 ``[M, H, D]`` the caller owns, with per-token ``cos, sin`` of shape ``[M, D]``: ``x cos + rot(x) sin``
+    (the same operations as diffusers', so the same rounding)."""
     real, imag = x.unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack([-imag, real], -1).flatten(-2)
     return x.mul_(cos[:, None]).add_(rotated.mul_(sin[:, None]))
@@ -183,8 +184,7 @@ def subject_attention(
     fixed = 0 if deltas is None else sum(d.numel() * d.element_size() for d in deltas)
     step = heads_per_chunk(
         heads, head_dim, tokens.own_keys.numel() + tokens.ref_positions.numel(), tokens.queries.numel(), resampled,
-        key.element_size(), torch.empty((), dtype=_accumulation_dtype(key.dtype)).element_size(), max_chunk_bytes,
-        fixed,
+        key.element_size(), torch.finfo(_accumulation_dtype(key.dtype)).bits // 8, max_chunk_bytes, fixed,
     )
     for start in range(0, heads, step):
         part = slice(start, start + step)
