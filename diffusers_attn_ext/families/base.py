@@ -20,6 +20,9 @@ from ..context import AttnContext, TokenGrid
 # FLUX double blocks, CogVideoX); "single": FLUX single blocks, the joint sequence arrives concatenated;
 # "self": visual tokens only (Wan attn1, SD3.5 attn2); "cross": visual queries, text keys (Wan attn2).
 SELF_ATTENTION_KINDS = ("joint", "single", "self")
+# Methods that ask for the token grid and compute on global token indices under context parallelism
+# (see diffusers_attn_ext.parallel); the others get a ValueError there.
+CONTEXT_PARALLEL_METHODS = frozenset({"UltraViCoProcessor", "RadialSparseProcessor", "AdaptiveSparseProcessor"})
 
 
 @dataclass
@@ -71,8 +74,20 @@ class AttentionCall:
 
         return getattr(self.module, MODULE_NAME_ATTR, None)
 
+    @property
+    def parallel(self):
+        """This rank's :class:`~diffusers_attn_ext.parallel.ParallelLayout` under diffusers' context
+        parallelism, None on a single GPU."""
+        from ..parallel import ParallelLayout
+
+        return ParallelLayout.from_config(self.parallel_config)
+
     def require_grid(self, method: str) -> TokenGrid:
-        """The visual token grid of this call; ValueError if the context cannot give it."""
+        """The visual token grid of this call; ValueError if the context cannot give it.
+
+        Under context parallelism the grid is the whole video and the call holds this rank's tokens of it;
+        only methods that compute on global token indices (:data:`CONTEXT_PARALLEL_METHODS`) may ask.
+        """
         grid = self.context.grid if self.context is not None else None
         if grid is None:
             raise ValueError(
@@ -80,6 +95,21 @@ class AttentionCall:
                 f"{type(self.module).__name__}: call diffusers_attn_ext.attach_context(pipe) or install()"
             )
         visual_tokens = self.visual.stop - self.visual.start
+        layout = self.parallel
+        if layout is not None:
+            if method not in CONTEXT_PARALLEL_METHODS or self.text is not None:
+                raise ValueError(
+                    f"{method} does not support diffusers' context parallelism on {self.family} "
+                    f"{self.kind} attention (ring_degree={layout.ring_degree}, ulysses_degree={layout.ulysses_degree}); "
+                    f"supported: {sorted(CONTEXT_PARALLEL_METHODS)} on video-only sequences (Wan)"
+                )
+            rank_tokens = layout.token_range(grid.num_tokens)
+            if len(rank_tokens) != visual_tokens:
+                raise ValueError(
+                    f"{method}: rank {layout.rank} of {layout.world_size} holds {visual_tokens} visual tokens, but "
+                    f"its share of the grid {grid.frames}x{grid.height}x{grid.width} is {len(rank_tokens)} tokens"
+                )
+            return grid
         if grid.num_tokens != visual_tokens:
             raise ValueError(
                 f"{method}: the grid {grid.frames}x{grid.height}x{grid.width} ({grid.num_tokens} tokens) does "

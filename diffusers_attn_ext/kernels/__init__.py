@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..families.base import AttentionCall
+from ..parallel import ParallelLayout, offset_block_mask, parallel_attention
 from .dense import dense_attention
 from .flex import compose_score_mods, flex_attention_bnhd, flex_block_mask
 from .xformers_backend import xformers_status
@@ -61,13 +62,41 @@ def choose_kernel(call: AttentionCall) -> str:
 
 
 def attend(call: AttentionCall) -> torch.Tensor:
-    """Run the attention of ``call``; returns ``[B, N, H, D]``."""
+    """Run the attention of ``call``; returns ``[B, N, H, D]``.
+
+    Under diffusers' context parallelism (``call.parallel_config``), dense calls go through diffusers' own
+    Ulysses / ring attention as the stock processor's do; score-modified and block-sparse calls run our
+    kernels on global indices through :func:`diffusers_attn_ext.parallel.parallel_attention`.
+    """
     kernel = choose_kernel(call)
     if kernel == DENSE:
         return dense_attention(
             call.query, call.key, call.value, attn_mask=call.attn_mask, scale=call.scale, via=call.dense_via,
             backend=call.backend, parallel_config=call.parallel_config,
         )
+    layout = ParallelLayout.from_config(call.parallel_config)
+    if layout is not None:
+        return parallel_attention(call, layout, _local_attend, _offset_attend)
+    return _local_attend(call)
+
+
+def _offset_attend(call: AttentionCall, query_offset: int) -> torch.Tensor:
+    """FlexAttention for queries starting at global token ``query_offset`` (score_mods already shifted); the
+    block mask's rows are read at the queries' global blocks."""
+    block_mask = None
+    if call.block_mask is not None:
+        block_mask = offset_block_mask(
+            call.block_mask, call.block_size, query_offset, call.query.shape[1], call.key.shape[1]
+        )
+    return flex_attention_bnhd(
+        call.query, call.key, call.value, score_mod=compose_score_mods(call.score_mods),
+        block_mask=block_mask, scale=call.scale,
+    )
+
+
+def _local_attend(call: AttentionCall) -> torch.Tensor:
+    """Our kernel for a call whose queries and keys are the whole sequence."""
+    kernel = choose_kernel(call)
     if kernel == FUSED:
         return _fused_kernel(call)()
     if kernel == BLOCK_SPARSE:

@@ -24,6 +24,7 @@ import math
 import torch
 
 from ..families.base import AttentionCall
+from ..parallel import ParallelLayout, sequence_sum
 from .radial_sparse import SparseVideoProcessor, dense_text_blocks, set_block_mask
 
 DEFAULT_DENSITY = 0.25
@@ -43,17 +44,48 @@ def _pool_blocks(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.
     return (torch.cat(sums, 1) / counts[None, :, None, None]).transpose(1, 2), counts
 
 
+def _pool_global_blocks(
+    x: torch.Tensor, block_size: int, layout: ParallelLayout, num_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_pool_blocks` of the whole sequence under context parallelism: each rank sums its tokens
+    ``[B, n, H, D]`` into the global blocks they fall in (its first and last block may be shared with a
+    neighbour), one all-reduce of ``[B, blocks, H, D]`` float32 sums, then the mean per block."""
+    start, n = layout.token_range(num_tokens).start, x.shape[1]
+    blocks = -(-num_tokens // block_size)
+    sums = torch.zeros((x.shape[0], blocks, *x.shape[2:]), dtype=torch.float32, device=x.device)
+    head = min(-start % block_size, n)  # tokens completing the block this rank starts inside
+    if head:
+        sums[:, start // block_size] += x[:, :head].sum(1, dtype=torch.float32)
+    first, full = (start + head) // block_size, (n - head) // block_size
+    if full:
+        sums[:, first:first + full] += x[:, head:head + full * block_size].unflatten(1, (full, block_size)).sum(
+            2, dtype=torch.float32
+        )
+    if n - head - full * block_size:
+        sums[:, first + full] += x[:, head + full * block_size:].sum(1, dtype=torch.float32)
+    counts = torch.full((blocks,), float(block_size), device=x.device)
+    counts[-1] = float(num_tokens - (blocks - 1) * block_size)
+    return (sequence_sum(sums, layout) / counts[None, :, None, None]).transpose(1, 2), counts
+
+
 def draft_block_pattern(
     query: torch.Tensor, key: torch.Tensor, block_size: int, density: float | None = None,
-    mass: float | None = None, scale: float | None = None,
+    mass: float | None = None, scale: float | None = None, layout: ParallelLayout | None = None,
+    num_tokens: int | None = None,
 ) -> torch.Tensor:
     """Kept blocks ``[B, H, q_blocks, kv_blocks]`` (bool) from the draft attention of pooled q and k.
 
     Exactly one of ``density`` (fraction of key blocks per query block) and ``mass`` (draft probability to
-    cover) is given. The diagonal block is always kept (self-attention: q_blocks == kv_blocks).
+    cover) is given. The diagonal block is always kept (self-attention: q_blocks == kv_blocks). Under
+    context parallelism (``layout``), q and k are this rank's tokens of a ``num_tokens`` sequence and the
+    pattern is that of the whole sequence, every head, identical on every rank.
     """
-    q, _ = _pool_blocks(query, block_size)
-    k, counts = _pool_blocks(key, block_size)
+    if layout is None:
+        q, _ = _pool_blocks(query, block_size)
+        k, counts = _pool_blocks(key, block_size)
+    else:
+        q, _ = _pool_global_blocks(query, block_size, layout, num_tokens)
+        k, counts = _pool_global_blocks(key, block_size, layout, num_tokens)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     probs = torch.softmax(q @ k.transpose(-1, -2) * scale + counts.log(), dim=-1)
     kv_blocks = probs.shape[-1]
@@ -115,7 +147,10 @@ class AdaptiveSparseProcessor(SparseVideoProcessor):
         key = (id(call.module), call.context.branch, tuple(call.query.shape), tuple(call.key.shape))
         cache = call.context.state.setdefault(("adaptive_sparse", id(self)), {})
         if key not in cache or cache[key][0] != window:
-            pattern = draft_block_pattern(call.query, call.key, self.block_size, self.density, self.mass, call.scale)
+            pattern = draft_block_pattern(
+                call.query, call.key, self.block_size, self.density, self.mass, call.scale, call.parallel,
+                call.require_grid(self.method).num_tokens,
+            )
             text = dense_text_blocks(call, pattern.shape[-1], self.block_size, pattern.device)
             cache[key] = (window, pattern | text)
         return cache[key][1]

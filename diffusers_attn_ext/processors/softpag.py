@@ -143,6 +143,12 @@ class SoftPAGProcessor(AttnExtProcessor):
                 f"heads[{layer!r}] has head index {heads[-1]}; "
                 f"allowed range for {call.module_name}: 0..{call.heads - 1}"
             )
+        if call.parallel is not None and self.identity == "image" and call.text is not None:
+            raise ValueError(
+                f"SoftPAGProcessor(identity='image') on {call.family} {call.kind} attention under diffusers' context "
+                "parallelism is not supported (the image queries' identity map needs every rank's text keys); "
+                "allowed there: identity='all', or video-only sequences (Wan)"
+            )
         rows = torch.tensor(call.context.rows("perturbed"), device=out.device)
         index = torch.tensor(heads, device=out.device)
         picked = [x.index_select(0, rows).index_select(2, index) for x in (call.query, call.key, call.value, out)]

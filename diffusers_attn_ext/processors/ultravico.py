@@ -9,10 +9,9 @@ alpha, and first-frame queries do not attend to keys beyond the training length 
 
 from __future__ import annotations
 
-import torch
-
 from ..families.base import AttentionCall
 from ..masks import ExtrapolationWindow, ultravico_score_mod
+from ..parallel import sequence_mean
 from .base import AttnExtProcessor
 
 VIDEO_FAMILIES = ("wan", "cogvideox")
@@ -99,8 +98,9 @@ class UltraViCoProcessor(AttnExtProcessor):
         window = self.window(call)
         if not window.extrapolates:
             return
-        if self.center_keys:
-            call.key = call.key - call.key.mean(dim=1, keepdim=True, dtype=torch.float32).to(call.key.dtype)
+        if self.center_keys:  # the mean over the whole sequence, all ranks' keys under context parallelism
+            mean = sequence_mean(call.key, call.parallel, window.video_tokens)
+            call.key = call.key - mean.to(call.key.dtype)
         call.score_mods.append(ultravico_score_mod(window, self.alpha, self.restrict_first_frame))
 
     def __repr__(self) -> str:
