@@ -11,6 +11,7 @@ from .context import AttnContext, TokenGrid, attach_context, detach_context, get
 from .headset import HeadSet
 from .install import attention_modules, install, installed, select_modules, uninstall
 from .masks import radial_block_mask
+from .parallel import ParallelLayout, sequence_range, ulysses_head_owner, ulysses_head_range
 from .processors import (
     AdaptiveSparseProcessor,
     AttnExtProcessor,
@@ -40,6 +41,7 @@ __all__ = [
     "ForegroundBackgroundCrossAttnProcessor",
     "HeadSet",
     "IsolationRepositionProcessor",
+    "ParallelLayout",
     "RadialSparseProcessor",
     "STDRoPEProcessor",
     "SoftPAGProcessor",
@@ -57,6 +59,9 @@ __all__ = [
     "radial_block_mask",
     "reset_context",
     "select_modules",
+    "sequence_range",
+    "ulysses_head_owner",
+    "ulysses_head_range",
     "uninstall",
     "UltraViCoProcessor",
 ]

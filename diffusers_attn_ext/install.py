@@ -71,6 +71,16 @@ def _check_processors(processors: tuple) -> None:
             )
 
 
+def _inherit_runtime(new: AttnExtProcessor, old: Any) -> None:
+    """Carry over what diffusers' ``set_attention_backend`` / ``enable_parallelism`` set on the processor being
+    replaced (they configure processor objects in place), so that installing after them keeps the backend and
+    the context-parallel config."""
+    for attr in ("_attention_backend", "_parallel_config"):
+        value = getattr(old, attr, None)
+        if value is not None and getattr(new, attr, None) is None:
+            setattr(new, attr, value)
+
+
 def install(target: Any, *processors: AttnExtProcessor, layers: str | list[str] | None = None) -> AttnExtProcessor:
     """Install processors on a pipeline's transformer (or a transformer) and attach the context hook.
 
@@ -90,6 +100,7 @@ def install(target: Any, *processors: AttnExtProcessor, layers: str | list[str] 
     saved = transformer.__dict__.setdefault(SAVED_PROCESSORS_ATTR, {})
     for name, module in modules.items():
         saved.setdefault(name, module.processor)
+        _inherit_runtime(processor, module.processor)
         module.set_processor(processor)
     return processor
 
@@ -126,9 +137,11 @@ def installed(target: Any, *processors: AttnExtProcessor, layers: str | list[str
         if isinstance(current, AttnExtProcessor):
             if id(current) not in composed:
                 composed[id(current)] = ComposedProcessor(current, *processors)
-            module.set_processor(composed[id(current)])
+            replacement = composed[id(current)]
         else:
-            module.set_processor(processors[0] if len(processors) == 1 else ComposedProcessor(*processors))
+            replacement = processors[0] if len(processors) == 1 else ComposedProcessor(*processors)
+        _inherit_runtime(replacement, current)
+        module.set_processor(replacement)
     try:
         yield
     finally:

@@ -71,3 +71,17 @@ def test_bad_input_errors(pipe_for):
         adapter_for(torch.nn.Linear(2, 2), None, False)
     with pytest.raises(ValueError, match="transformer class 'Linear' is not supported"):
         install(torch.nn.Linear(2, 2), StockAttnProcessor())
+
+
+def test_install_after_set_attention_backend_keeps_the_backend(pipe_for):
+    pipe = pipe_for("wan")
+    pipe.transformer.set_attention_backend("native")
+    try:
+        backend = next(iter(pipe.transformer.attn_processors.values()))._attention_backend
+        assert backend is not None
+        install(pipe, StockAttnProcessor())
+        assert {p._attention_backend for p in pipe.transformer.attn_processors.values()} == {backend}
+    finally:
+        uninstall(pipe)
+        pipe.transformer.reset_attention_backend()
+    assert all(p._attention_backend is None for p in pipe.transformer.attn_processors.values())

@@ -47,6 +47,13 @@ class EntropyScalingProcessor(AttnExtProcessor):
         return call.is_self_attention
 
     def edit_attention(self, call: AttentionCall) -> None:
+        if call.parallel is not None:
+            # The scale needs the global key count, which this rank's shard does not show; refuse rather than
+            # silently scale by a rank's share.
+            raise ValueError(
+                "EntropyScalingProcessor does not support diffusers' context parallelism (parallel_config with "
+                f"world size {call.parallel.world_size}); run it on one GPU"
+            )
         image_tokens = call.visual.stop - call.visual.start
         text_tokens = call.key.shape[1] - image_tokens
         trained = self.train_tokens or TRAINED_IMAGE_TOKENS[call.family]
