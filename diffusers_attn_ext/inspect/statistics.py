@@ -222,20 +222,21 @@ def attention_statistics(
             "spatial": zeros(max(grid.height, grid.width)), "received": zeros(keys), "maps": zeros(len(map_rows), keys)}
     for slot, head in enumerate(heads):
         key_t = call.key[:, :, head].to(compute).transpose(1, 2).contiguous()
+        text, entropy, received, spatial = (sums[name][slot] for name in ("text", "entropy", "received", "spatial"))
         frame_pairs = torch.zeros(grid.frames, grid.frames, dtype=compute, device=device)
         for start in range(visual.start, visual.stop, chunk):
             rows = slice(start, min(start + chunk, visual.stop))
             local = slice(rows.start - visual.start, rows.stop - visual.start)
             probs = _masked_scores(call, head, key_t, rows, indices).softmax(-1)  # [B, rows, keys]
             if call.text is not None:
-                sums["text"][slot] += probs[..., call.text].sum()
-            sums["entropy"][slot] += torch.special.entr(probs).sum()
-            sums["received"][slot] += probs.sum((0, 1))
+                text += probs[..., call.text].sum()
+            entropy += torch.special.entr(probs).sum()
+            received += probs.sum((0, 1))
             on_grid = probs[..., visual].unflatten(-1, (grid.frames, grid.tokens_per_frame))
-            frame_pairs.index_add_(0, indices.frame[local], on_grid.sum(-1).sum(0))  # [query frame, key frame]
+            frame_pairs.index_add_(0, indices.frame[local], on_grid.sum((0, 3)))  # [query frame, key frame]
             distance = (indices.y[local, None] - indices.grid_y).abs_()
             distance = torch.maximum(distance, (indices.x[local, None] - indices.grid_x).abs_())
-            sums["spatial"][slot].index_add_(0, distance.flatten(), on_grid.sum(-2).sum(0).flatten())
+            spatial.index_add_(0, distance.flatten(), on_grid.sum((0, 2)).flatten())
         sums["temporal"][slot].index_add_(0, indices.frame_distance.flatten(), frame_pairs.flatten())
         if len(map_rows):
             rows = map_rows.to(device)
