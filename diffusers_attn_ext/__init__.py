@@ -9,6 +9,7 @@ Three ways in::
 
 from .context import AttnContext, TokenGrid, attach_context, detach_context, get_context, reset_context
 from .headset import HeadSet
+from .inspect import AttentionInspector, head_importance, inspect_pipeline
 from .install import attention_modules, install, installed, select_modules, uninstall
 from .masks import radial_block_mask
 from .parallel import ParallelLayout, sequence_range, ulysses_head_owner, ulysses_head_range
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptiveSparseProcessor",
+    "AttentionInspector",
     "AttnContext",
     "AttnExtProcessor",
     "Box",
@@ -54,6 +56,8 @@ __all__ = [
     "detach_context",
     "enable_sparse_attention",
     "get_context",
+    "head_importance",
+    "inspect_pipeline",
     "install",
     "installed",
     "radial_block_mask",

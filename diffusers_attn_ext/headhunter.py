@@ -143,7 +143,7 @@ def head_pag_pipeline(pipe) -> HeadPAGMixin:
     return HEAD_PAG_PIPELINES[name].from_pipe(pipe)
 
 
-def _fresh_generator(generator: torch.Generator | None, seed: int) -> torch.Generator:
+def fresh_generator(generator: torch.Generator | None, seed: int) -> torch.Generator:
     """A new generator in the state ``generator`` was created in (its initial seed), or seeded by ``seed``."""
     if generator is None:
         return torch.Generator().manual_seed(seed)
@@ -164,7 +164,7 @@ class _Evaluator:
         images, texts = [], []
         for prompt, seed in zip(self.prompts, self.seeds, strict=True):
             kwargs = {**self.call_kwargs, **(prompt if isinstance(prompt, Mapping) else {"prompt": prompt})}
-            kwargs.update(generator=_fresh_generator(kwargs.get("generator"), seed), pag_heads=headset,
+            kwargs.update(generator=fresh_generator(kwargs.get("generator"), seed), pag_heads=headset,
                           output_type="pt", return_dict=False)
             output = self.pipe(**kwargs)[0]
             images.append(torch.as_tensor(output).float())

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..families.base import AttentionCall
-from ..headhunter import Head, _fresh_generator, candidate_heads
+from ..headhunter import Head, candidate_heads, fresh_generator
 from ..headset import HeadSet
 from ..install import installed
 from ..processors.base import AttnExtProcessor
@@ -104,7 +104,7 @@ class HeadImportance:
 def _output(pipe, call_kwargs: dict[str, Any]) -> torch.Tensor:
     kwargs = dict(call_kwargs)
     kwargs.setdefault("output_type", "latent")
-    kwargs["generator"] = _fresh_generator(kwargs.get("generator"), 0)
+    kwargs["generator"] = fresh_generator(kwargs.get("generator"), 0)
     kwargs["return_dict"] = False
     return torch.as_tensor(pipe(**kwargs)[0]).to(torch.float64)
 
