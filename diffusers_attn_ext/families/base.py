@@ -55,6 +55,7 @@ class AttentionCall:
     backend: Any = None
     parallel_config: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
+    active_methods: tuple = ()  # the methods that act on this call, in stage order (set by the processor)
 
     @property
     def is_self_attention(self) -> bool:

@@ -69,6 +69,7 @@ class AttnExtProcessor:
         call.backend = self._attention_backend
         call.parallel_config = adapter.parallel_config(call, self._parallel_config)
         active = [method for method in self.methods if method.applies_to(call)]
+        call.active_methods = tuple(active)
         for method in active:
             method.edit_positions(call)
         adapter.apply_rotary(call)

@@ -241,11 +241,9 @@ class STDRoPEProcessor(AttnExtProcessor):
         call.rotary = moved
 
     def acts_alone(self, call: AttentionCall) -> bool:
-        """Whether no other method of the processor on ``call.module`` acts on ``call``: then nothing else reads
-        the query or adds to the scores between this method's ``edit_attention`` and ``edit_output``."""
-        processor = getattr(call.module, "processor", None)
-        methods = processor.methods if isinstance(processor, AttnExtProcessor) else (self,)
-        return all(method is self or not method.applies_to(call) for method in methods)
+        """Whether no other method acts on ``call``: then nothing else reads the query or adds to the scores
+        between this method's ``edit_attention`` and ``edit_output``."""
+        return all(method is self for method in call.active_methods)
 
     def edit_attention(self, call: AttentionCall) -> None:
         """Isolation: alone, the kernel runs on the other queries only (:meth:`edit_output` adds the isolated
