@@ -13,6 +13,7 @@ import torch
 from common import attention_tflops, cuda_time_ms, device_name, peak_memory_gib, write_results
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from diffusers_attn_ext.kernels.block_sparse_table import mark_static
 from diffusers_attn_ext.kernels.block_sparse_triton import block_sparse_attention
 from diffusers_attn_ext.kernels.flex import flex_attention_bnhd, flex_block_mask
 from diffusers_attn_ext.kernels.ultravico_triton import DEFAULT_CONFIG, ultravico_attention
@@ -62,7 +63,7 @@ def length_rows(ratio: int, configs: list[dict]) -> list[dict]:
         label = "fused Triton" + ("" if config == DEFAULT_CONFIG else f" {config}")
         variants[label] = lambda config=config: ultravico_attention(q, k, v, window, ALPHA, config=config)
     # Composed with Radial Attention's mask (decay 1.0): the rule inside the block-sparse kernel, and Flex.
-    radial = radial_block_mask(TRAIN_FRAMES * ratio, FRAME_TOKENS).cuda()[None, None]
+    radial = mark_static(radial_block_mask(TRAIN_FRAMES * ratio, FRAME_TOKENS).cuda()[None, None])
     radial_flex = flex_block_mask(radial, 128, n, n)
     params = dict(window=window, alpha=ALPHA, restrict_first_frame=True)
     variants[f"+ radial ({radial.float().mean().item():.2f}), fused Triton"] = lambda: block_sparse_attention(

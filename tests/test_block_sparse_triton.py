@@ -57,16 +57,40 @@ def test_kernel_matches_reference_in_interpreter():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
-def test_compressed_table_is_cached_until_the_mask_changes():
+def test_static_tables_are_compressed_once_and_others_every_call():
     import torch
 
-    from diffusers_attn_ext.kernels.block_sparse_triton import cached_compressed_table
+    from diffusers_attn_ext.kernels.block_sparse_table import compressed_table, mark_static
 
     blocks = torch.tensor([[[[True, False, True], [False, False, True], [True, True, True]]]])
-    counts, indices, order = cached_compressed_table(blocks)
+    counts, indices, order = compressed_table(blocks)
     assert counts.tolist() == [[[2, 1, 3]]]
     assert indices[0, 0, 0, :2].tolist() == [0, 2] and indices[0, 0, 1, :1].tolist() == [2]
     assert order.tolist() == [[[2, 0, 1]]]  # longest row first
-    assert cached_compressed_table(blocks)[0] is counts  # reused
-    blocks[0, 0, 1, 0] = True  # in place: the version moves, the table is compressed again
-    assert cached_compressed_table(blocks)[0].tolist() == [[[2, 2, 3]]]
+    assert compressed_table(blocks)[0] is not counts  # not marked: compressed again at every call
+    blocks[0, 0, 1, 0] = True
+    assert compressed_table(blocks)[0].tolist() == [[[2, 2, 3]]]
+    mark_static(blocks)
+    static_counts = compressed_table(blocks)[0]
+    assert compressed_table(blocks)[0] is static_counts  # marked: once
+
+
+def test_kernels_reject_bad_tables_and_shapes():
+    import torch
+
+    from diffusers_attn_ext.kernels.block_sparse_triton import launch_block_sparse
+    from diffusers_attn_ext.kernels.ultravico_triton import launch_ultravico
+    from diffusers_attn_ext.masks import ExtrapolationWindow
+
+    q = torch.randn(2, 300, 4, 64)
+    good = torch.ones(1, 4, 3, 3, dtype=torch.bool)
+    for bad in (good[:, :2], good[0], good.to(torch.uint8), torch.ones(3, 4, 3, 3, dtype=torch.bool), good[..., :2, :2]):
+        with pytest.raises(ValueError, match="block table"):
+            launch_block_sparse(q, q, q, bad)
+    window = ExtrapolationWindow(30, 3, 0, 300)
+    with pytest.raises(ValueError, match="alpha=1.5 is outside the allowed range"):
+        launch_block_sparse(q, q, q, good, ultravico=dict(window=window, alpha=1.5, restrict_first_frame=True))
+    with pytest.raises(ValueError, match="one shape"):
+        launch_ultravico(q, q[:, :128], q[:, :128], window, 0.9)
+    with pytest.raises(ValueError, match="alpha=0 is outside"):
+        launch_ultravico(q, q, q, window, 0)

@@ -19,10 +19,10 @@ import triton
 import triton.language as tl
 
 from ..masks import ULTRAVICO_BLOCKED_LOGIT, ExtrapolationWindow
+from .block_sparse_table import BLOCK, check_block_table, compressed_table
 from .flash_triton import load_rows, online_softmax_step, store_rows, tensor_descriptor, ultravico_rule
 
 LOG2E = 1.4426950408889634
-BLOCK = 128
 
 
 @triton.jit
@@ -92,35 +92,9 @@ def supports(query: torch.Tensor, key: torch.Tensor, block_size: int) -> bool:
         query.is_cuda
         and query.dtype in (torch.float16, torch.bfloat16)
         and query.shape[-1] in (64, 128)
-        and query.shape[1] == key.shape[1]
+        and query.shape == key.shape
         and block_size == BLOCK
     )
-
-
-def compress_block_table(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(counts ``[B, H, q_blocks]``, ascending kept indices ``[B, H, q_blocks, kv_blocks]``, query blocks by
-    descending count ``[B, H, q_blocks]``: the order programs take them) of a bool table."""
-    counts = blocks.sum(-1, dtype=torch.int32)
-    indices = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-    order = torch.argsort(counts, dim=-1, descending=True, stable=True).to(torch.int32)
-    return counts.contiguous(), indices.contiguous(), order.contiguous()
-
-
-COMPRESSED_ATTR = "_attn_ext_compressed"
-
-
-def cached_compressed_table(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`compress_block_table` of ``blocks``, kept on the tensor until it is changed in place (its version
-    counter moves). The sparse processors reuse one mask tensor across calls (radial: per grid; adaptive: per
-    cache window) and never change it in place, so the sorts run once per mask, not once per attention call.
-    Tensors made under ``torch.inference_mode`` have no version counter: their table is kept for their lifetime."""
-    version = None if blocks.is_inference() else blocks._version
-    cached = getattr(blocks, COMPRESSED_ATTR, None)
-    if cached is not None and cached[0] == version:
-        return cached[1]
-    compressed = compress_block_table(blocks)
-    setattr(blocks, COMPRESSED_ATTR, (version, compressed))
-    return compressed
 
 
 DEFAULT_CONFIG = dict(num_warps=8, num_stages=3)
@@ -133,8 +107,9 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     of 128x128 blocks; returns ``[B, N, H, D]``. ``ultravico`` (``window``, ``alpha``, ``restrict_first_frame``,
     as the UltraViCo score_mod carries them) applies UltraViCo's rule inside the kept blocks: the two methods
     composed in one kernel. The window must cover the whole sequence (video only)."""
-    if not supports(query, key, BLOCK):
-        raise ValueError("block_sparse_attention needs CUDA fp16/bf16 [B, N, H, 64|128] self-attention tensors")
+    if not supports(query, key, BLOCK) or value.shape != query.shape:
+        raise ValueError("block_sparse_attention needs CUDA fp16/bf16 [B, N, H, 64|128] self-attention tensors "
+                         "(query, key and value of one shape)")
     return launch_block_sparse(query, key, value, blocks, scale, config, ultravico)
 
 
@@ -144,12 +119,13 @@ def launch_block_sparse(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     """:func:`block_sparse_attention` without the device check (Triton's CPU interpreter runs it in the tests)."""
     batch, n, heads, head_dim = query.shape
     q_blocks = triton.cdiv(n, BLOCK)
-    if blocks.shape[-2:] != (q_blocks, q_blocks):
-        raise ValueError(f"block table of shape {tuple(blocks.shape)} does not cover {n} tokens in blocks of {BLOCK}")
+    check_block_table(blocks, batch, heads, n)
     window: ExtrapolationWindow | None = ultravico["window"] if ultravico else None
     if window is not None and (window.video_start != 0 or window.video_tokens != n):
         raise ValueError("the fused UltraViCo rule needs a video-only sequence (video_start 0, all tokens video)")
-    counts, indices, order = cached_compressed_table(blocks)
+    if window is not None and not 0 < ultravico["alpha"] <= 1:
+        raise ValueError(f"alpha={ultravico['alpha']!r} is outside the allowed range (0, 1]")
+    counts, indices, order = compressed_table(blocks)
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # contiguous: the descriptor writes it
     scale = head_dim**-0.5 if scale is None else scale
 

@@ -14,8 +14,10 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 def tensor_descriptor(x: torch.Tensor, block_rows: int) -> TensorDescriptor:
     """A descriptor of ``[B, N, H, D]`` with ``block_rows x D`` tiles of one (batch, head), for Hopper's bulk
     tensor copy engine: rows past ``N`` read as zeros and are not written. The engine needs a unit last stride
-    and 16-byte aligned other strides; ``x`` is copied otherwise (never pass an output that would be copied)."""
-    if x.stride(-1) != 1 or any(stride * x.element_size() % 16 for stride in x.stride()[:-1]):
+    and a 16-byte aligned base and other strides; ``x`` is copied otherwise (never pass an output that would be
+    copied)."""
+    if (x.stride(-1) != 1 or x.data_ptr() % 16
+            or any(stride * x.element_size() % 16 for stride in x.stride()[:-1])):
         x = x.contiguous()
     return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, block_rows, 1, x.shape[-1]])
 

@@ -147,6 +147,11 @@ def launch_ultravico(
     restrict_first_frame: bool = True, scale: float | None = None, config: dict | None = None,
 ) -> torch.Tensor:
     """:func:`ultravico_attention` without the device check (Triton's CPU interpreter runs it in the tests)."""
+    if key.shape != query.shape or value.shape != query.shape:
+        raise ValueError(f"query, key and value must have one shape [B, N, H, D], got {tuple(query.shape)}, "
+                         f"{tuple(key.shape)} and {tuple(value.shape)}")
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha={alpha!r} is outside the allowed range (0, 1]")
     config = {**DEFAULT_CONFIG, **(config or {})}
     batch, n, heads, head_dim = query.shape
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # contiguous: the descriptor writes it

@@ -24,6 +24,7 @@ import math
 import torch
 
 from ..families.base import AttentionCall
+from ..kernels.block_sparse_table import mark_static
 from ..parallel import ParallelLayout, sequence_sum
 from .radial_sparse import SparseVideoProcessor, dense_text_blocks, set_block_mask
 
@@ -152,7 +153,7 @@ class AdaptiveSparseProcessor(SparseVideoProcessor):
                 call.require_grid(self.method).num_tokens,
             )
             text = dense_text_blocks(call, pattern.shape[-1], self.block_size, pattern.device)
-            cache[key] = (window, pattern | text)
+            cache[key] = (window, mark_static(pattern | text))
         return cache[key][1]
 
     def edit_attention(self, call: AttentionCall) -> None:

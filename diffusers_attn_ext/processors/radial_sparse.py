@@ -16,6 +16,7 @@ import re
 import torch
 
 from ..families.base import AttentionCall
+from ..kernels.block_sparse_table import mark_static
 from ..masks import RADIAL_MODELS, radial_block_mask
 from .base import AttnExtProcessor
 
@@ -148,7 +149,7 @@ class RadialSparseProcessor(SparseVideoProcessor):
         cache = call.context.state.setdefault("radial_sparse_masks", {})
         if key not in cache:
             video = radial_block_mask(grid.frames, grid.tokens_per_frame, self.block_size, self.decay_factor, self.model)
-            cache[key] = joint_block_mask(video, call, self.block_size).to(call.query.device)
+            cache[key] = mark_static(joint_block_mask(video, call, self.block_size).to(call.query.device))
         return cache[key]
 
     def edit_attention(self, call: AttentionCall) -> None:
