@@ -124,3 +124,43 @@ def test_bad_input_raises(pipe_for):
     with pytest.raises(ValueError, match="background_prompt_embeds of shape"):
         traj(**tiny_call_kwargs("wan", **SIZE), trajectory=MOVING, background_prompt_embeds=torch.zeros(1, 4, 7),
              foreground_prompt_embeds=split_embeds()["foreground_prompt_embeds"])
+
+
+def test_cogvideox_default_num_frames_is_the_config_sample_frames(pipe_for):
+    pipe = CogVideoXTrajectoryPipeline.from_pipe(pipe_for("cogvideox"))
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = tiny_call_kwargs("cogvideox", **SIZE)
+    assert kwargs.pop("num_frames") == pipe.transformer.config.sample_frames == 9
+    out = torch.as_tensor(pipe(**kwargs, trajectory=MOVING)[0])
+    assert out.shape[1] == 9 and torch.isfinite(out).all()
+
+
+def test_wan_num_frames_that_the_pipeline_would_round_raises(pipe_for):
+    traj = trajectory_pipe(pipe_for("wan"))
+    ten = Trajectory.static((0, 0, 32, 32), 10, 64, 64)
+    with pytest.raises(ValueError, match=r"num_frames=10 with a trajectory must be 4k \+ 1"):
+        traj(**tiny_call_kwargs("wan", **SIZE, num_frames=10), trajectory=ten)
+
+
+def test_second_expert_transformer_raises(pipe_for):
+    traj = trajectory_pipe(pipe_for("wan"))
+    traj.transformer_2 = traj.transformer
+    with pytest.raises(ValueError, match="transformer_2"):
+        traj(**tiny_call_kwargs("wan", **SIZE), trajectory=MOVING)
+    traj.transformer_2 = None
+
+
+def test_fg_bg_batch_is_checked_against_the_prompts_and_repeated_per_video(pipe_for):
+    traj = trajectory_pipe(pipe_for("wan"))
+    first, second = split_embeds(1), split_embeds(2)
+    pair = {name: torch.cat([first[name], second[name]]) for name in first}
+    with pytest.raises(ValueError, match=r"batch size 2 but the call has 1 prompt\(s\) \(1 videos\)"):
+        call(traj, trajectory=MOVING, **pair)
+    # Two prompts, two videos each: each prompt's split is repeated for the videos of that prompt.
+    call_kwargs = {"prompt": ["a", "b"], "num_videos_per_prompt": 2}
+    background, foreground = traj.foreground_background_text(
+        None, None, pair["foreground_prompt_embeds"], pair["background_prompt_embeds"], call_kwargs)
+    assert torch.equal(background, pair["background_prompt_embeds"].repeat_interleave(2, dim=0))
+    assert torch.equal(foreground, pair["foreground_prompt_embeds"].repeat_interleave(2, dim=0))
+    out = torch.as_tensor(traj(**tiny_call_kwargs("wan", batch_size=2, **SIZE), trajectory=MOVING, **pair)[0])
+    assert out.shape[0] == 2 and torch.isfinite(out).all()

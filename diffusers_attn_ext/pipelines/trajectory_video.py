@@ -17,6 +17,8 @@ No trajectory: the parent pipeline, unchanged.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from diffusers import CogVideoXPipeline, WanPipeline
 from diffusers.hooks import HookRegistry, ModelHook
@@ -81,14 +83,23 @@ class _TrajectoryCall:
             return super().__call__(*args, **kwargs)
         if not isinstance(trajectory, Trajectory):
             raise ValueError(f"trajectory must be a Trajectory or None, got {type(trajectory).__name__!r}")
+        if getattr(self, "transformer_2", None) is not None:
+            raise ValueError(
+                "this pipeline has a second expert transformer_2 (Wan 2.2), which trajectory control would leave "
+                "stock for the low-noise steps: load the pipeline with transformer_2=None"
+            )
         self.check_rope()
-        height = kwargs.get("height") or self.default_video_size()[0]
-        width = kwargs.get("width") or self.default_video_size()[1]
-        trajectory.check_video(kwargs.get("num_frames") or self.default_num_frames(), height, width)
+        # The parent's arguments by name, whether given by position or keyword.
+        call_kwargs = inspect.signature(super().__call__).bind_partial(*args, **kwargs).arguments
+        height = call_kwargs.get("height") or self.default_video_size()[0]
+        width = call_kwargs.get("width") or self.default_video_size()[1]
+        num_frames = call_kwargs.get("num_frames") or self.default_num_frames()
+        self.check_num_frames(num_frames)
+        trajectory.check_video(num_frames, height, width)
         frame_stride = self.vae_scale_factor_temporal * (self.transformer.config.get("patch_size_t") or 1)
         processors = [STDRoPEProcessor(trajectory, rope_steps, frame_stride, isolate_duplicates)]
         text = self.foreground_background_text(foreground_prompt, background_prompt, foreground_prompt_embeds,
-                                               background_prompt_embeds, kwargs)
+                                               background_prompt_embeds, call_kwargs)
         if text is not None:
             background, foreground = text
             processors.append(ForegroundBackgroundCrossAttnProcessor(
@@ -111,7 +122,12 @@ class _TrajectoryCall:
         return 480, 832
 
     def default_num_frames(self) -> int:
+        """Frames the parent pipeline makes when the call gives no ``num_frames``."""
         return 81
+
+    def check_num_frames(self, num_frames: int) -> None:
+        """ValueError when the parent pipeline would change ``num_frames`` (the trajectory has one box per
+        requested frame). Default: any count is kept."""
 
     def foreground_background_text(self, foreground_prompt, background_prompt, foreground_prompt_embeds,
                                    background_prompt_embeds, call_kwargs) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -157,7 +173,29 @@ class WanTrajectoryPipeline(_TrajectoryCall, WanPipeline):
         if parts[0].shape[0] != parts[1].shape[0]:
             raise ValueError(f"background_prompt_embeds and foreground_prompt_embeds have batch sizes "
                              f"{parts[0].shape[0]} and {parts[1].shape[0]}")
+        prompt, prompt_embeds = call_kwargs.get("prompt"), call_kwargs.get("prompt_embeds")
+        if prompt is not None:
+            prompts = 1 if isinstance(prompt, str) else len(prompt)
+        else:
+            prompts = prompt_embeds.shape[0] if prompt_embeds is not None else 1
+        per_prompt = call_kwargs.get("num_videos_per_prompt") or 1
+        text_batch = parts[0].shape[0]
+        if text_batch not in (1, prompts):
+            raise ValueError(
+                f"the foreground/background prompts have batch size {text_batch} but the call has {prompts} "
+                f"prompt(s) ({prompts * per_prompt} videos): give 1 or {prompts} foreground/background prompts"
+            )
+        if text_batch > 1:
+            parts = [embeds.repeat_interleave(per_prompt, dim=0) for embeds in parts]
         return parts[0].to(self._execution_device), parts[1].to(self._execution_device)
+
+    def check_num_frames(self, num_frames: int) -> None:
+        temporal = self.vae_scale_factor_temporal
+        if num_frames % temporal != 1:
+            raise ValueError(
+                f"num_frames={num_frames} with a trajectory must be {temporal}k + 1 (WanPipeline would round it "
+                f"to {num_frames // temporal * temporal + 1} frames, and the trajectory has one box per frame)"
+            )
 
 
 class CogVideoXTrajectoryPipeline(_TrajectoryCall, CogVideoXPipeline):
@@ -181,4 +219,4 @@ class CogVideoXTrajectoryPipeline(_TrajectoryCall, CogVideoXPipeline):
         return self.transformer.config.sample_height * scale, self.transformer.config.sample_width * scale
 
     def default_num_frames(self) -> int:
-        return 49
+        return self.transformer.config.sample_frames
