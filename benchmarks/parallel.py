@@ -53,18 +53,13 @@ def methods(smoke: bool) -> dict:
     }
 
 
-def install_like_stock(model, processors) -> None:
-    """``install`` and give the new processors the backend and parallel config that diffusers set on the stock
-    ones (``set_attention_backend`` / ``enable_parallelism`` ran before the install)."""
+def install_methods(model, processors) -> None:
+    """``install`` (it keeps the backend and parallel config diffusers set on the stock processors) and declare
+    the batch as a conditional row and a perturbed row."""
     if not processors:
         return
-    before = {name: module.processor for name, module in model.named_modules() if hasattr(module, "set_processor")}
     install(model, *processors)
     get_context(model.blocks[0].attn1).set_branch_labels(("cond", "perturbed"))
-    for name, module in model.named_modules():
-        if name in before and module.processor is not before[name]:
-            module.processor._attention_backend = before[name]._attention_backend
-            module.processor._parallel_config = before[name]._parallel_config
 
 
 def forward_fn(model, inputs):
@@ -120,7 +115,7 @@ def main():
 
     rows = []
     for name, make in methods(smoke).items():
-        install_like_stock(base, make())
+        install_methods(base, make())
         reference, single_ms = timed(forward_fn(base, inputs), smoke)
         uninstall(base)
         for mode, model in parallel.items():
@@ -131,7 +126,7 @@ def main():
                             "note": "diffusers' ring on dense layers needs an LSE backend (GPU only)"})
                 rows.append(row)
                 continue
-            install_like_stock(model, make())
+            install_methods(model, make())
             out, parallel_ms = timed(forward_fn(model, inputs), smoke)
             uninstall(model)
             diff = ((out.float() - reference.float()).abs().max() / reference.float().abs().max()).item()

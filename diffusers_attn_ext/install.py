@@ -74,11 +74,10 @@ def _check_processors(processors: tuple) -> None:
 def _inherit_runtime(new: AttnExtProcessor, old: Any) -> None:
     """Carry over what diffusers' ``set_attention_backend`` / ``enable_parallelism`` set on the processor being
     replaced (they configure processor objects in place), so that installing after them keeps the backend and
-    the context-parallel config."""
+    the context-parallel config; and so that a processor reused on another transformer does not keep settings
+    from the last one."""
     for attr in ("_attention_backend", "_parallel_config"):
-        value = getattr(old, attr, None)
-        if value is not None and getattr(new, attr, None) is None:
-            setattr(new, attr, value)
+        setattr(new, attr, getattr(old, attr, None))
 
 
 def install(target: Any, *processors: AttnExtProcessor, layers: str | list[str] | None = None) -> AttnExtProcessor:

@@ -96,6 +96,7 @@ def ulysses_head_range(num_heads: int, degree: int, rank: int, anything: bool = 
 def ulysses_head_owner(head: int, num_heads: int, degree: int, anything: bool = False) -> tuple[int, int]:
     """``(rank, local head)`` holding global ``head`` under Ulysses of ``degree`` (see :func:`ulysses_head_range`)."""
     _check_index("head", head, num_heads)
+    _check_positive("degree", degree)
     for rank in range(degree):
         heads = ulysses_head_range(num_heads, degree, rank, anything)
         if head in heads:
@@ -241,7 +242,7 @@ def offset_block_mask(
     A local query block spans global rows ``(q0 + a*bs) // bs`` .. ``(q0 + a*bs + bs - 1) // bs`` (two when
     ``q0`` is not a multiple of ``bs``). Key blocks kept by both rows are full blocks (no mask evaluated), key
     blocks kept by one are partial (the token-level mask reads the global table at ``(q + q0) // bs``), key
-    blocks kept by neither are skipped: the rank reads only the K/V blocks its rows keep.
+    blocks kept by neither are skipped in compute (all K/V blocks were gathered; only kept ones are read).
     """
     q_blocks = -(-q_len // block_size)
     first = (query_offset + torch.arange(q_blocks, device=blocks.device) * block_size) // block_size

@@ -42,6 +42,11 @@ def test_inspect_bad_input_is_an_error_naming_the_parameter(tmp_path, capsys):
     assert "heads has index 7" in capsys.readouterr().err
     assert main(["inspect", "--family", "wan", "--output", str(tmp_path), "--layers", "nothing"]) == 2
     assert "layers pattern 'nothing'" in capsys.readouterr().err
+    assert main(["inspect", "--family", "wan", "--output", str(tmp_path), "--num-inference-steps", "0"]) == 2
+    assert "num_inference_steps=0 must be an integer >= 1" in capsys.readouterr().err
+    assert main(["inspect", "--family", "wan", "--output", str(tmp_path), "--num-inference-steps", "2",
+                 "--steps", "7"]) == 2
+    assert "steps=[7] must be below num_inference_steps=2" in capsys.readouterr().err
 
 
 def test_bench_lists_and_checks_before_running(capsys, monkeypatch):

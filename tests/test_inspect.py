@@ -154,6 +154,9 @@ def test_inspector_records_what_runs_and_changes_nothing(pipe_for, stock_outputs
     far = lambda inspector: inspector.layer_statistics("blocks.1.attn1").temporal[0, 1:].sum()  # noqa: E731
     assert far(damped) != far(plain)
     assert all(type(p).__name__ == "WanAttnProcessor" for p in pipe.transformer.attn_processors.values())
+    rows = merged.rows
+    inspect_pipeline(pipe, inspector=plain, **tiny_call_kwargs("wan"))  # a second run records that run only
+    assert plain.layer_statistics("blocks.1.attn1").rows == rows
 
 
 def test_save_writes_summary_and_plots(pipe_for, tmp_path):

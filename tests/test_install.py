@@ -85,3 +85,17 @@ def test_install_after_set_attention_backend_keeps_the_backend(pipe_for):
         uninstall(pipe)
         pipe.transformer.reset_attention_backend()
     assert all(p._attention_backend is None for p in pipe.transformer.attn_processors.values())
+
+
+def test_a_processor_reused_elsewhere_does_not_keep_the_last_backend(pipe_for):
+    pipe = pipe_for("wan")
+    processor = StockAttnProcessor()
+    pipe.transformer.set_attention_backend("native")
+    try:
+        install(pipe, processor)
+        assert processor._attention_backend is not None
+    finally:
+        uninstall(pipe)
+        pipe.transformer.reset_attention_backend()
+    install(pipe, processor)  # the stock processors have no backend set now
+    assert processor._attention_backend is None

@@ -260,10 +260,12 @@ def inspect_pipeline(pipe, *methods: AttnExtProcessor, inspector: AttentionInspe
     at every step) installed after them; the processors that were there are restored afterwards.
 
     The inspector's layers and heads are checked against the transformer first (ValueError for an unknown
-    layer or a head out of range). Returns (pipeline output, inspector).
+    layer or a head out of range), and its records are cleared: they hold this run only, also after a run that
+    raised. Returns (pipeline output, inspector).
     """
     inspector = AttentionInspector() if inspector is None else inspector
     inspector.validate(pipe.transformer)
+    inspector.reset()
     with installed(pipe, *methods, inspector):
         output = pipe(**call_kwargs)
     return output, inspector

@@ -34,6 +34,10 @@ def run_inspection(
     (with the family, model and files) to ``output``. Returns the summary's path."""
     if family not in FAMILIES:
         raise ValueError(f"family={family!r} is not one of {FAMILIES}")
+    if num_inference_steps is not None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+        raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
+    if steps is not None and num_inference_steps is not None and any(step >= num_inference_steps for step in steps):
+        raise ValueError(f"steps={list(steps)} must be below num_inference_steps={num_inference_steps}")
     inspector = AttentionInspector(layers=layers, heads=heads, steps=steps)
     if model is None:
         pipe, call_kwargs = tiny_pipeline(family)
