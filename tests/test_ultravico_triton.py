@@ -20,12 +20,14 @@ CHECK = textwrap.dedent(
     from diffusers_attn_ext.kernels import ultravico_triton as ut
     from diffusers_attn_ext.masks import ExtrapolationWindow, ultravico_reference
 
-    # (tokens per frame, trained frames, frames, BLOCK_M, BLOCK_N, first-frame rule): partial last blocks,
-    # a 2-frame window, the rule off, and blocks smaller than a frame.
-    for frame, train, frames, bm, bn, restrict in [(37, 3, 8, 64, 32, True), (36, 2, 8, 32, 32, True),
-                                                   (37, 3, 8, 64, 32, False), (16, 4, 12, 32, 16, True)]:
+    # (tokens per frame, trained frames, frames, BLOCK_M, BLOCK_N, first-frame rule, head dim): partial last
+    # blocks, a 2-frame window, the rule off, blocks smaller than a frame, and the shipped 128x128 tiles at d 128.
+    for frame, train, frames, bm, bn, restrict, dim in [
+        (37, 3, 8, 64, 32, True, 64), (36, 2, 8, 32, 32, True, 64), (37, 3, 8, 64, 32, False, 64),
+        (16, 4, 12, 32, 16, True, 64), (50, 3, 10, 128, 128, True, 128),
+    ]:
         w = ExtrapolationWindow(frame, train, 0, frame * frames)
-        n, heads, dim = w.video_tokens, 2, 64
+        n, heads = w.video_tokens, 2
         g = torch.Generator().manual_seed(frame + train)
         q, k, v = (torch.randn(2, n, heads, dim, generator=g) for _ in range(3))
         config = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
