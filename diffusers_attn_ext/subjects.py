@@ -11,7 +11,8 @@ On a token grid of ``H x W`` a box covers rows ``round(y0 H) .. round(y1 H) - 1`
 reference subject into the target subject's box: the reference region cropped to its bounding rectangle is
 resized onto the target's bounding rectangle, as ``F.interpolate`` does it (the authors use ``nearest``):
 
-- nearest: target token ``(y, x)`` takes reference token ``(r0 + floor((y - t0) h_r / h_t), ...)``;
+- nearest: target token ``(y, x)`` takes reference token ``(r0 + floor((y - t0) s), ...)`` with the scale
+  ``s = h_r / h_t`` in float32, as PyTorch computes it (the indices are taken from ``F.interpolate`` itself);
 - bilinear (align_corners=False): source coordinate ``r0 + (y - t0 + 0.5) h_r / h_t - 0.5``, clamped to the
   reference rectangle, blended from its 2 x 2 neighbours.
 
@@ -117,11 +118,12 @@ def bounding_rect(grid: torch.Tensor) -> TokenRect:
 
 def _source_axis(start: int, size: int, target_size: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per target index 0..target_size-1: source indices ``[n, k]`` in ``start .. start + size - 1`` and weights."""
+    if mode == "nearest":
+        positions = torch.arange(size, dtype=torch.float32)[None, None, :, None]
+        src = F.interpolate(positions, size=(target_size, 1), mode="nearest")[0, 0, :, 0].long()
+        return (start + src)[:, None], torch.ones(target_size, 1, dtype=torch.float64)
     dst = torch.arange(target_size, dtype=torch.float64)
     ratio = size / target_size
-    if mode == "nearest":
-        src = torch.clamp(torch.floor(dst * ratio), max=size - 1).long()
-        return (start + src)[:, None], torch.ones(target_size, 1, dtype=torch.float64)
     pos = torch.clamp((dst + 0.5) * ratio - 0.5, min=0.0, max=size - 1)
     low = torch.floor(pos).long()
     high = torch.clamp(low + 1, max=size - 1)

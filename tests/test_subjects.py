@@ -54,6 +54,16 @@ def test_reposition_map_resamples_like_interpolate(mode):
     torch.testing.assert_close(ours, expected)
 
 
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 14, 22, 26, 30, 33, 46, 64, 69])
+def test_nearest_reposition_takes_the_indices_of_interpolate_for_every_target_size(size):
+    # PyTorch scales by a float32 ratio; a float64 floor(dst * size / target) differs e.g. for 26->22, 14->46.
+    positions = torch.arange(size, dtype=torch.float32)[None, None, :, None]
+    for target_size in range(1, 130):
+        rows, _, _ = reposition_map(TokenRect(3, 3 + size, 0, 1), TokenRect(0, target_size, 0, 1), "nearest")
+        expected = F.interpolate(positions, size=(target_size, 1), mode="nearest")[0, 0, :, 0].long()
+        assert torch.equal(rows[:, 0, 0], 3 + expected), (size, target_size)
+
+
 def test_subject_tokens_sequence_indices_with_text_first():
     layout = SubjectLayout.from_boxes([
         {"cat": (2 / 3, 0, 1, 1), "dog": (0, 0, 1 / 3, 1)},
