@@ -21,6 +21,7 @@ Source coordinates never leave the reference rectangle, so boxes at the image bo
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -69,6 +70,11 @@ Region = Box | torch.Tensor
 
 def _as_box(value, subject: str, image: int) -> Box:
     """A :class:`Box` from a Box or 4 numbers; ValueError naming the subject when it is outside the image."""
+    if not isinstance(value, Box) and len(value) != 4:
+        raise ValueError(
+            f"box of subject {subject!r} in image {image} is {tuple(value)!r}: give 4 numbers (x0, y0, x1, y1), "
+            "fractions of width and height"
+        )
     box = value if isinstance(value, Box) else Box(*(float(v) for v in value))
     inside = 0.0 <= box.x0 < box.x1 <= 1.0 and 0.0 <= box.y0 < box.y1 <= 1.0
     if not inside:
@@ -171,7 +177,7 @@ class SubjectLayout:
         ValueError, naming the subject, when: a subject has a region in some images only (every image must
         show every subject); a box lies outside the image; two subjects of one image overlap (the authors
         make subject masks disjoint, ``is_no_mask_overlap=True``, since Isolation Attention assigns every
-        token to one subject); a prompt string does not mention a subject.
+        token to one subject); a prompt string does not name a subject as a whole word (case-insensitive).
         """
         if len(boxes) == 0:
             raise ValueError("subject_boxes is empty: give one {subject: box} mapping per image, reference first")
@@ -200,7 +206,8 @@ class SubjectLayout:
             if len(prompts) != len(boxes):
                 raise ValueError(f"{len(prompts)} prompts for {len(boxes)} images of subject_boxes: give one per image")
             for name in names:
-                absent = [i for i, prompt in enumerate(prompts) if name.lower() not in prompt.lower()]
+                word = re.compile(rf"\b{re.escape(name)}\b", re.IGNORECASE)
+                absent = [i for i, prompt in enumerate(prompts) if not word.search(prompt)]
                 if absent:
                     raise ValueError(f"subject {name!r} is not named in prompt(s) {absent}: every prompt must name it")
         return cls(names, regions)

@@ -21,6 +21,7 @@ Sec. 3.2 (foreground-background separation) and Sec. 3.3 (STD-RoPE); the authors
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -31,17 +32,18 @@ from .context import TokenGrid
 Box = tuple[float, float, float, float]
 
 
-def _check_box(box: Sequence[float], frame: int, height: int, width: int) -> Box:
+def _check_box(box: Sequence[float], name: str, height: int, width: int) -> Box:
+    """The box as 4 floats; ValueError naming it (e.g. ``boxes[3]``) when it is malformed, outside or empty."""
     if len(box) != 4:
-        raise ValueError(f"boxes[{frame}]={tuple(box)!r} must be (left, top, right, bottom) in pixels")
+        raise ValueError(f"{name}={tuple(box)!r} must be (left, top, right, bottom) in pixels")
     left, top, right, bottom = (float(v) for v in box)
     if not (0 <= left <= width and 0 <= right <= width and 0 <= top <= height and 0 <= bottom <= height):
         raise ValueError(
-            f"boxes[{frame}]={tuple(box)!r} lies outside the {width}x{height} frame: allowed left, right in "
+            f"{name}={tuple(box)!r} lies outside the {width}x{height} frame: allowed left, right in "
             f"[0, {width}] and top, bottom in [0, {height}] pixels"
         )
     if right <= left or bottom <= top:
-        raise ValueError(f"boxes[{frame}]={tuple(box)!r} is empty: need right > left and bottom > top")
+        raise ValueError(f"{name}={tuple(box)!r} is empty: need right > left and bottom > top")
     return left, top, right, bottom
 
 
@@ -80,7 +82,7 @@ class Trajectory:
             raise ValueError(f"height={self.height!r}, width={self.width!r} must be positive integers (pixels)")
         if len(self.boxes) == 0:
             raise ValueError("boxes is empty: give one box per video frame")
-        checked = tuple(_check_box(box, i, self.height, self.width) for i, box in enumerate(self.boxes))
+        checked = tuple(_check_box(box, f"boxes[{i}]", self.height, self.width) for i, box in enumerate(self.boxes))
         object.__setattr__(self, "boxes", checked)
 
     @property
@@ -90,8 +92,11 @@ class Trajectory:
     @classmethod
     def from_key_boxes(cls, key_boxes: Mapping[int, Sequence[float]], num_frames: int, height: int,
                        width: int) -> Trajectory:
-        """Boxes at a few frames, linearly interpolated in between (``utils.plan_path``); frames before the
-        first key or after the last hold that key's box.
+        """Boxes at a few frames, linearly interpolated in between (``utils.plan_path``).
+
+        Deviation: frames before the first key or after the last hold that key's box, where the authors'
+        ``plan_path`` extrapolates the line (with a list-nesting bug); their scripts always give keys at the
+        first and last frame, where both agree. Holding lets one key give a static box.
 
         Args:
             key_boxes: ``{frame index: (left, top, right, bottom)}`` in pixels, frame indices in
@@ -101,11 +106,17 @@ class Trajectory:
             raise ValueError(f"num_frames={num_frames!r} must be a positive integer")
         if not key_boxes:
             raise ValueError("key_boxes is empty: give at least one {frame: box}")
-        frames = sorted(key_boxes)
-        outside = [f for f in frames if not isinstance(f, int) or not 0 <= f < num_frames]
+        indexed = {}
+        for frame, box in key_boxes.items():
+            try:
+                indexed[operator.index(frame)] = box
+            except TypeError:
+                raise ValueError(f"key_boxes frame {frame!r} must be an integer frame index") from None
+        frames = sorted(indexed)
+        outside = [f for f in frames if not 0 <= f < num_frames]
         if outside:
             raise ValueError(f"key_boxes frames {outside} are outside the allowed range [0, {num_frames - 1}]")
-        key_boxes = {f: _check_box(key_boxes[f], f, height, width) for f in frames}
+        key_boxes = {f: _check_box(indexed[f], f"key_boxes[{f}]", height, width) for f in frames}
         boxes = []
         for frame in range(num_frames):
             if frame <= frames[0]:

@@ -111,3 +111,15 @@ def test_subject_named_in_one_prompt_only_is_a_value_error_naming_it():
     boxes = [{"dog": (0, 0, 0.5, 1), "cat": (0.5, 0, 1, 1)}] * 2
     with pytest.raises(ValueError, match=r"subject 'cat' is not named in prompt\(s\) \[1\]"):
         SubjectLayout.from_boxes(boxes, prompts=["a dog and a cat", "a dog on a beach"])
+
+
+def test_box_of_three_numbers_is_a_value_error_naming_subject_and_image():
+    with pytest.raises(ValueError, match=r"box of subject 'dog' in image 1 is \(0, 0, 0.5\): give 4 numbers"):
+        SubjectLayout.from_boxes([{"dog": (0, 0, 0.5, 1)}, {"dog": (0, 0, 0.5)}])
+
+
+def test_subject_must_be_named_as_a_whole_word():
+    boxes = [{"cat": (0, 0, 0.5, 1)}] * 2
+    with pytest.raises(ValueError, match=r"subject 'cat' is not named in prompt\(s\) \[0\]"):
+        SubjectLayout.from_boxes(boxes, prompts=["a category of things", "a cat"])
+    assert SubjectLayout.from_boxes(boxes, prompts=["A Cat, sleeping", "the cat."]).names == ("cat",)

@@ -146,3 +146,15 @@ def test_drawing_and_gif_export(tmp_path):
             export_mp4(drawn, tmp_path / "t.mp4")
     else:
         assert export_mp4(drawn, tmp_path / "t.mp4").stat().st_size > 0
+
+
+def test_bad_key_box_is_named_by_its_key_and_numpy_frames_are_integers():
+    with pytest.raises(ValueError, match=r"key_boxes\[8\]=\(0, 0, 80, 16\) lies outside"):
+        Trajectory.from_key_boxes({0: (0, 0, 16, 16), 8: (0, 0, 80, 16)}, 9, 64, 64)
+    with pytest.raises(ValueError, match=r"key_boxes\[0\]=\(0, 0, 16\) must be \(left, top, right, bottom\)"):
+        Trajectory.from_key_boxes({0: (0, 0, 16)}, 9, 64, 64)
+    numpy = pytest.importorskip("numpy")
+    keyed = Trajectory.from_key_boxes({numpy.int64(0): (0, 0, 16, 16), numpy.int64(8): (16, 0, 32, 16)}, 9, 64, 64)
+    assert keyed == Trajectory.from_key_boxes({0: (0, 0, 16, 16), 8: (16, 0, 32, 16)}, 9, 64, 64)
+    with pytest.raises(ValueError, match=r"key_boxes frame 0.5 must be an integer frame index"):
+        Trajectory.from_key_boxes({0.5: (0, 0, 16, 16)}, 9, 64, 64)
