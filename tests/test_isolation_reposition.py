@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import run
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -48,12 +49,19 @@ def test_allowed_pairs_of_a_two_subject_layout_equal_the_hand_table():
     assert torch.equal(allowed_pairs(plans, 7), EXPECTED)
 
 
+def rope64(x, cos, sin):
+    """FLUX's real RoPE (``use_real_unbind_dim=-1``) in float64 on ``[..., S, H, D]`` with ``cos, sin [S, D]``;
+    diffusers' ``apply_rotary_emb`` rounds ``x`` to float32 first."""
+    real, imag = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return x * cos[:, None] + torch.stack([-imag, real], -1).flatten(-2) * sin[:, None]
+
+
 def reference_float64(query, key, value, plans, table, rotary=None):
     """Explicit float64 attention of each target row over [own keys, repositioned keys] with a -inf bias.
     With ``rotary`` (cos, sin), ``key`` is raw: own keys are rotated at their positions and repositioned keys,
     resampled from the raw reference keys, at their new positions."""
     def rotate(x, positions):
-        return x if rotary is None else apply_rotary_emb(x[None], tuple(r[positions] for r in rotary), sequence_dim=1)[0]
+        return x if rotary is None else rope64(x, *(r[positions] for r in rotary))
 
     everywhere = torch.arange(key.shape[1])
     rotated = torch.stack([rotate(row, everywhere) for row in key])
@@ -90,13 +98,15 @@ def test_repositioned_rope_keys_carry_the_rope_of_their_new_position(mode):
     raw_key = torch.randn(7, 2, 8, generator=g, dtype=torch.float64)
     angles = torch.randn(7, 4, generator=g, dtype=torch.float64).repeat_interleave(2, -1)
     rotary = (angles.cos(), angles.sin())
-    rotated = apply_rotary_emb(raw_key[None], rotary, sequence_dim=1)[0]
+    rotated = rope64(raw_key, *rotary)
     for tokens in subject_tokens(LAYOUT, 1, 2, 3, visual_start=1, seq_len=7, mode=mode):
         ours, _ = repositioned_reference(rotated, raw_key, tokens, rotary)
         resampled = (raw_key[tokens.ref_sources] * tokens.ref_weights[..., None, None]).sum(1)
         at_new = tuple(r[tokens.ref_positions] for r in rotary)
+        torch.testing.assert_close(ours, rope64(resampled, *at_new), rtol=1e-12, atol=1e-12)
+        # diffusers' rotation of the resampled raw keys, to float32 rounding
         expected = apply_rotary_emb(resampled[None], at_new, sequence_dim=1)[0]
-        torch.testing.assert_close(ours, expected.float().to(ours.dtype), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["nearest", "bilinear"])
@@ -106,7 +116,7 @@ def test_rope_and_dropped_keys_through_the_kernel_equal_the_float64_reference(mo
     query, raw_key, value = (torch.randn(2, 7, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
     angles = torch.randn(7, 4, generator=g, dtype=torch.float64).repeat_interleave(2, -1)
     rotary = (angles.cos(), angles.sin())
-    rotated = apply_rotary_emb(raw_key, rotary, sequence_dim=1)
+    rotated = rope64(raw_key, *rotary)
     plans = subject_tokens(LAYOUT, 1, 2, 3, visual_start=1, seq_len=7, mode=mode)
     keep = {(1, 0): torch.tensor([True, False]), (1, 1): torch.tensor([1])}
     kept = [replace(p, ref_sources=p.ref_sources[k], ref_weights=p.ref_weights[k], ref_positions=p.ref_positions[k])
@@ -116,7 +126,7 @@ def test_rope_and_dropped_keys_through_the_kernel_equal_the_float64_reference(mo
     ours = isolation_reposition_attention(query, rotated, value, stock.clone(), [plans], rotary, keep=keep,
                                           max_chunk_bytes=1)
     expected = reference_float64(query, raw_key, value, kept, allowed_pairs(kept, 7), rotary)
-    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)  # repositioned keys are rotated in float32
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_heads_per_chunk_by_hand():
@@ -191,11 +201,16 @@ def test_working_memory_stays_under_the_budget_and_no_query_by_key_tensor_exists
     assert peaks[40_000] < peaks[80_000] < peaks[2**30]  # the budget is what bounds the working memory
 
 
-def test_reference_dropout_keeps_at_least_one_key_and_is_reproducible():
+def test_reference_dropout_of_every_key_keeps_them_all_and_is_reproducible():
+    # The authors' _dropout_mask restores the undropped mask when every key would be dropped.
     processor = IsolationRepositionProcessor(LAYOUT, reference_dropout=0.99, dropout_seed=3)
     plans = processor.plans(2, 3, 1, 7, "cpu")
     first, again = processor.keep_masks(plans, 5), processor.keep_masks(plans, 5)
-    assert all(bool(mask.any()) for mask in first.values())
+    generator = torch.Generator().manual_seed(3 + 5)
+    for s, tokens in enumerate(plans[0]):
+        drawn = torch.rand(tokens.ref_positions.numel(), generator=generator) >= 0.99
+        assert torch.equal(first[(1, s)], drawn if bool(drawn.any()) else torch.ones_like(drawn))
+    assert all(bool(mask.all()) for mask in first.values())  # 2 keys per subject at p = 0.99: all dropped
     assert all(torch.equal(first[k], again[k]) for k in first)
 
 
@@ -208,6 +223,22 @@ def test_one_image_without_subjects_is_stock(family, pipe_for, stock_outputs):
     finally:
         uninstall(pipe)
     assert torch.equal(out, stock_outputs(family))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_two_images_outside_the_steps_are_stock_and_inside_are_not(family, pipe_for):
+    pipe = pipe_for(family)
+    stock = run(pipe, family, batch_size=2)
+    layout = SubjectLayout.from_boxes([{"dog": (0, 0, 0.5, 1)}, {"dog": (0.5, 0, 1, 1)}])
+    outputs = {}
+    for start_step in (1, 2):  # the tiny call runs steps 0 and 1
+        install(pipe, IsolationRepositionProcessor(layout, start_step=start_step))
+        try:
+            outputs[start_step] = run(pipe, family, batch_size=2)
+        finally:
+            uninstall(pipe)
+    assert torch.equal(outputs[2], stock)
+    assert torch.equal(outputs[1][0], stock[0]) and not torch.equal(outputs[1][1], stock[1])
 
 
 def test_bad_settings_are_value_errors():

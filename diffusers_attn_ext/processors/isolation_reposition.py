@@ -29,7 +29,7 @@ allowed keys (the row's own keys but the other subjects' tokens, then the subjec
 keys, dropped ones left out) are gathered into one contiguous K and V, so the gather is the mask and the
 fused kernels (flash, cuDNN, memory-efficient) apply; the results are scattered back into the output rows.
 Nothing of size queries x keys is materialised by this code. Memory: the heads of one chunk are chosen so that
-its gathered K, V, Q and SDPA's output, or K, V and the float32 temporaries of the resampling, stay under
+its gathered K, V, Q and SDPA's output, or K, V and the float32 (float64) temporaries of the resampling, stay under
 ``max_chunk_bytes`` (see :func:`heads_per_chunk`); at least one head per chunk.
 """
 
@@ -52,8 +52,8 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """FLUX's real RoPE (diffusers ``apply_rotary_emb``, ``use_real_unbind_dim=-1``) applied in place to a
-    float32 ``[M, H, D]`` the caller owns, with per-token ``cos, sin`` of shape ``[M, D]``: ``x cos + rot(x) sin``
+    """FLUX's real RoPE (diffusers ``apply_rotary_emb``, ``use_real_unbind_dim=-1``) applied in place to an
+    accumulation-dtype ``[M, H, D]`` the caller owns, with per-token ``cos, sin`` of shape ``[M, D]``: ``x cos + rot(x) sin``
     (the same operations as diffusers', so the same rounding)."""
     real, imag = x.unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack([-imag, real], -1).flatten(-2)
@@ -62,14 +62,15 @@ def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
 
 def _rope_deltas(rotary, tokens: SubjectTokens, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of ``m - n`` for every repositioned key (target position m) and source tap n: ``[M, k, D]``
-    float32, from FLUX's ``(cos, sin)`` over the sequence. ``R(m - n) R(n) k = R(m) k`` moves a key rotated at
-    its source n to the RoPE of its new position m."""
+    in the accumulation dtype of ``key`` (float32; float64 for float64 keys), from FLUX's ``(cos, sin)`` over
+    the sequence. ``R(m - n) R(n) k = R(m) k`` moves a key rotated at its source n to the RoPE of its new
+    position m."""
     if not (isinstance(rotary, tuple) and len(rotary) == 2 and rotary[0].shape[0] == key.shape[0]):
         raise ValueError(
             "IsolationRepositionProcessor repositions RoPE keys given as FLUX's (cos, sin) over the whole sequence; "
             f"got {type(rotary).__name__}"
         )
-    cos, sin = (r.to(key.device, torch.float32) for r in rotary)
+    cos, sin = (r.to(key.device, _accumulation_dtype(key.dtype)) for r in rotary)
     cos_m, sin_m = cos[tokens.ref_positions][:, None], sin[tokens.ref_positions][:, None]
     cos_n, sin_n = cos[tokens.ref_sources], sin[tokens.ref_sources]
     # cos(m - n) = cos m cos n + sin m sin n, sin(m - n) = sin m cos n - cos m sin n; in place, so that the
@@ -91,7 +92,7 @@ def _resample_into(key: torch.Tensor, value: torch.Tensor, tokens: SubjectTokens
 
     Nearest without RoPE is a plain gather. Otherwise the temporaries are float32 (float64 for float64
     input): about 3 accumulation-dtype elements per (key, tap, head, channel), the ``RESAMPLE_TEMPORARIES``
-    of :func:`heads_per_chunk`. Keys are rotated in float32 by ``deltas`` (:func:`_rope_deltas`), then blended.
+    of :func:`heads_per_chunk`. Keys are rotated in that dtype by ``deltas`` (:func:`_rope_deltas`), then blended.
     """
     sources, taps = tokens.ref_sources, tokens.ref_sources.shape[1]
     acc = _accumulation_dtype(key.dtype)
@@ -105,7 +106,7 @@ def _resample_into(key: torch.Tensor, value: torch.Tensor, tokens: SubjectTokens
         v_out.copy_((value[sources].to(acc) * weights).sum(1))
     gathered = key[sources]  # [M, taps, H, D]
     if deltas is not None:
-        rotated = _rotate_(gathered.flatten(0, 1).float(), *(d.flatten(0, 1) for d in deltas))
+        rotated = _rotate_(gathered.flatten(0, 1).to(acc), *(d.flatten(0, 1) for d in deltas))
         gathered = rotated.unflatten(0, sources.shape)
     k_out.copy_(gathered[:, 0] if taps == 1 else (gathered.to(acc) * weights).sum(1))
 
@@ -133,8 +134,8 @@ def heads_per_chunk(heads: int, head_dim: int, keys: int, queries: int, resample
                     accumulation_size: int, max_chunk_bytes: int, fixed_bytes: int = 0) -> int:
     """Heads per SDPA call of one target subject, so that a chunk stays under ``max_chunk_bytes``.
 
-    Per head a chunk holds the gathered keys and values (``keys`` tokens each) and then either the float32
-    temporaries of resampling ``resampled`` (key, tap) pairs (0 when resampling is a plain gather) or the
+    Per head a chunk holds the gathered keys and values (``keys`` tokens each) and then either the
+    accumulation-dtype temporaries of resampling ``resampled`` (key, tap) pairs (0 when resampling is a plain gather) or the
     gathered queries and SDPA's output (``queries`` tokens each)::
 
         per_head = head_dim * (2 e keys + max(2 e queries, RESAMPLE_TEMPORARIES a resampled))
@@ -244,7 +245,8 @@ class IsolationRepositionProcessor(AttnExtProcessor):
             steps, ``start_step=0``); None for the last step.
         interpolation: "nearest" (authors) or "bilinear" resampling of the reference subject.
         reference_dropout: probability of dropping each repositioned reference key, drawn anew at every step
-            (authors' default 0.5 in ``pipe_test.py``; their ``_dropout_mask``), keeping at least one.
+            (authors' default 0.5 in ``pipe_test.py``; their ``_dropout_mask``); when every repositioned key of
+            a subject is dropped, all of them are kept, as the authors restore the undropped mask.
         dropout_seed: seeds the dropout draws (``seed + step``), so a generation is reproducible.
         max_chunk_bytes: working memory of the subject queries' attention: one chunk of heads' gathered keys,
             values, queries and output (:func:`heads_per_chunk`; at least one head per chunk).
@@ -291,8 +293,8 @@ class IsolationRepositionProcessor(AttnExtProcessor):
         return self._plans[cache_key]
 
     def keep_masks(self, plans: list[list[SubjectTokens]], step: int) -> dict | None:
-        """Reference dropout of one step: ``{(image, subject): bool [M]}`` on the CPU, where they are drawn, at
-        least one key kept; None at 0."""
+        """Reference dropout of one step: ``{(image, subject): bool [M]}`` on the CPU, where they are drawn; a
+        subject whose keys would all be dropped keeps them all (authors' ``_dropout_mask``); None at 0."""
         if self.reference_dropout == 0:
             return None
         generator = torch.Generator().manual_seed(self.dropout_seed + step)
@@ -302,7 +304,7 @@ class IsolationRepositionProcessor(AttnExtProcessor):
                 count = tokens.ref_positions.numel()
                 mask = torch.rand(count, generator=generator) >= self.reference_dropout
                 if not bool(mask.any()):
-                    mask[torch.randint(count, (1,), generator=generator)] = True
+                    mask[:] = True
                 keep[(image, s)] = mask
         return keep
 
