@@ -274,7 +274,8 @@ def subject_tokens(
         own_allowed[visual_start:visual_start + height * width] = ~others.flatten()
         target_rect, reference_rect = bounding_rect(target), bounding_rect(references[s])
         rows, cols, weights = reposition_map(reference_rect, target_rect, mode)
-        nearest_rows, nearest_cols, _ = reposition_map(reference_rect, target_rect, "nearest")
+        nearest_rows, nearest_cols = (rows, cols) if mode == "nearest" else reposition_map(
+            reference_rect, target_rect, "nearest")[:2]
         kept = references[s][nearest_rows[..., 0], nearest_cols[..., 0]]
         ty, tx = torch.meshgrid(
             torch.arange(target_rect.row0, target_rect.row1), torch.arange(target_rect.col0, target_rect.col1),

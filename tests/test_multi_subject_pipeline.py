@@ -3,7 +3,11 @@
 import pytest
 import torch
 
-from diffusers_attn_ext.pipelines.multi_subject import FluxMultiSubjectPipeline, StableDiffusion3MultiSubjectPipeline
+from diffusers_attn_ext.pipelines.multi_subject import (
+    FluxMultiSubjectPipeline,
+    MultiSubjectMixin,
+    StableDiffusion3MultiSubjectPipeline,
+)
 from diffusers_attn_ext.processors.isolation_reposition import IsolationRepositionProcessor
 from diffusers_attn_ext.testing import TEXT_COMPONENTS, tiny_call_kwargs
 
@@ -80,3 +84,8 @@ def test_bad_batches_are_value_errors(multi):
         pipe.multi_subject_processor(BOXES[:2], prompt=["a dog and a cat", "a dog"])
     with pytest.raises(ValueError, match="subject 'cat' has a region in image"):
         pipe(subject_boxes=[BOXES[0], {"dog": (0, 0, 0.5, 0.5)}, BOXES[2]], **tiny_call_kwargs("flux", batch_size=3))
+
+
+def test_both_pipelines_share_the_mixin_call():
+    assert FluxMultiSubjectPipeline.__call__ is StableDiffusion3MultiSubjectPipeline.__call__
+    assert FluxMultiSubjectPipeline.__call__ is MultiSubjectMixin.__call__

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffusers_attn_ext import subjects
 from diffusers_attn_ext.subjects import Box, SubjectLayout, TokenRect, box_rect, reposition_map, subject_tokens
 
 
@@ -123,3 +124,12 @@ def test_subject_must_be_named_as_a_whole_word():
     with pytest.raises(ValueError, match=r"subject 'cat' is not named in prompt\(s\) \[0\]"):
         SubjectLayout.from_boxes(boxes, prompts=["a category of things", "a cat"])
     assert SubjectLayout.from_boxes(boxes, prompts=["A Cat, sleeping", "the cat."]).names == ("cat",)
+
+
+@pytest.mark.parametrize(("mode", "maps"), [("nearest", 1), ("bilinear", 2)])
+def test_subject_tokens_computes_the_nearest_map_once(mode, maps, monkeypatch):
+    calls = []
+    monkeypatch.setattr(subjects, "reposition_map", lambda *args: calls.append(args) or reposition_map(*args))
+    layout = SubjectLayout.from_boxes([{"cat": (0, 0, 0.5, 1)}, {"cat": (0.5, 0, 1, 1)}])
+    subject_tokens(layout, 1, 4, 4, visual_start=0, seq_len=16, mode=mode)
+    assert len(calls) == maps

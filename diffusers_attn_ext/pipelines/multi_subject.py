@@ -57,36 +57,26 @@ class MultiSubjectMixin:
             reference_dropout=ir_reference_dropout, dropout_seed=ir_dropout_seed,
         )
 
-    def _call_with_subjects(self, parent_call, prompt, subject_boxes, ir_layers, ir_settings, kwargs):
+    def __call__(self, prompt=None, *, subject_boxes=None, ir_start_step: int = 0, ir_end_step: int | None = None,
+                 ir_layers: str | list[str] | None = None, ir_interpolation: str = "nearest",
+                 ir_reference_dropout: float = 0.5, ir_dropout_seed: int = 0, **kwargs):
+        """The parent pipeline's call with IR-Diffusion installed for it when ``subject_boxes`` is given (the
+        ``ir_*`` arguments: see the module docstring); without it, the parent pipeline unchanged."""
         if subject_boxes is None:
-            return parent_call(self, prompt=prompt, **kwargs)
+            return super().__call__(prompt=prompt, **kwargs)
         processor = self.multi_subject_processor(
-            subject_boxes, prompt, kwargs.get("prompt_embeds"), kwargs.get("num_images_per_prompt", 1), **ir_settings
+            subject_boxes, prompt, kwargs.get("prompt_embeds"), kwargs.get("num_images_per_prompt", 1),
+            ir_start_step=ir_start_step, ir_end_step=ir_end_step, ir_interpolation=ir_interpolation,
+            ir_reference_dropout=ir_reference_dropout, ir_dropout_seed=ir_dropout_seed,
         )
         with installed(self, processor, layers=ir_layers):
-            return parent_call(self, prompt=prompt, **kwargs)
+            return super().__call__(prompt=prompt, **kwargs)
 
 
 class FluxMultiSubjectPipeline(MultiSubjectMixin, FluxPipeline):
     """``FluxPipeline`` with IR-Diffusion multi-subject consistency; see the module docstring."""
 
-    def __call__(self, prompt=None, *, subject_boxes=None, ir_start_step: int = 0, ir_end_step: int | None = None,
-                 ir_layers: str | list[str] | None = None, ir_interpolation: str = "nearest",
-                 ir_reference_dropout: float = 0.5, ir_dropout_seed: int = 0, **kwargs):
-        settings = dict(ir_start_step=ir_start_step, ir_end_step=ir_end_step, ir_interpolation=ir_interpolation,
-                        ir_reference_dropout=ir_reference_dropout, ir_dropout_seed=ir_dropout_seed)
-        return self._call_with_subjects(FluxPipeline.__call__, prompt, subject_boxes, ir_layers, settings, kwargs)
-
 
 class StableDiffusion3MultiSubjectPipeline(MultiSubjectMixin, StableDiffusion3Pipeline):
     """``StableDiffusion3Pipeline`` with IR-Diffusion multi-subject consistency; with classifier-free guidance
     the batch ``[negatives, prompts]`` holds two groups of images, each with its reference first."""
-
-    def __call__(self, prompt=None, *, subject_boxes=None, ir_start_step: int = 0, ir_end_step: int | None = None,
-                 ir_layers: str | list[str] | None = None, ir_interpolation: str = "nearest",
-                 ir_reference_dropout: float = 0.5, ir_dropout_seed: int = 0, **kwargs):
-        settings = dict(ir_start_step=ir_start_step, ir_end_step=ir_end_step, ir_interpolation=ir_interpolation,
-                        ir_reference_dropout=ir_reference_dropout, ir_dropout_seed=ir_dropout_seed)
-        return self._call_with_subjects(
-            StableDiffusion3Pipeline.__call__, prompt, subject_boxes, ir_layers, settings, kwargs
-        )
