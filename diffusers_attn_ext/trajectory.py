@@ -176,6 +176,15 @@ class Trajectory:
         return tuple(token_boxes)
 
 
+def check_method_arguments(trajectory: Trajectory, frame_stride: int) -> None:
+    """ValueError unless ``trajectory`` is a :class:`Trajectory` and ``frame_stride`` (video frames per latent
+    frame) an integer >= 1: the arguments every DiTraj processor takes."""
+    if not isinstance(trajectory, Trajectory):
+        raise ValueError(f"trajectory must be a Trajectory, got {type(trajectory).__name__!r}")
+    if not isinstance(frame_stride, int) or frame_stride < 1:
+        raise ValueError(f"frame_stride={frame_stride!r} must be an integer >= 1")
+
+
 def foreground_mask(token_boxes: Sequence[TokenBox], grid: TokenGrid) -> torch.Tensor:
     """Boolean ``[frames, height, width]``: the tokens inside each frame's box (the authors' ``bbox_mask``)."""
     mask = torch.zeros(grid.frames, grid.height, grid.width, dtype=torch.bool)

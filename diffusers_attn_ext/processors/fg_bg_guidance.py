@@ -21,7 +21,7 @@ import torch
 
 from ..families.base import AttentionCall
 from ..kernels.dense import dense_attention
-from ..trajectory import Trajectory, foreground_mask
+from ..trajectory import Trajectory, check_method_arguments, foreground_mask
 from .base import AttnExtProcessor
 
 DEFAULT_MASK_STEPS = 30  # the authors' mask_step
@@ -43,15 +43,12 @@ class ForegroundBackgroundCrossAttnProcessor(AttnExtProcessor):
 
     def __init__(self, trajectory: Trajectory, background_tokens: int, foreground_tokens: int,
                  steps: int = DEFAULT_MASK_STEPS, frame_stride: int = 4):
-        if not isinstance(trajectory, Trajectory):
-            raise ValueError(f"trajectory must be a Trajectory, got {type(trajectory).__name__!r}")
+        check_method_arguments(trajectory, frame_stride)
         for name, value in (("background_tokens", background_tokens), ("foreground_tokens", foreground_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")
         if not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps={steps!r} must be an integer >= 0")
-        if not isinstance(frame_stride, int) or frame_stride < 1:
-            raise ValueError(f"frame_stride={frame_stride!r} must be an integer >= 1")
         self.trajectory = trajectory
         self.background_tokens = background_tokens
         self.foreground_tokens = foreground_tokens

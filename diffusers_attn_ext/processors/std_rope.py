@@ -45,6 +45,7 @@ from ..families.base import AttentionCall
 from ..kernels.dense import dense_attention
 from ..trajectory import (
     Trajectory,
+    check_method_arguments,
     duplicate_position_tokens,
     foreground_mask,
     position_source_index,
@@ -193,12 +194,9 @@ class STDRoPEProcessor(AttnExtProcessor):
 
     def __init__(self, trajectory: Trajectory, steps: int | None = DEFAULT_ROPE_STEPS, frame_stride: int = 4,
                  isolate_duplicates: bool = True):
-        if not isinstance(trajectory, Trajectory):
-            raise ValueError(f"trajectory must be a Trajectory, got {type(trajectory).__name__!r}")
+        check_method_arguments(trajectory, frame_stride)
         if steps is not None and (not isinstance(steps, int) or steps < 0):
             raise ValueError(f"steps={steps!r} must be an integer >= 0 or None (every step)")
-        if not isinstance(frame_stride, int) or frame_stride < 1:
-            raise ValueError(f"frame_stride={frame_stride!r} must be an integer >= 1")
         self.trajectory = trajectory
         self.steps = steps
         self.frame_stride = frame_stride
