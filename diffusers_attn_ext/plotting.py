@@ -151,3 +151,24 @@ def plot_query_maps(stats, heads: Sequence[int] | None = None, max_queries: int 
                 ax.set_ylabel(f"head {head}" + (f"\nquery {local}" if grid.frames > 1 else ""), fontsize=7)
     figure.tight_layout()
     return _finish(figure, path)
+
+
+def plot_head_clusters(clusters, path: str | Path | None = None):
+    """Each cluster of :func:`~diffusers_attn_ext.inspect.clustering.cluster_heads`: its mean temporal profile,
+    mean spatial profile and mean text mass, with its number of heads in the legend. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    frames = clusters.frames
+    figure, (temporal, spatial, text) = plt.subplots(1, 3, figsize=(12, 3.2), width_ratios=(2, 2, 1))
+    counts = torch.bincount(clusters.labels, minlength=len(clusters.centroids)).tolist()
+    for cluster, centroid in enumerate(clusters.centroids):
+        label = f"cluster {cluster} ({counts[cluster]} heads)"
+        temporal.plot(range(frames), centroid[:frames].numpy(), marker="o", label=label)
+        spatial.plot(range(len(centroid) - frames - 1), centroid[frames:-1].numpy(), marker="o", label=label)
+        text.bar(cluster, float(centroid[-1]))
+    temporal.set(xlabel="temporal distance (latent frames)", ylabel="attention mass", title="temporal profile")
+    spatial.set(xlabel="spatial distance (tokens)", title="spatial profile")
+    text.set(xlabel="cluster", title="text mass", xticks=range(len(clusters.centroids)))
+    temporal.legend(fontsize=7)
+    figure.tight_layout()
+    return _finish(figure, path)

@@ -264,3 +264,49 @@ def test_subpackage_does_not_shadow_the_standard_library():
 
     assert ours.__name__ == "diffusers_attn_ext.inspect" and stdlib_inspect.__name__ == "inspect"
     assert context.inspect is importlib.import_module("inspect") and hasattr(context.inspect, "signature")
+
+
+def test_clustering_separates_planted_kinds_of_heads(pipe_for, tmp_path):
+    from diffusers_attn_ext.inspect import cluster_heads
+
+    pipe = pipe_for("cogvideox")
+    inspector = AttentionInspector()
+    install(pipe, PlantedPattern(), inspector)
+    run(pipe, "cogvideox")
+    clusters = cluster_heads(inspector, k=2)
+    layers = list(inspector.records)
+    assert len(layers) >= 2 and len(clusters.heads) == 2 * len(layers)
+    own_frame = {clusters.labels[i].item() for i, (_, head) in enumerate(clusters.heads) if head == 0}
+    text_only = {clusters.labels[i].item() for i, (_, head) in enumerate(clusters.heads) if head == 1}
+    assert len(own_frame) == 1 and len(text_only) == 1 and own_frame != text_only  # one cluster per kind
+    assert clusters.members(text_only.pop()) == [(layer, 1) for layer in layers]
+    assert clusters.centroids[own_frame.pop(), 0] == 1.0  # all mass at temporal distance 0
+    figure = clusters.plot(path=tmp_path / "clusters.png")
+    assert (tmp_path / "clusters.png").exists()
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    n = len(clusters.heads)
+    with pytest.raises(ValueError, match=f"k={n + 1} is outside the allowed range 1..{n}"):
+        cluster_heads(inspector, k=n + 1)
+    with pytest.raises(ValueError, match="cluster=2 is outside"):
+        clusters.members(2)
+    with pytest.raises(ValueError, match="no records"):
+        cluster_heads(AttentionInspector(), k=1)
+
+
+def test_kmeans_finds_three_separated_groups():
+    from diffusers_attn_ext.inspect.clustering import kmeans
+
+    generator = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[0.0, 0.0, 0.0], [5.0, 0.0, 0.0], [0.0, 5.0, 5.0]], dtype=torch.float64)
+    truth = torch.arange(3).repeat_interleave(10)
+    points = centers[truth] + 0.1 * torch.randn(30, 3, generator=generator, dtype=torch.float64)
+    labels, centroids = kmeans(points, 3, seed=1)
+    for group in range(3):  # each true group is exactly one cluster
+        assert labels[truth == group].unique().numel() == 1
+    assert labels.unique().numel() == 3
+    torch.testing.assert_close(centroids[labels[0]], points[:10].mean(dim=0))
+    assert torch.equal(kmeans(points, 3, seed=1)[0], labels)  # deterministic for a seed
+    with pytest.raises(ValueError, match="k=0"):
+        kmeans(points, 0)
