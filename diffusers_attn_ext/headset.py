@@ -24,6 +24,18 @@ import torch
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "headsets"
 
 
+def sorted_indices(values: int | Iterable[int], name: str, noun: str = "index") -> tuple[int, ...]:
+    """The unique indices of ``values`` (one int or several), sorted; ValueError naming ``name`` for an index that
+    is not an integer >= 0, or for none at all."""
+    values = [values] if isinstance(values, int) else list(values)
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} has {noun} {value!r}; allowed: integers >= 0")
+    if not values:
+        raise ValueError(f"{name} is empty; give at least one {noun}")
+    return tuple(sorted(set(values)))
+
+
 @dataclass(frozen=True)
 class HeadSet:
     """Attention heads per layer, with where the set comes from.
@@ -47,13 +59,7 @@ class HeadSet:
         for layer, indices in self.heads.items():
             if not isinstance(layer, str) or not layer:
                 raise ValueError(f"heads has layer name {layer!r}; layer names are non-empty strings")
-            values = [indices] if isinstance(indices, int) else list(indices)
-            for head in values:
-                if isinstance(head, bool) or not isinstance(head, int) or head < 0:
-                    raise ValueError(f"heads[{layer!r}] has head index {head!r}; allowed: integers >= 0")
-            if not values:
-                raise ValueError(f"heads[{layer!r}] is empty; give at least one head index or leave the layer out")
-            normalized[layer] = tuple(sorted(set(values)))
+            normalized[layer] = sorted_indices(indices, f"heads[{layer!r}]", noun="head index")
         for layer in normalized:
             for other in normalized:
                 if other != layer and other.startswith(layer + "."):

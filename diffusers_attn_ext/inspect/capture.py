@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..families.base import AttentionCall
+from ..headset import sorted_indices
 from ..install import _ends_in_other_number, attention_modules, installed
 from ..processors.base import AttnExtProcessor
 from .statistics import AttentionStatistics, HeadProfiles, attention_statistics, sampled_query_rows
@@ -33,13 +34,7 @@ from .statistics import AttentionStatistics, HeadProfiles, attention_statistics,
 def _check_indices(name: str, values: Sequence[int] | None) -> tuple[int, ...] | None:
     if values is None:
         return None
-    values = [values] if isinstance(values, int) else list(values)
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} has {value!r}; allowed: integers >= 0 (or None for all)")
-    if not values:
-        raise ValueError(f"{name}=[] selects nothing; give at least one index or None for all")
-    return tuple(sorted(set(values)))
+    return sorted_indices(values, name)
 
 
 class AttentionInspector(AttnExtProcessor):
