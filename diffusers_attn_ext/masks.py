@@ -44,8 +44,9 @@ class ExtrapolationWindow:
 
     @property
     def extrapolates(self) -> bool:
-        """Whether the video is longer than the training window. UltraViCo is an extrapolation method: at
-        or below the training length the model is in distribution and the method is the identity."""
+        """Whether the video is longer than the training window (only then can the first-frame rule block a
+        key). The far-pair rule does not depend on it: the authors' kernel damps pairs farther than W/2 apart
+        at any length (``UltraViCoProcessor(stock_within_training=True)`` skips shorter videos)."""
         return self.video_tokens > self.train_tokens
 
 

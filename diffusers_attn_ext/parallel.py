@@ -167,11 +167,12 @@ def sequence_sum(x: torch.Tensor, layout: ParallelLayout | None) -> torch.Tensor
 
 
 def sequence_mean(x: torch.Tensor, layout: ParallelLayout | None, num_tokens: int) -> torch.Tensor:
-    """Mean over the global sequence (dim 1) of ``[B, N_local, ...]`` in float32, keepdim: one all-reduce of a
-    ``[B, 1, ...]`` sum under context parallelism."""
+    """Mean over the global sequence (dim 1) of ``[B, N_local, ...]`` in float32 (float64 for float64 input),
+    keepdim: one all-reduce of a ``[B, 1, ...]`` sum under context parallelism."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
     if layout is None:
-        return x.mean(dim=1, keepdim=True, dtype=torch.float32)
-    return sequence_sum(x.sum(dim=1, keepdim=True, dtype=torch.float32), layout) / num_tokens
+        return x.mean(dim=1, keepdim=True, dtype=dtype)
+    return sequence_sum(x.sum(dim=1, keepdim=True, dtype=dtype), layout) / num_tokens
 
 
 def gather_sequence(x: torch.Tensor, layout: ParallelLayout, mesh) -> torch.Tensor:

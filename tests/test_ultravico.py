@@ -108,7 +108,19 @@ def test_identity_settings_equal_stock(family, pipe_for, stock_outputs):
     pipe = pipe_for(family)
     install(pipe, UltraViCoProcessor(alpha=1.0, train_frames=1, restrict_first_frame=False))
     assert torch.equal(run(pipe, family), stock_outputs(family))
-    install(pipe, UltraViCoProcessor(alpha=0.5, train_frames=3))  # 3 latent frames: within the window
+    # The tiny video has 3 latent frames: with train_frames=6 no pair is farther apart than W/2 = 3 frames.
+    install(pipe, UltraViCoProcessor(alpha=0.5, train_frames=6))
+    assert torch.equal(run(pipe, family), stock_outputs(family))
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_within_the_training_length_the_rule_acts_unless_stock_within_training(family, pipe_for, stock_outputs):
+    """3 latent frames, trained on 3: the authors' kernel still damps pairs over W/2 apart (default); the
+    option restores stock attention there."""
+    pipe = pipe_for(family)
+    install(pipe, UltraViCoProcessor(alpha=0.5, train_frames=3))
+    assert not torch.equal(run(pipe, family), stock_outputs(family))
+    install(pipe, UltraViCoProcessor(alpha=0.5, train_frames=3, stock_within_training=True))
     assert torch.equal(run(pipe, family), stock_outputs(family))
 
 
@@ -136,6 +148,8 @@ def test_bad_input():
         UltraViCoProcessor(alpha=1.5)
     with pytest.raises(ValueError, match="train_frames=0 must be a positive integer"):
         UltraViCoProcessor(train_frames=0)
+    with pytest.raises(ValueError, match=r"stock_within_training=1 is not allowed: allowed values are True and False"):
+        UltraViCoProcessor(stock_within_training=1)
 
 
 def test_image_family_is_rejected(pipe_for):

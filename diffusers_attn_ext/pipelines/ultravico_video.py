@@ -22,13 +22,13 @@ class _UltraViCoCall:
 
     def __call__(self, *args, extrapolation_ratio: int | None = None, ultravico_alpha: float = 0.9,
                  train_frames: int | None = None, restrict_first_frame: bool = True, center_keys: bool = True,
-                 **kwargs):
+                 stock_within_training: bool = False, **kwargs):
         """The parent pipeline's call, with UltraViCo installed for it.
 
         Args:
             extrapolation_ratio: video length as a multiple of the training length (an integer >= 1); with
                 neither this nor ``num_frames`` given, the class default (Wan 3, as the authors' script).
-            ultravico_alpha, train_frames, restrict_first_frame, center_keys: see
+            ultravico_alpha, train_frames, restrict_first_frame, center_keys, stock_within_training: see
                 :class:`~diffusers_attn_ext.processors.ultravico.UltraViCoProcessor`.
             everything else: the parent pipeline's arguments.
         """
@@ -37,7 +37,8 @@ class _UltraViCoCall:
         if "num_frames" not in kwargs:
             ratio = self.default_extrapolation_ratio if extrapolation_ratio is None else extrapolation_ratio
             kwargs["num_frames"] = self.extrapolated_num_frames(ratio, train_frames)
-        processor = UltraViCoProcessor(ultravico_alpha, train_frames, restrict_first_frame, center_keys)
+        processor = UltraViCoProcessor(ultravico_alpha, train_frames, restrict_first_frame, center_keys,
+                                       stock_within_training)
         with installed(self, processor):
             return super().__call__(*args, **kwargs)
 
@@ -58,7 +59,8 @@ class WanUltraViCoPipeline(_UltraViCoCall, WanPipeline):
     """``WanPipeline`` with UltraViCo length extrapolation; by default 3x the 81 trained frames (249 frames).
 
     Extra ``__call__`` arguments: ``extrapolation_ratio``, ``ultravico_alpha`` (0.9), ``train_frames``
-    (latent frames; None: from the checkpoint), ``restrict_first_frame`` (True), ``center_keys`` (True).
+    (latent frames; None: from the checkpoint), ``restrict_first_frame`` (True), ``center_keys`` (True),
+    ``stock_within_training`` (False: as the authors, the rule acts at ``extrapolation_ratio=1`` too).
     """
 
 

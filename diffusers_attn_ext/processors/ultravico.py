@@ -4,7 +4,9 @@ Paper: "UltraViCo: Breaking Extrapolation Limits in Video Diffusion Transformers
 the authors' Wan kernel (thu-ml/DiT-Extrapolation). In every video self-attention, on the scaled logits
 s = q.k / sqrt(d), a positive logit of a pair farther apart than half the training window is multiplied by
 alpha, and first-frame queries do not attend to keys beyond the training length (see
-:func:`diffusers_attn_ext.masks.ultravico_score_mod` for the exact rule).
+:func:`diffusers_attn_ext.masks.ultravico_score_mod` for the exact rule). As in the authors' kernel, the rule
+acts whatever the video length: a video at or below the training length still has pairs farther apart than
+half the window (only the first-frame rule needs a longer video).
 """
 
 from __future__ import annotations
@@ -52,24 +54,34 @@ class UltraViCoProcessor(AttnExtProcessor):
             and their sign test and alpha act on those logits). Unmodified attention is invariant to the
             centring; the method is not: off, the rule acts on the raw logits q.k / sqrt(d) as the paper's
             formula reads. Default on, matching the released code.
+        stock_within_training: at or below the training length, run stock attention instead of the rule.
+            Default off, as the authors' kernel, whose far-pair test has no length condition: installed, it
+            damps every pair farther than W/2 apart, so a 21-frame Wan video (W/2 = 16380 tokens of 32760)
+            is changed too. On, the method acts only when the video is longer than trained (the
+            behaviour of this package before; not the authors').
 
-    A video no longer than the training window has no far pair and no key beyond the training length:
-    the processor is then the identity (stock attention, stock kernel). So it is at ``alpha=1`` with
-    ``restrict_first_frame=False``.
+    The processor is the identity (stock attention, stock kernel) where no pair is far (a video of at
+    most W/2 + 1 tokens), with ``stock_within_training=True`` at or below the training length, and at
+    ``alpha=1`` with ``restrict_first_frame=False``.
     """
 
     def __init__(
         self, alpha: float = 0.9, train_frames: int | None = None, restrict_first_frame: bool = True,
-        center_keys: bool = True,
+        center_keys: bool = True, stock_within_training: bool = False,
     ):
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"alpha={alpha} is outside the allowed range (0, 1]")
         if train_frames is not None and (not isinstance(train_frames, int) or train_frames <= 0):
             raise ValueError(f"train_frames={train_frames!r} must be a positive integer (latent frames) or None")
+        if not isinstance(stock_within_training, bool):
+            raise ValueError(
+                f"stock_within_training={stock_within_training!r} is not allowed: allowed values are True and False"
+            )
         self.alpha = float(alpha)
         self.train_frames = train_frames
         self.restrict_first_frame = bool(restrict_first_frame)
         self.center_keys = bool(center_keys)
+        self.stock_within_training = stock_within_training
 
     def applies_to(self, call: AttentionCall) -> bool:
         if call.family not in VIDEO_FAMILIES:
@@ -96,7 +108,8 @@ class UltraViCoProcessor(AttnExtProcessor):
 
     def edit_attention(self, call: AttentionCall) -> None:
         window = self.window(call)
-        if not window.extrapolates:
+        has_far_pair = window.video_tokens - 1 > window.half_window  # token counts: Python ints, no tensor read
+        if not has_far_pair or (self.stock_within_training and not window.extrapolates):
             return
         if self.center_keys:  # the mean over the whole sequence, all ranks' keys under context parallelism
             mean = sequence_mean(call.key, call.parallel, window.video_tokens)
@@ -106,5 +119,6 @@ class UltraViCoProcessor(AttnExtProcessor):
     def __repr__(self) -> str:
         return (
             f"UltraViCoProcessor(alpha={self.alpha}, train_frames={self.train_frames}, "
-            f"restrict_first_frame={self.restrict_first_frame}, center_keys={self.center_keys})"
+            f"restrict_first_frame={self.restrict_first_frame}, center_keys={self.center_keys}, "
+            f"stock_within_training={self.stock_within_training})"
         )
