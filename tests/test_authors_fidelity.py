@@ -108,3 +108,156 @@ def test_ultravico_beyond_the_training_length_equals_the_authors_far_pair_rule()
                                                                    first_frame_rule=False))
     attn.set_processor(UltraViCoProcessor(alpha=0.9, train_frames=3, restrict_first_frame=False))
     assert rel_err(attn(hidden, None, None, rotary), expected) < 1e-10
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2. SoftPAG on SD3 / SD3.5
+
+
+class AuthorsJointAttnProcessor:
+    """HeadHunter's ``JointAttnProcessor2_0`` with ``skip_attention`` for ``"[PROB_PERTURB]attention_identity
+    @scale=u"`` (no LoRA heads), restated:
+
+    - q, k, v of the image tokens, then ``norm_q`` / ``norm_k``; the text projections ``add_q/k/v_proj`` are
+      concatenated after the image tokens **without** ``norm_added_q`` / ``norm_added_k`` (commented out in their
+      file; ``skip_added_norms=False`` puts diffusers' stock lines back);
+    - unperturbed: softmax attention; perturbed: ``A' = (1 - u) A + u I`` on the heads ``perturb_heads``, ``A`` on
+      the others, output ``A' V``;
+    - the text part goes through ``to_add_out`` unless ``context_pre_only``; the image part through ``to_out[0]``
+      (their ``nn.Dropout(p=auto_p)`` with ``auto_p = 0`` is the identity).
+    """
+
+    def __init__(self, perturb_heads=None, scale: float = 1.0, skip_added_norms: bool = True):
+        self.perturb_heads, self.scale, self.skip_added_norms = perturb_heads, scale, skip_added_norms
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        batch, image_len = hidden_states.shape[:2]
+        head_dim = attn.to_k.out_features // attn.heads
+
+        def heads_first(x):
+            return x.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+
+        q, k, v = (heads_first(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
+        q = q if attn.norm_q is None else attn.norm_q(q)
+        k = k if attn.norm_k is None else attn.norm_k(k)
+        if encoder_hidden_states is not None:
+            eq, ek, ev = (heads_first(f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj,
+                                                                              attn.add_v_proj))
+            if not self.skip_added_norms:
+                eq = eq if attn.norm_added_q is None else attn.norm_added_q(eq)
+                ek = ek if attn.norm_added_k is None else attn.norm_added_k(ek)
+            q, k, v = torch.cat([q, eq], 2), torch.cat([k, ek], 2), torch.cat([v, ev], 2)
+        weights = torch.softmax(q @ k.transpose(-1, -2) * head_dim ** -0.5, -1)
+        if self.perturb_heads is not None:
+            length = weights.shape[-1]
+            blended = (1 - self.scale) * weights + self.scale * torch.eye(length, dtype=weights.dtype)
+            weights = weights.clone()
+            weights[:, self.perturb_heads] = blended[:, self.perturb_heads]
+        out = (weights @ v).transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        out, text_out = out[:, :image_len], out[:, image_len:]
+        out = attn.to_out[0](out)
+        if encoder_hidden_states is None:
+            return out
+        if not attn.context_pre_only:
+            text_out = attn.to_add_out(text_out)
+        return out, text_out
+
+
+def tiny_sd3(qk_norm, dual_attention_layers=()):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=4,
+        attention_head_dim=8, caption_projection_dim=32, joint_attention_dim=12, pooled_projection_dim=10,
+        pos_embed_max_size=8, qk_norm=qk_norm, dual_attention_layers=dual_attention_layers,
+    ).double().eval()
+
+
+def sd3_inputs(batch):
+    g = torch.Generator().manual_seed(1)
+    latents, text = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, 12, generator=g)
+    pooled = torch.randn(1, 10, generator=g)
+    return dict(hidden_states=latents.double().expand(batch, -1, -1, -1),
+                encoder_hidden_states=text.double().expand(batch, -1, -1),
+                pooled_projections=pooled.double().expand(batch, -1), timestep=torch.full((batch,), 500.0),
+                return_dict=False)
+
+
+@torch.no_grad()
+def ours_cond_and_perturbed(transformer, processor):
+    """Our [cond, perturbed] batch through the transformer with SoftPAG installed on the head set's modules."""
+    from diffusers_attn_ext import install, uninstall
+    from diffusers_attn_ext.context import attach_context
+
+    install(transformer, processor, layers=processor.module_patterns(transformer))
+    context = attach_context(transformer)
+    context.set_branch_labels(("cond", "perturbed"))
+    try:
+        out = transformer(**sd3_inputs(2))[0]
+    finally:
+        context.set_branch_labels(None)
+        uninstall(transformer)
+    return out[0], out[1]
+
+
+@torch.no_grad()
+def authors_forward(transformer, perturb_modules, scale, skip_added_norms):
+    """One forward with the authors' processor on every attention module; ``perturb_modules`` maps module names
+    to perturbed heads (their block forward gives ``perturb_heads`` to ``attn`` only)."""
+    saved = dict(transformer.attn_processors)
+    for name, module in transformer.named_modules():
+        if hasattr(module, "set_processor"):
+            module.set_processor(AuthorsJointAttnProcessor(perturb_modules.get(name), scale, skip_added_norms))
+    try:
+        return transformer(**sd3_inputs(1))[0][0]
+    finally:
+        transformer.set_attn_processor(saved)
+
+
+HEADS, U = [0, 2], 0.6
+
+
+def test_softpag_on_sd3_medium_equals_the_authors_arithmetic():
+    """No QK norm (SD3-medium, the authors' model): their processor and ours are the same function."""
+    from diffusers_attn_ext.processors.softpag import SoftPAGProcessor
+
+    transformer = tiny_sd3(qk_norm=None)
+    cond, perturbed = ours_cond_and_perturbed(
+        transformer, SoftPAGProcessor({"transformer_blocks.1": HEADS}, alpha=U, identity="all"))
+    assert rel_err(cond, authors_forward(transformer, {}, U, skip_added_norms=True)) < 1e-10
+    expected = authors_forward(transformer, {"transformer_blocks.1.attn": HEADS}, U, skip_added_norms=True)
+    assert rel_err(perturbed, expected) < 1e-10
+
+
+def test_softpag_on_sd35_perturbs_the_joint_attention_only_as_the_authors_block():
+    """SD3.5 layout (QK RMS-norm, dual-attention blocks): naming a block perturbs its ``attn``, not ``attn2``
+    (default), as their ``JointTransformerBlock.forward``; ``dual_attention=True`` also perturbs ``attn2``. With
+    diffusers' ``norm_added_q/k`` in the restatement (see the next test for why we keep them) both equal it."""
+    from diffusers_attn_ext.processors.softpag import SoftPAGProcessor
+
+    transformer = tiny_sd3(qk_norm="rms_norm", dual_attention_layers=(0, 1))
+    heads = {"transformer_blocks.1": HEADS}
+    cond, perturbed = ours_cond_and_perturbed(transformer, SoftPAGProcessor(heads, alpha=U, identity="all"))
+    assert rel_err(cond, authors_forward(transformer, {}, U, skip_added_norms=False)) < 1e-10
+    authors = authors_forward(transformer, {"transformer_blocks.1.attn": HEADS}, U, skip_added_norms=False)
+    assert rel_err(perturbed, authors) < 1e-10
+    _, both = ours_cond_and_perturbed(transformer, SoftPAGProcessor(heads, alpha=U, identity="all",
+                                                                     dual_attention=True))
+    both_modules = {"transformer_blocks.1.attn": HEADS, "transformer_blocks.1.attn2": HEADS}
+    assert rel_err(both, authors_forward(transformer, both_modules, U, skip_added_norms=False)) < 1e-10
+    assert rel_err(both, authors) > 0.01  # measured 0.017 (the guidance term cond - perturbed: 1.2)
+    # A head set that names attn2 itself perturbs it by default too.
+    named = {"transformer_blocks.1.attn": HEADS, "transformer_blocks.1.attn2": HEADS}
+    _, explicit = ours_cond_and_perturbed(transformer, SoftPAGProcessor(named, alpha=U, identity="all"))
+    assert rel_err(explicit, both) < 1e-12
+
+
+def test_the_authors_skipped_added_norms_change_the_unperturbed_sd35_model():
+    """Evidence for keeping ``norm_added_q/k``: the authors' processor drops them in every forward, so on SD3.5
+    even their unperturbed pass is not the stock model (diffusers' ``JointAttnProcessor2_0``), which ours is."""
+    transformer = tiny_sd3(qk_norm="rms_norm", dual_attention_layers=(0, 1))
+    with torch.no_grad():
+        stock = transformer(**sd3_inputs(1))[0][0]
+    assert rel_err(authors_forward(transformer, {}, U, skip_added_norms=False), stock) < 1e-10
+    assert rel_err(authors_forward(transformer, {}, U, skip_added_norms=True), stock) > 1e-3  # measured 0.0057

@@ -168,6 +168,15 @@ def test_guider_in_diffusers_modular_sd3_equals_the_pipeline(tiny_pipes, guider_
     copy = guider.new(perturbed_guidance_scale=1.0)
     assert dict(copy.config.pag_heads) == {"transformer_blocks.0": (1,)}
     assert copy.processor.alpha == {"transformer_blocks.0": (0.5,)}
+    assert not copy.processor.dual_attention  # the authors' default: a named SD3.5 block leaves its attn2 alone
+    assert HeadPerturbedAttentionGuidance(heads, pag_dual_attention=True).new().processor.dual_attention
+
+
+def test_pipeline_passes_dual_attention_to_the_processor(tiny_pipes):
+    pipe = head_pag(tiny_pipes, "sd3")
+    heads = {"transformer_blocks.0": [1]}
+    assert not pipe.softpag_processor(heads).dual_attention
+    assert pipe.softpag_processor(heads, pag_dual_attention=True).dual_attention
 
 
 def test_pipeline_bad_input(tiny_pipes):
@@ -179,3 +188,5 @@ def test_pipeline_bad_input(tiny_pipes):
         run(pipe, "sd3", pag_heads={"transformer_blocks.7": [0]})
     with pytest.raises(ValueError, match=r"alpha=2.0 \(layer 'transformer_blocks.0'\) is outside the allowed range"):
         run(pipe, "sd3", pag_heads={"transformer_blocks.0": [0]}, pag_alpha=2.0)
+    with pytest.raises(ValueError, match=r"dual_attention=1 is not allowed: allowed values are True and False"):
+        run(pipe, "sd3", pag_heads={"transformer_blocks.0": [0]}, pag_dual_attention=1)

@@ -109,6 +109,19 @@ def test_applies_only_to_its_layers_and_to_a_perturbed_branch():
     assert processor.layer_of("transformer_blocks.30.attn") is None  # "blocks.3" does not select "blocks.30"
 
 
+def test_a_named_block_perturbs_its_joint_attention_not_attn2_unless_dual_attention():
+    """As the authors' JointTransformerBlock.forward: SD3.5's attn2 (image tokens only, in a model with text) is
+    perturbed only when named itself or with dual_attention=True."""
+    call = make_call("no_text")
+    setattr(call.module, MODULE_NAME_ATTR, LAYER + ".attn2")
+    call.context.text_len = 5  # the model's joint sequences carry text: this is the dual (image-only) attention
+    assert not SoftPAGProcessor({LAYER: [0]}).applies_to(call)
+    assert SoftPAGProcessor({LAYER: [0]}, dual_attention=True).applies_to(call)
+    assert SoftPAGProcessor({LAYER + ".attn2": [0]}).applies_to(call)
+    assert SoftPAGProcessor({LAYER: [0]}).applies_to(make_call("image_first"))  # the joint attention
+    assert SoftPAGProcessor({LAYER: [0]}).applies_to(make_call("no_text"))  # video-only self-attention (Wan)
+
+
 def test_per_layer_alpha_and_head_set_forms(tmp_path):
     headset = HeadSet({"transformer_blocks.1": [7, 3, 3], "single_transformer_blocks.0": 2}, description="d")
     assert headset.heads == {"single_transformer_blocks.0": (2,), "transformer_blocks.1": (3, 7)}
@@ -165,6 +178,8 @@ def test_bad_input_names_parameter_value_and_range():
         HeadSet({"transformer_blocks.3": [-1]})
     with pytest.raises(ValueError, match=r"identity='text' is not one of \('image', 'all'\)"):
         SoftPAGProcessor({"transformer_blocks.3": [0]}, identity="text")
+    with pytest.raises(ValueError, match=r"dual_attention='yes' is not allowed: allowed values are True and False"):
+        SoftPAGProcessor({"transformer_blocks.3": [0]}, dual_attention="yes")
     with pytest.raises(ValueError, match=r"preset='nope' is not one of"):
         HeadSet.preset("nope")
     call = make_call("image_first")

@@ -65,13 +65,15 @@ class HeadPAGMixin:
         self._pag_heads = None if pag_heads is None else as_headset(pag_heads)
         self._pag_alpha = pag_alpha
 
-    def softpag_processor(self, pag_heads=None, pag_alpha: AlphaSpec | None = None, pag_identity: str = "image"):
+    def softpag_processor(self, pag_heads=None, pag_alpha: AlphaSpec | None = None, pag_identity: str = "image",
+                          pag_dual_attention: bool = False):
         """The SoftPAG processor of a call (the defaults where an argument is None), or None without heads;
         ValueError when the head set does not fit this transformer."""
         heads = self._pag_heads if pag_heads is None else as_headset(pag_heads)
         if heads is None or not len(heads):
             return None
-        processor = SoftPAGProcessor(heads, self._pag_alpha if pag_alpha is None else pag_alpha, pag_identity)
+        processor = SoftPAGProcessor(heads, self._pag_alpha if pag_alpha is None else pag_alpha, pag_identity,
+                                     pag_dual_attention)
         processor.validate(self.transformer)
         return processor
 
@@ -81,7 +83,8 @@ class StableDiffusion3HeadPAGPipeline(HeadPAGMixin, StableDiffusion3PAGPipeline)
 
     Extra ``__call__`` arguments: ``pag_heads`` (head set; default the one given to ``__init__``),
     ``pag_alpha`` (u of Eq. 7, scalar or per head), ``pag_identity`` ("image" as diffusers' PAG, "all" as
-    the authors' code); ``pag_scale`` and ``pag_adaptive_scale`` as in diffusers. No head set or
+    the authors' code), ``pag_dual_attention`` (False, as the authors: a named SD3.5 block perturbs its joint
+    attention, not ``attn2``); ``pag_scale`` and ``pag_adaptive_scale`` as in diffusers. No head set or
     ``pag_scale=0`` is the plain pipeline.
     """
 
@@ -96,8 +99,8 @@ class StableDiffusion3HeadPAGPipeline(HeadPAGMixin, StableDiffusion3PAGPipeline)
         self.set_pag_heads(pag_heads, pag_alpha)
 
     def __call__(self, *args, pag_heads=None, pag_alpha: AlphaSpec | None = None, pag_identity: str = "image",
-                 **kwargs):
-        processor = self.softpag_processor(pag_heads, pag_alpha, pag_identity)
+                 pag_dual_attention: bool = False, **kwargs):
+        processor = self.softpag_processor(pag_heads, pag_alpha, pag_identity, pag_dual_attention)
         # PAGMixin runs PAG when pag_scale > 0 and pag_applied_layers is not empty.
         self.pag_applied_layers = list(processor.headset.layers) if processor is not None else []
         if processor is None:
@@ -210,13 +213,14 @@ class HeadPerturbedAttentionGuidance(PerturbedAttentionGuidance):
     def __init__(self, pag_heads, pag_alpha: AlphaSpec = 1.0, pag_identity: str = "image", guidance_scale: float = 7.0,
                  perturbed_guidance_scale: float = 3.0, perturbed_guidance_start: float = 0.0,
                  perturbed_guidance_stop: float = 1.0, guidance_rescale: float = 0.0,
-                 use_original_formulation: bool = False, start: float = 0.0, stop: float = 1.0, enabled: bool = True):
+                 use_original_formulation: bool = False, start: float = 0.0, stop: float = 1.0, enabled: bool = True,
+                 pag_dual_attention: bool = False):
         super().__init__(guidance_scale, perturbed_guidance_scale, perturbed_guidance_start, perturbed_guidance_stop,
                          perturbed_guidance_config=[], guidance_rescale=guidance_rescale,
                          use_original_formulation=use_original_formulation, start=start, stop=stop, enabled=enabled)
-        self.processor = SoftPAGProcessor(pag_heads, pag_alpha, pag_identity)
+        self.processor = SoftPAGProcessor(pag_heads, pag_alpha, pag_identity, pag_dual_attention)
         self.register_to_config(pag_heads=dict(self.processor.headset.heads), pag_alpha=pag_alpha,
-                                pag_identity=pag_identity)
+                                pag_identity=pag_identity, pag_dual_attention=pag_dual_attention)
         self._installation = ExitStack()
 
     def _passes(self) -> list[tuple[int, str]]:

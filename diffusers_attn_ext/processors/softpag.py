@@ -18,6 +18,16 @@ PAG's identity perturbation restricted to the selected heads. ``A^PAG`` depends 
   so every token, text tokens included, outputs its own value: ``A^PAG V = V``.
 
 In self-attention without text tokens (SD3.5 ``attn2``) both are ``A^PAG V = V``.
+
+Modules of a layer, as the authors' code (cvlab-kaist/HeadHunter, ``JointTransformerBlock.forward``): a head
+set names blocks; the perturbation goes to the block's joint attention only, never to SD3.5's second
+self-attention ``attn2`` (image tokens only, beside the joint attention) unless the head set names that module
+itself or ``dual_attention=True``.
+
+Projections and norms are the stock model's, ``norm_added_q`` / ``norm_added_k`` included. The authors'
+``JointAttnProcessor2_0`` has those two lines commented out, in every forward, perturbed or not: on SD3.5
+(QK-normed) their unperturbed passes are therefore not SD3.5's, while on the SD3-medium they ran (no QK norm)
+the lines do nothing. We keep the norms (docs/softpag.md: a defect of their code, with the evidence).
 """
 
 from __future__ import annotations
@@ -62,6 +72,12 @@ def identity_target(call: AttentionCall, query, key, value, out, identity: str) 
     return target
 
 
+def is_dual_attention(call: AttentionCall) -> bool:
+    """Whether ``call`` is an image-only self-attention beside a joint one: a call without text tokens in a
+    model whose sequences carry text (``context.text_len > 0``), i.e. SD3.5's ``attn2``. Python ints only."""
+    return call.text is None and call.context is not None and call.context.text_len > 0
+
+
 def per_head_alpha(
     headset: HeadSet, alpha: float | Mapping[str, float | Sequence[float]]
 ) -> dict[str, tuple[float, ...]]:
@@ -98,14 +114,22 @@ class SoftPAGProcessor(AttnExtProcessor):
             ``{"transformer_blocks.12": [3, 7]}``) or the path of a head set JSON.
         alpha: interpolation weight u of Eq. 7 in [0, 1]: a scalar, or ``{layer: alpha or [alpha per head]}``.
         identity: ``"image"`` (diffusers' PAG treatment of text tokens) or ``"all"`` (the authors' code).
+        dual_attention: a layer that names a block also perturbs the block's image-only self-attention beside
+            its joint attention (SD3.5's ``attn2``). Default False, as the authors' block forward, which passes
+            the perturbation to ``attn`` only; a head set entry that names the ``attn2`` module itself is
+            perturbed either way.
     """
 
-    def __init__(self, heads, alpha: float | Mapping[str, float | Sequence[float]] = 1.0, identity: str = "image"):
+    def __init__(self, heads, alpha: float | Mapping[str, float | Sequence[float]] = 1.0, identity: str = "image",
+                 dual_attention: bool = False):
         if identity not in IDENTITY_MODES:
             raise ValueError(f"identity={identity!r} is not one of {IDENTITY_MODES}")
+        if not isinstance(dual_attention, bool):
+            raise ValueError(f"dual_attention={dual_attention!r} is not allowed: allowed values are True and False")
         self.headset = as_headset(heads)
         self.alpha = per_head_alpha(self.headset, alpha)
         self.identity = identity
+        self.dual_attention = dual_attention
         self._layer_of_module: dict[str, str | None] = {}
 
     def layer_of(self, module_name: str | None) -> str | None:
@@ -130,8 +154,11 @@ class SoftPAGProcessor(AttnExtProcessor):
         return [f"^{re.escape(name)}$" for name in self.validate(transformer)]
 
     def applies_to(self, call: AttentionCall) -> bool:
-        if call.context is None or not call.is_self_attention or self.layer_of(call.module_name) is None:
+        layer = self.layer_of(call.module_name)
+        if call.context is None or not call.is_self_attention or layer is None:
             return False
+        if not self.dual_attention and layer != call.module_name and is_dual_attention(call):
+            return False  # the block was named, not its attn2: the authors perturb the joint attention only
         return bool(call.context.rows("perturbed"))
 
     def edit_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
@@ -161,4 +188,5 @@ class SoftPAGProcessor(AttnExtProcessor):
         return out
 
     def __repr__(self) -> str:
-        return f"SoftPAGProcessor(heads={dict(self.headset.heads)}, alpha={self.alpha}, identity={self.identity!r})"
+        return (f"SoftPAGProcessor(heads={dict(self.headset.heads)}, alpha={self.alpha}, identity={self.identity!r}, "
+                f"dual_attention={self.dual_attention})")
