@@ -8,9 +8,12 @@ Sec. 3.2 (foreground-background separation) and Sec. 3.3 (STD-RoPE); the authors
   interpolated linearly per frame (``utils.plan_path``).
 - Token frame ``t`` shows pixel frame ``t * frame_stride`` (``PATHS[::4]`` in ``run.py``; the stride is the
   VAE's temporal compression times the temporal patch: 4 for Wan and CogVideoX 1.0).
-- A box covers the tokens ``[floor(top * H / height), floor(bottom * H / height))`` x
-  ``[floor(left * W / width), floor(right * W / width))`` of its frame's ``H x W`` token grid (``run.py``:
-  ``int(fraction * tokens)``).
+- A box covers the tokens ``[int(top_f * H), int(bottom_f * H))`` x ``[int(left_f * W), int(right_f * W))`` of
+  its frame's ``H x W`` token grid, with ``*_f`` the box as fractions of the frame as the authors' code holds
+  them (``run.py``; ``box_arithmetic="authors"``, the default): the key box in pixels over the frame size, and
+  between keys ``plan_path``'s float64 interpolation of those fractions, which it evaluates at the end key too
+  (so an edge exactly on a token boundary can land one float64 step low and lose a token row or column).
+  ``box_arithmetic="exact"`` is ``floor(px * tokens / size)`` on pixel boxes interpolated exactly instead.
 - STD-RoPE positions (``transformer_wan.py``): the reference box is the first frame's box of smallest area;
   the box of every frame without its last row and column (the authors' corner arithmetic) takes the spatial
   positions of the reference region, resampled nearest-neighbour when the sizes differ
@@ -30,6 +33,7 @@ import torch
 from .context import TokenGrid
 
 Box = tuple[float, float, float, float]
+BOX_ARITHMETIC = ("authors", "exact")
 
 
 def _check_box(box: Sequence[float], name: str, height: int, width: int) -> Box:
@@ -69,6 +73,13 @@ class Trajectory:
     Args:
         boxes: one ``(left, top, right, bottom)`` box in pixels per video frame (``num_frames`` of them).
         height, width: the video size in pixels; every box must lie inside it and be non-empty.
+        box_arithmetic: how a box becomes latent tokens (:meth:`token_boxes`). ``"authors"`` (default): the
+            authors' ``int(fraction * tokens)`` on the box as fractions of the frame; ``"exact"``:
+            ``floor(pixels * tokens / size)``, which differs where the authors' float64 fractions fall one step
+            below a token boundary (docs/ditraj.md).
+        fractions: the boxes as ``(left, top, right, bottom)`` fractions of ``(width, height, width, height)``,
+            the numbers the authors' code computes with; None: ``pixels / size``. :meth:`from_key_boxes` gives
+            the authors' interpolated fractions. Each must be within 1e-9 of ``boxes[i] / size``.
 
     Use :meth:`from_key_boxes` to give a few boxes and interpolate the others.
     """
@@ -76,14 +87,34 @@ class Trajectory:
     boxes: tuple[Box, ...]
     height: int
     width: int
+    box_arithmetic: str = "authors"
+    fractions: tuple[Box, ...] | None = None
 
     def __post_init__(self):
         if not isinstance(self.height, int) or not isinstance(self.width, int) or self.height <= 0 or self.width <= 0:
             raise ValueError(f"height={self.height!r}, width={self.width!r} must be positive integers (pixels)")
+        if self.box_arithmetic not in BOX_ARITHMETIC:
+            raise ValueError(f"box_arithmetic={self.box_arithmetic!r} is not one of {BOX_ARITHMETIC}")
         if len(self.boxes) == 0:
             raise ValueError("boxes is empty: give one box per video frame")
         checked = tuple(_check_box(box, f"boxes[{i}]", self.height, self.width) for i, box in enumerate(self.boxes))
         object.__setattr__(self, "boxes", checked)
+        sizes = (self.width, self.height, self.width, self.height)
+        if self.fractions is None:
+            fractions = tuple(tuple(v / size for v, size in zip(box, sizes, strict=True)) for box in checked)
+        else:
+            fractions = tuple(tuple(float(v) for v in f) for f in self.fractions)
+            if len(fractions) != len(checked):
+                raise ValueError(f"fractions has {len(fractions)} boxes for {len(checked)} boxes: give one per box")
+            for i, (fraction, box) in enumerate(zip(fractions, checked, strict=True)):
+                if len(fraction) != 4 or any(
+                    not abs(f * size - v) <= 1e-9 * size for f, v, size in zip(fraction, box, sizes, strict=True)
+                ):
+                    raise ValueError(
+                        f"fractions[{i}]={fraction!r} is not boxes[{i}]={box!r} over the frame size "
+                        f"({self.width}x{self.height}): allowed within 1e-9 of pixels / size"
+                    )
+        object.__setattr__(self, "fractions", fractions)
 
     @property
     def num_frames(self) -> int:
@@ -91,8 +122,13 @@ class Trajectory:
 
     @classmethod
     def from_key_boxes(cls, key_boxes: Mapping[int, Sequence[float]], num_frames: int, height: int,
-                       width: int) -> Trajectory:
+                       width: int, box_arithmetic: str = "authors") -> Trajectory:
         """Boxes at a few frames, linearly interpolated in between (``utils.plan_path``).
+
+        Pixel boxes are interpolated as ``step * (end - start) / frames + start`` (exact for integer pixels),
+        the key itself at a key frame. The fractions of the authors' arithmetic are interpolated as
+        ``plan_path`` does: ``f = step * ((f_end - f_start) / frames) + f_start`` for every frame after a key up
+        to and including the next key, with ``f = pixels / size`` at the keys.
 
         Deviation: frames before the first key or after the last hold that key's box, where the authors'
         ``plan_path`` extrapolates the line (with a list-nesting bug); their scripts always give keys at the
@@ -101,6 +137,7 @@ class Trajectory:
         Args:
             key_boxes: ``{frame index: (left, top, right, bottom)}`` in pixels, frame indices in
                 ``[0, num_frames)``.
+            box_arithmetic: see :class:`Trajectory`.
         """
         if not isinstance(num_frames, int) or num_frames <= 0:
             raise ValueError(f"num_frames={num_frames!r} must be a positive integer")
@@ -117,24 +154,29 @@ class Trajectory:
         if outside:
             raise ValueError(f"key_boxes frames {outside} are outside the allowed range [0, {num_frames - 1}]")
         key_boxes = {f: _check_box(indexed[f], f"key_boxes[{f}]", height, width) for f in frames}
-        boxes = []
+        sizes = (width, height, width, height)
+        key_fractions = {f: tuple(v / size for v, size in zip(box, sizes, strict=True)) for f, box in key_boxes.items()}
+        boxes, fractions = [], []
         for frame in range(num_frames):
-            if frame <= frames[0]:
-                boxes.append(tuple(key_boxes[frames[0]]))
-                continue
-            if frame >= frames[-1]:
-                boxes.append(tuple(key_boxes[frames[-1]]))
+            if frame <= frames[0] or frame > frames[-1]:  # the first key, or held outside the keys
+                key = frames[0] if frame <= frames[0] else frames[-1]
+                boxes.append(key_boxes[key])
+                fractions.append(key_fractions[key])
                 continue
             end = next(f for f in frames if f >= frame)
             start = max(f for f in frames if f < frame)
-            a, b, step = key_boxes[start], key_boxes[end], frame - start
-            boxes.append(tuple(step * (e - s) / (end - start) + s for s, e in zip(a, b, strict=True)))
-        return cls(tuple(boxes), height, width)
+            step, span = frame - start, end - start
+            a, b = key_boxes[start], key_boxes[end]
+            boxes.append(b if frame == end else tuple(step * (e - s) / span + s for s, e in zip(a, b, strict=True)))
+            a, b = key_fractions[start], key_fractions[end]
+            fractions.append(tuple(step * ((e - s) / span) + s for s, e in zip(a, b, strict=True)))
+        return cls(tuple(boxes), height, width, box_arithmetic, tuple(fractions))
 
     @classmethod
-    def static(cls, box: Sequence[float], num_frames: int, height: int, width: int) -> Trajectory:
+    def static(cls, box: Sequence[float], num_frames: int, height: int, width: int,
+               box_arithmetic: str = "authors") -> Trajectory:
         """The same box in every frame."""
-        return cls.from_key_boxes({0: box}, num_frames, height, width)
+        return cls.from_key_boxes({0: box}, num_frames, height, width, box_arithmetic)
 
     def check_video(self, num_frames: int, height: int, width: int) -> None:
         """ValueError unless the trajectory was made for a video of this length and size."""
@@ -151,6 +193,8 @@ class Trajectory:
     def token_boxes(self, grid: TokenGrid, frame_stride: int) -> tuple[TokenBox, ...]:
         """The box of each token frame on ``grid``: token frame ``t`` shows pixel frame ``t * frame_stride``.
 
+        ``box_arithmetic="authors"``: rows ``[int(top_f H), int(bottom_f H))``, columns ``[int(left_f W),
+        int(right_f W))`` from the fractions (``run.py``); ``"exact"``: ``floor(px * H / height)`` and so on.
         ValueError when the grid needs more frames than the trajectory has, or a box covers no token.
         """
         last = (grid.frames - 1) * frame_stride
@@ -161,11 +205,17 @@ class Trajectory:
             )
         token_boxes = []
         for t in range(grid.frames):
-            left, top, right, bottom = self.boxes[t * frame_stride]
-            box = TokenBox(
-                top=math.floor(top * grid.height / self.height), bottom=math.floor(bottom * grid.height / self.height),
-                left=math.floor(left * grid.width / self.width), right=math.floor(right * grid.width / self.width),
-            )
+            if self.box_arithmetic == "authors":
+                left, top, right, bottom = self.fractions[t * frame_stride]
+                box = TokenBox(top=int(top * grid.height), bottom=int(bottom * grid.height),
+                               left=int(left * grid.width), right=int(right * grid.width))
+            else:
+                left, top, right, bottom = self.boxes[t * frame_stride]
+                box = TokenBox(
+                    top=math.floor(top * grid.height / self.height),
+                    bottom=math.floor(bottom * grid.height / self.height),
+                    left=math.floor(left * grid.width / self.width), right=math.floor(right * grid.width / self.width),
+                )
             if box.bottom <= box.top or box.right <= box.left:
                 raise ValueError(
                     f"trajectory box {self.boxes[t * frame_stride]} of frame {t * frame_stride} covers no latent "

@@ -261,3 +261,65 @@ def test_the_authors_skipped_added_norms_change_the_unperturbed_sd35_model():
         stock = transformer(**sd3_inputs(1))[0][0]
     assert rel_err(authors_forward(transformer, {}, U, skip_added_norms=False), stock) < 1e-10
     assert rel_err(authors_forward(transformer, {}, U, skip_added_norms=True), stock) > 1e-3  # measured 0.0057
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. DiTraj: key boxes -> latent token boxes
+
+
+def authors_plan_path(keys: list[list[float]]) -> list[list[float]]:
+    """``utils.plan_path`` for keys ``[frame, top, bottom, left, right]`` (fractions) at the first and the last
+    frame: the first key as given, then for each segment and each frame after its start up to and including its
+    end ``step * ((end - start) / frames) + start`` per coordinate (the end key is recomputed, not copied)."""
+    path = [list(keys[0][1:])]
+    for start, end in zip(keys, keys[1:], strict=False):
+        frames = end[0] - start[0]
+        change = [(e - s) / frames for s, e in zip(start[1:], end[1:], strict=True)]
+        for frame in range(start[0] + 1, end[0] + 1):
+            path.append([(frame - start[0]) * c + s for c, s in zip(change, start[1:], strict=True)])
+    return path
+
+
+def authors_bbox_mask(keys, latent_frames: int, height: int, width: int) -> torch.Tensor:
+    """``run.py``: ``PATHS = plan_path(...)[::4]``; tokens ``[int(top * h), int(bottom * h))`` x ``[int(left * w),
+    int(right * w))`` of the ``height // 16 x width // 16`` grid."""
+    rows, cols = height // 16, width // 16
+    mask = torch.zeros(latent_frames, rows, cols, dtype=torch.bool)
+    for t, (top, bottom, left, right) in enumerate(authors_plan_path(keys)[::4]):
+        mask[t, int(top * rows):int(bottom * rows), int(left * cols):int(right * cols)] = True
+    return mask
+
+
+def random_key_boxes(seed: int, height: int, width: int, last_frame: int) -> dict[int, tuple[int, int, int, int]]:
+    """Integer-pixel key boxes at frame 0, the last frame and 0-2 frames between."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(low, high):
+        return int(torch.randint(low, high, (1,), generator=g))
+
+    frames = sorted({0, last_frame, *(draw(1, last_frame) for _ in range(draw(0, 3)))})
+    boxes = {}
+    for frame in frames:
+        left, top = draw(0, width - 64), draw(0, height - 64)
+        boxes[frame] = (left, top, draw(left + 32, width + 1), draw(top + 32, height + 1))
+    return boxes
+
+
+def test_ditraj_token_boxes_equal_the_authors_on_random_integer_pixel_trajectories():
+    """480x832, 81 frames (21 latent frames of 30x52 tokens), 100 random trajectories: our foreground masks equal
+    the authors' ``bbox_mask`` exactly; ``box_arithmetic="exact"`` differs on some (boundary edges)."""
+    from diffusers_attn_ext.trajectory import Trajectory, foreground_mask
+
+    height, width, frames = 480, 832, 81
+    grid = TokenGrid(21, height // 16, width // 16)
+    differing = 0
+    for seed in range(100):
+        keys = random_key_boxes(seed, height, width, frames - 1)
+        fractions = [[f, top / height, bottom / height, left / width, right / width]
+                     for f, (left, top, right, bottom) in keys.items()]
+        expected = authors_bbox_mask(fractions, grid.frames, height, width)
+        ours = foreground_mask(Trajectory.from_key_boxes(keys, frames, height, width).token_boxes(grid, 4), grid)
+        assert torch.equal(ours, expected), seed
+        exact = Trajectory.from_key_boxes(keys, frames, height, width, box_arithmetic="exact")
+        differing += not torch.equal(foreground_mask(exact.token_boxes(grid, 4), grid), expected)
+    assert differing > 0  # measured: 3 of these 100 (28 of the first 300 seeds)

@@ -40,6 +40,23 @@ def test_token_boxes_floor_pixels_to_tokens():
     assert box == TokenBox(1, 2, 1, 2)
 
 
+def test_box_arithmetic_authors_truncates_float64_fractions_and_exact_floors_pixels():
+    """An edge on a token boundary between keys: plan_path's float64 fraction lands one step low and int()
+    drops the token (authors, default); "exact" floors the exact pixel position."""
+    keys = {0: (2, 0, 80, 80), 8: (30, 0, 80, 80)}  # 80x80, 5x5 tokens of 16 px; frame 4: left edge at 16 px
+    grid = TokenGrid(3, 5, 5)
+    authors = Trajectory.from_key_boxes(keys, 9, 80, 80)
+    assert authors.fractions[4][0] == 0.19999999999999998  # 4 * ((0.375 - 0.025) / 8) + 0.025
+    assert [box.left for box in authors.token_boxes(grid, 4)] == [0, 0, 1]
+    exact = Trajectory.from_key_boxes(keys, 9, 80, 80, box_arithmetic="exact")
+    assert [box.left for box in exact.token_boxes(grid, 4)] == [0, 1, 1]
+    assert authors.boxes == exact.boxes and authors.boxes[4][0] == 16.0  # same pixels, other token arithmetic
+    with pytest.raises(ValueError, match=r"box_arithmetic='round' is not one of \('authors', 'exact'\)"):
+        Trajectory(exact.boxes, 80, 80, box_arithmetic="round")
+    with pytest.raises(ValueError, match=r"fractions\[0\]=\(0.5, 0.0, 1.0, 1.0\) is not boxes\[0\]"):
+        Trajectory(((0, 0, 80, 80),), 80, 80, fractions=((0.5, 0, 1, 1),))
+
+
 def test_foreground_mask():
     mask = foreground_mask(moving_right().token_boxes(GRID, 4), GRID)
     expected = torch.zeros(3, 4, 4, dtype=torch.bool)
