@@ -323,3 +323,113 @@ def test_ditraj_token_boxes_equal_the_authors_on_random_integer_pixel_trajectori
         exact = Trajectory.from_key_boxes(keys, frames, height, width, box_arithmetic="exact")
         differing += not torch.equal(foreground_mask(exact.token_boxes(grid, 4), grid), expected)
     assert differing > 0  # measured: 3 of these 100 (28 of the first 300 seeds)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 4. IR-Diffusion: reference dropout
+
+
+def bbox(mask: torch.Tensor) -> tuple[int, int, int, int]:
+    rows, cols = mask.nonzero(as_tuple=True)
+    return int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max())
+
+
+def authors_relocate(grid: torch.Tensor, ref_mask: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """``rescale_hidden_states_sa`` / ``relocate_mask``: the reference's ``[C, h, w]`` grid cropped to the bounding
+    box of ``ref_mask``, resized (nearest) onto the bounding box of ``target_mask``, zeros elsewhere."""
+    top, bottom, left, right = bbox(ref_mask)
+    t_top, t_bottom, t_left, t_right = bbox(target_mask)
+    out = torch.zeros_like(grid)
+    crop = grid[None, :, top:bottom + 1, left:right + 1]
+    out[:, t_top:t_bottom + 1, t_left:t_right + 1] = torch.nn.functional.interpolate(
+        crop, (t_bottom - t_top + 1, t_right - t_left + 1), mode="nearest")[0]
+    return out
+
+
+def authors_ir_attention(query, key, value, ref_masks, target_masks, dropped_target_masks, h, w):
+    """``mask_attention_multi_subj`` (reposition path, ``ref_sa_lambda = 0``) for one target row ``[N, H, D]`` of a
+    joint sequence whose first ``h * w`` tokens are the image, restated with -inf for the authors' ``finfo.min``
+    (the same softmax in float64: every row keeps finite scores). ``key``/``value`` hold [reference, target].
+
+    Keys: one block per subject ``i`` (the reference K/V relocated into the target box; keys where the relocated
+    reference mask is 0 masked; **query rows where the dropped target mask of ``i`` is 0 masked**, the gate of
+    ``_dropout_mask``), then the target's own sequence with ``_isolate_subj_sa`` (a subject-``i`` query does not
+    see subject ``j``'s tokens, undropped masks). The K-level relocation equals their relocation of hidden states
+    before ``to_k``/``to_v`` for nearest resampling (a per-token projection)."""
+    n, heads, dim = query.shape
+    image = h * w
+    blocks_k, blocks_v, biases = [], [], []
+    for ref_mask, target_mask, dropped in zip(ref_masks, target_masks, dropped_target_masks, strict=True):
+        def relocated(x, ref_mask=ref_mask, target_mask=target_mask):
+            grid = x[:image].reshape(h, w, -1).permute(2, 0, 1)
+            return authors_relocate(grid, ref_mask, target_mask).permute(1, 2, 0).reshape(image, heads, dim)
+
+        key_ok = authors_relocate(ref_mask[None].double(), ref_mask, target_mask)[0].flatten() > 0
+        query_ok = torch.zeros(n, dtype=torch.bool)
+        query_ok[:image] = dropped.flatten()
+        blocks_k.append(relocated(key[0]))
+        blocks_v.append(relocated(value[0]))
+        biases.append(~(query_ok[:, None] & key_ok[None, :]))
+    isolated = torch.zeros(n, n, dtype=torch.bool)
+    flat = [torch.cat([m.flatten(), torch.zeros(n - image, dtype=torch.bool)]) for m in target_masks]
+    for i, mask_i in enumerate(flat):
+        for j, mask_j in enumerate(flat):
+            if i != j:
+                isolated |= mask_i[:, None] & mask_j[None, :]
+    keys = torch.cat([*blocks_k, key[1]])
+    values = torch.cat([*blocks_v, value[1]])
+    blocked = torch.cat([*biases, isolated], dim=1)
+    scores = torch.einsum("qhd,khd->hqk", query, keys) * dim ** -0.5
+    scores = scores.masked_fill(blocked[None], float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
+
+
+IR_LAYOUT_BOXES = [
+    {"cat": (0.5, 0.0, 1.0, 0.5), "dog": (0.0, 0.5, 0.75, 1.0)},  # reference
+    {"cat": (0.0, 0.0, 0.5, 0.75), "dog": (0.5, 0.25, 1.0, 1.0)},  # target: other positions and sizes
+]
+
+
+def ir_call(seed=0):
+    """A float64 SD3-style joint call (4x4 image tokens, then 3 text tokens), rows [reference, target]."""
+    from diffusers_attn_ext.families.base import AttentionCall
+
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 19, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    context = AttnContext(family="sd3", grid=TokenGrid(1, 4, 4), text_len=3, batch_size=2, step_index=0)
+    return AttentionCall(module=torch.nn.Module(), family="sd3", kind="joint", query=q, key=k, value=v,
+                         text=slice(16, 19), visual=slice(0, 16), context=context)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ir_dropout_gates_the_target_queries_of_the_reference_as_the_authors(seed):
+    from diffusers_attn_ext.processors.isolation_reposition import IsolationRepositionProcessor
+    from diffusers_attn_ext.subjects import SubjectLayout
+
+    layout = SubjectLayout.from_boxes(IR_LAYOUT_BOXES)
+    call = ir_call(seed)
+    stock = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", call.query, call.key) * 8 ** -0.5, -1)
+    stock = torch.einsum("bhqk,bkhd->bqhd", stock, call.value)
+    processor = IsolationRepositionProcessor(layout, reference_dropout=0.5, dropout_seed=seed)
+    ours = processor.edit_output(call, stock.clone())
+
+    # The same draw, laid onto the target masks in token order (the draw is ours; the rule is theirs).
+    masks = processor.keep_masks(processor.plans(4, 4, 0, 19, "cpu"), 0)
+    ref_masks, target_masks = layout.grids(0, 4, 4), layout.grids(1, 4, 4)
+    dropped = []
+    for s, target in enumerate(target_masks):
+        grid = torch.zeros(16, dtype=torch.bool)
+        grid[target.flatten().nonzero().flatten()] = masks[(1, s)]
+        dropped.append(grid.reshape(4, 4))
+    assert any(not bool(m.all()) for m in masks.values())  # something is dropped
+    expected = authors_ir_attention(call.query[1], call.key, call.value, ref_masks, target_masks, dropped, 4, 4)
+    assert rel_err(ours[1], expected) < 1e-10
+    assert torch.equal(ours[0], stock[0])  # the reference row is stock
+
+    # Without dropout, the same restatement with undropped masks.
+    undropped = IsolationRepositionProcessor(layout).edit_output(call, stock.clone())
+    full = authors_ir_attention(call.query[1], call.key, call.value, ref_masks, target_masks, target_masks, 4, 4)
+    assert rel_err(undropped[1], full) < 1e-10
+    # The option that keeps the earlier rule (repositioned keys dropped) is another function.
+    keys = IsolationRepositionProcessor(layout, reference_dropout=0.5, dropout_seed=seed, dropout_mode="keys")
+    assert rel_err(keys.edit_output(call, stock.clone())[1], expected) > 1e-3

@@ -183,35 +183,55 @@ def test_working_memory_stays_under_the_budget_and_no_query_by_key_tensor_exists
     ids = torch.cat([torch.zeros(4, 3), torch.stack(torch.meshgrid(
         torch.zeros(1), torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1).flatten(0, 2)])
     rotary = FluxPosEmbed(theta=10000, axes_dim=[4, 6, 6])(ids)
-    processor = IsolationRepositionProcessor(layout, interpolation=mode, reference_dropout=0.5)
-    plans = processor.plans(8, 8, 4, 68, "cpu")
-    keep = processor.kept_keys(plans, step=0)
     peaks = {}
-    for budget in (40_000, 80_000, 2**30):
-        tracker, out = LiveTensors(), query.clone()
-        with tracker:
-            isolation_reposition_attention(query, key, value, out, plans, rotary, keep=keep, max_chunk_bytes=budget)
-        peaks[budget] = tracker.peak
-        # Index vectors and SDPA's log-sum-exp are outside the budget: O(tokens), not O(tokens x heads x dim).
-        assert tracker.peak <= budget + 2048
-        for (image, s), kept in keep.items():
-            tokens = plans[image - 1][s]
-            scores = (tokens.queries.numel(), tokens.own_keys.numel() + kept.numel())
-            assert not any(shape[-2:] == scores for shape in tracker.shapes)
-    assert peaks[40_000] < peaks[80_000] < peaks[2**30]  # the budget is what bounds the working memory
+    for dropout_mode in ("queries", "keys"):
+        processor = IsolationRepositionProcessor(layout, interpolation=mode, reference_dropout=0.5,
+                                                 dropout_mode=dropout_mode)
+        plans = processor.step_plans(processor.plans(8, 8, 4, 68, "cpu"), step=0)
+        for budget in (40_000, 80_000, 2**30):
+            tracker, out = LiveTensors(), query.clone()
+            with tracker:
+                isolation_reposition_attention(query, key, value, out, plans, rotary, max_chunk_bytes=budget)
+            peaks[dropout_mode, budget] = tracker.peak
+            # Index vectors and SDPA's log-sum-exp are outside the budget: O(tokens), not O(tokens x heads x dim).
+            assert tracker.peak <= budget + 2048
+            for tokens in (t for image_plans in plans for t in image_plans):
+                scores = (tokens.queries.numel(), tokens.own_keys.numel() + tokens.ref_positions.numel())
+                assert not any(shape[-2:] == scores for shape in tracker.shapes)
+        # the budget is what bounds the working memory
+        assert peaks[dropout_mode, 40_000] < peaks[dropout_mode, 80_000] < peaks[dropout_mode, 2**30]
 
 
-def test_reference_dropout_of_every_key_keeps_them_all_and_is_reproducible():
-    # The authors' _dropout_mask restores the undropped mask when every key would be dropped.
-    processor = IsolationRepositionProcessor(LAYOUT, reference_dropout=0.99, dropout_seed=3)
+@pytest.mark.parametrize("dropout_mode", ["queries", "keys"])
+def test_reference_dropout_of_everything_keeps_it_all_and_is_reproducible(dropout_mode):
+    # The authors' _dropout_mask restores the undropped mask when a subject would lose every token.
+    processor = IsolationRepositionProcessor(LAYOUT, reference_dropout=0.99, dropout_seed=3, dropout_mode=dropout_mode)
     plans = processor.plans(2, 3, 1, 7, "cpu")
     first, again = processor.keep_masks(plans, 5), processor.keep_masks(plans, 5)
     generator = torch.Generator().manual_seed(3 + 5)
     for s, tokens in enumerate(plans[0]):
-        drawn = torch.rand(tokens.ref_positions.numel(), generator=generator) >= 0.99
+        count = (tokens.queries if dropout_mode == "queries" else tokens.ref_positions).numel()
+        drawn = torch.rand(count, generator=generator) >= 0.99
         assert torch.equal(first[(1, s)], drawn if bool(drawn.any()) else torch.ones_like(drawn))
-    assert all(bool(mask.all()) for mask in first.values())  # 2 keys per subject at p = 0.99: all dropped
+    assert all(bool(mask.all()) for mask in first.values())  # 2 tokens per subject at p = 0.99: all dropped
     assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_query_dropout_isolates_the_dropped_target_tokens_from_the_reference():
+    """dropout_mode="queries" (authors): a dropped target token of a subject attends no reference key; the
+    others attend all of the subject's repositioned keys. The step plans split each subject accordingly."""
+    processor = IsolationRepositionProcessor(LAYOUT, reference_dropout=0.5, dropout_seed=0)
+    plans = processor.plans(2, 3, 1, 7, "cpu")
+    masks = processor.keep_masks(plans, 0)
+    split = processor.step_plans(plans, 0)
+    for s, tokens in enumerate(plans[0]):
+        kept = masks[(1, s)]
+        groups = [g for g in split[0] if set(g.queries.tolist()) <= set(tokens.queries.tolist())]
+        assert torch.equal(groups[0].queries, tokens.queries[kept])
+        assert torch.equal(groups[0].ref_positions, tokens.ref_positions)  # every repositioned key
+        if not kept.all():
+            assert torch.equal(groups[1].queries, tokens.queries[~kept]) and groups[1].ref_positions.numel() == 0
+    assert processor.step_plans(plans, 0) is split  # one split per step, shared by the layers
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
@@ -246,6 +266,8 @@ def test_bad_settings_are_value_errors():
         IsolationRepositionProcessor(LAYOUT, interpolation="bicubic")
     with pytest.raises(ValueError, match="reference_dropout=1.0"):
         IsolationRepositionProcessor(LAYOUT, reference_dropout=1.0)
+    with pytest.raises(ValueError, match=r"dropout_mode='target' is not one of \('queries', 'keys'\)"):
+        IsolationRepositionProcessor(LAYOUT, dropout_mode="target")
     with pytest.raises(ValueError, match="steps"):
         IsolationRepositionProcessor(LAYOUT, start_step=4, end_step=2)
     q = torch.zeros(3, 7, 1, 2)

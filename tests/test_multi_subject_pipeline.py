@@ -70,8 +70,10 @@ def test_processor_carries_the_authors_defaults(multi):
     pipe = multi("flux")
     processor = pipe.multi_subject_processor(BOXES, prompt_embeds=torch.zeros(3, 4, 8))
     assert isinstance(processor, IsolationRepositionProcessor)
-    assert (processor.start_step, processor.end_step, processor.interpolation, processor.reference_dropout) == (
-        0, None, "nearest", 0.5)
+    assert (processor.start_step, processor.end_step, processor.interpolation, processor.reference_dropout,
+            processor.dropout_mode) == (0, None, "nearest", 0.5, "queries")
+    keys = pipe.multi_subject_processor(BOXES, prompt_embeds=torch.zeros(3, 4, 8), ir_dropout_mode="keys")
+    assert keys.dropout_mode == "keys"
 
 
 def test_bad_batches_are_value_errors(multi):

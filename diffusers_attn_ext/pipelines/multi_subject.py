@@ -14,7 +14,8 @@ through :class:`~diffusers_attn_ext.processors.isolation_reposition.IsolationRep
 mask of any resolution works too); every subject must appear in every image and in every prompt string.
 Without ``subject_boxes`` the pipeline is the stock one. Extra arguments (authors' defaults from
 ``DreamStory/pipe/pipe_test.py``): ``ir_start_step=0`` and ``ir_end_step=None`` (every step),
-``ir_interpolation="nearest"``, ``ir_reference_dropout=0.5`` (``dropout``), ``ir_dropout_seed``, and
+``ir_interpolation="nearest"``, ``ir_reference_dropout=0.5`` (``dropout``), ``ir_dropout_mode="queries"`` (what
+``_dropout_mask`` drops: target subject tokens, which then attend no reference key), ``ir_dropout_seed``, and
 ``ir_layers`` (attention-module name patterns as ``install``'s ``layers``; default every layer, see
 docs/ir-diffusion.md). Prompt embeddings work as in the parent pipelines (one row per image).
 """
@@ -37,6 +38,7 @@ class MultiSubjectMixin:
         self, subject_boxes: Sequence[Mapping[str, object]], prompt=None, prompt_embeds=None,
         num_images_per_prompt: int | None = 1, ir_start_step: int = 0, ir_end_step: int | None = None,
         ir_interpolation: str = "nearest", ir_reference_dropout: float = 0.5, ir_dropout_seed: int = 0,
+        ir_dropout_mode: str = "queries",
     ) -> IsolationRepositionProcessor:
         """The processor a call with these arguments installs; ValueError when the batch does not match."""
         if num_images_per_prompt not in (None, 1):
@@ -54,12 +56,13 @@ class MultiSubjectMixin:
         layout = SubjectLayout.from_boxes(subject_boxes, prompts)
         return IsolationRepositionProcessor(
             layout, start_step=ir_start_step, end_step=ir_end_step, interpolation=ir_interpolation,
-            reference_dropout=ir_reference_dropout, dropout_seed=ir_dropout_seed,
+            reference_dropout=ir_reference_dropout, dropout_seed=ir_dropout_seed, dropout_mode=ir_dropout_mode,
         )
 
     def __call__(self, prompt=None, *, subject_boxes=None, ir_start_step: int = 0, ir_end_step: int | None = None,
                  ir_layers: str | list[str] | None = None, ir_interpolation: str = "nearest",
-                 ir_reference_dropout: float = 0.5, ir_dropout_seed: int = 0, **kwargs):
+                 ir_reference_dropout: float = 0.5, ir_dropout_seed: int = 0, ir_dropout_mode: str = "queries",
+                 **kwargs):
         """The parent pipeline's call with IR-Diffusion installed for it when ``subject_boxes`` is given (the
         ``ir_*`` arguments: see the module docstring); without it, the parent pipeline unchanged."""
         if subject_boxes is None:
@@ -67,7 +70,7 @@ class MultiSubjectMixin:
         processor = self.multi_subject_processor(
             subject_boxes, prompt, kwargs.get("prompt_embeds"), kwargs.get("num_images_per_prompt", 1),
             ir_start_step=ir_start_step, ir_end_step=ir_end_step, ir_interpolation=ir_interpolation,
-            ir_reference_dropout=ir_reference_dropout, ir_dropout_seed=ir_dropout_seed,
+            ir_reference_dropout=ir_reference_dropout, ir_dropout_seed=ir_dropout_seed, ir_dropout_mode=ir_dropout_mode,
         )
         with installed(self, processor, layers=ir_layers):
             return super().__call__(prompt=prompt, **kwargs)

@@ -26,11 +26,18 @@ Kernel: the stock kernel runs first on every row (it is exact for all rows and t
 tokens); :meth:`IsolationRepositionProcessor.edit_output` then recomputes the target subject queries with
 ``F.scaled_dot_product_attention`` without a mask: for each target image, subject and chunk of heads, the
 allowed keys (the row's own keys but the other subjects' tokens, then the subject's repositioned reference
-keys, dropped ones left out) are gathered into one contiguous K and V, so the gather is the mask and the
-fused kernels (flash, cuDNN, memory-efficient) apply; the results are scattered back into the output rows.
+keys, none of them for queries dropped by reference dropout) are gathered into one contiguous K and V, so the
+gather is the mask and the fused kernels (flash, cuDNN, memory-efficient) apply; the results are scattered back
+into the output rows.
 Nothing of size queries x keys is materialised by this code. Memory: the heads of one chunk are chosen so that
 its gathered K, V, Q and SDPA's output, or K, V and the float32 (float64) temporaries of the resampling, stay under
 ``max_chunk_bytes`` (see :func:`heads_per_chunk`); at least one head per chunk.
+
+Reference dropout (authors' ``_dropout_mask``, ``dropout=0.5`` in their ``pipe_test.py``): one Bernoulli draw per
+target subject token multiplies the target mask, and in the reposition path that mask gates the query rows of
+the reference block (``mask_attention_multi_subj``): a dropped token of subject ``s`` attends no reference key,
+only its own image under isolation. ``dropout_mode="queries"`` (default) does that; ``dropout_mode="keys"``
+drops repositioned reference keys for all of the subject's queries instead (this package's earlier rule).
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from ..subjects import INTERPOLATIONS, SubjectLayout, SubjectTokens, subject_tok
 from .base import AttnExtProcessor
 
 DEFAULT_CHUNK_BYTES = 16 * 2**20
+DROPOUT_MODES = ("queries", "keys")
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -84,6 +92,17 @@ def _kept(tokens: SubjectTokens, keep: torch.Tensor | None) -> SubjectTokens:
         return tokens
     return replace(tokens, ref_sources=tokens.ref_sources[keep], ref_weights=tokens.ref_weights[keep],
                    ref_positions=tokens.ref_positions[keep])
+
+
+def split_queries(tokens: SubjectTokens, attending: torch.Tensor, isolated: torch.Tensor) -> list[SubjectTokens]:
+    """The authors' query dropout of one subject: the queries at positions ``attending`` of ``tokens.queries``
+    keep every repositioned reference key; those at ``isolated`` attend no reference key (their own image under
+    isolation only). Index tensors on the plans' device; an empty group is left out."""
+    groups = [replace(tokens, queries=tokens.queries[attending])]
+    if isolated.numel():
+        groups.append(replace(tokens, queries=tokens.queries[isolated], ref_sources=tokens.ref_sources[:0],
+                              ref_weights=tokens.ref_weights[:0], ref_positions=tokens.ref_positions[:0]))
+    return groups
 
 
 def _resample_into(key: torch.Tensor, value: torch.Tensor, tokens: SubjectTokens, deltas, k_out: torch.Tensor,
@@ -199,8 +218,9 @@ def isolation_reposition_attention(
 ) -> torch.Tensor:
     """Overwrite, in ``out [B, S, H, D]`` (the stock attention of every row), the target subject queries with
     Isolation + Reposition attention. ``plans[i - 1]`` are the :class:`SubjectTokens` of target image ``i``
-    (on ``query``'s device); rows are groups of ``len(plans) + 1`` images, reference first. ``keep[(i, s)]``
-    (bool mask or indices) selects the repositioned keys of subject ``s`` in image ``i`` (reference dropout).
+    (on ``query``'s device; several entries may share a subject, e.g. :func:`split_queries`); rows are groups
+    of ``len(plans) + 1`` images, reference first. ``keep[(i, s)]`` (bool mask or indices) selects the
+    repositioned keys of entry ``s`` of image ``i`` (``dropout_mode="keys"``).
     ``max_chunk_bytes`` bounds the working memory (:func:`heads_per_chunk`). Returns ``out``."""
     images = len(plans) + 1
     batch = query.shape[0]
@@ -244,9 +264,12 @@ class IsolationRepositionProcessor(AttnExtProcessor):
         start_step, end_step: denoising steps ``start_step <= i < end_step`` it acts on (authors: all 50
             steps, ``start_step=0``); None for the last step.
         interpolation: "nearest" (authors) or "bilinear" resampling of the reference subject.
-        reference_dropout: probability of dropping each repositioned reference key, drawn anew at every step
-            (authors' default 0.5 in ``pipe_test.py``; their ``_dropout_mask``); when every repositioned key of
-            a subject is dropped, all of them are kept, as the authors restore the undropped mask.
+        reference_dropout: dropout probability of the authors' ``_dropout_mask`` (their default 0.5 in
+            ``pipe_test.py``), drawn anew at every step; when a subject would lose all, it keeps all, as the
+            authors restore the undropped mask.
+        dropout_mode: what is dropped. ``"queries"`` (authors): each target token of a subject, which then
+            attends no reference key (the target mask gates the reference block's query rows). ``"keys"`` (not
+            the authors'): each repositioned reference key, for all the subject's queries.
         dropout_seed: seeds the dropout draws (``seed + step``), so a generation is reproducible.
         max_chunk_bytes: working memory of the subject queries' attention: one chunk of heads' gathered keys,
             values, queries and output (:func:`heads_per_chunk`; at least one head per chunk).
@@ -256,7 +279,7 @@ class IsolationRepositionProcessor(AttnExtProcessor):
 
     def __init__(self, layout: SubjectLayout, start_step: int = 0, end_step: int | None = None,
                  interpolation: str = "nearest", reference_dropout: float = 0.0, dropout_seed: int = 0,
-                 max_chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                 max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, dropout_mode: str = "queries"):
         if not isinstance(layout, SubjectLayout):
             raise ValueError(f"layout must be a SubjectLayout, got {type(layout).__name__}")
         if start_step < 0 or (end_step is not None and end_step <= start_step):
@@ -265,15 +288,18 @@ class IsolationRepositionProcessor(AttnExtProcessor):
             raise ValueError(f"interpolation={interpolation!r} is not one of {INTERPOLATIONS}")
         if not 0.0 <= reference_dropout < 1.0:
             raise ValueError(f"reference_dropout={reference_dropout} is outside [0, 1)")
+        if dropout_mode not in DROPOUT_MODES:
+            raise ValueError(f"dropout_mode={dropout_mode!r} is not one of {DROPOUT_MODES}")
         if max_chunk_bytes <= 0:
             raise ValueError(f"max_chunk_bytes={max_chunk_bytes} must be > 0")
         self.layout = layout
         self.start_step, self.end_step = start_step, end_step
         self.interpolation = interpolation
         self.reference_dropout, self.dropout_seed = reference_dropout, dropout_seed
+        self.dropout_mode = dropout_mode
         self.max_chunk_bytes = max_chunk_bytes
         self._plans: dict[tuple, list[list[SubjectTokens]]] = {}
-        self._kept: tuple[tuple, dict | None] | None = None
+        self._step_plans: tuple[tuple, list[list[SubjectTokens]]] | None = None
 
     def applies_to(self, call: AttentionCall) -> bool:
         if not call.is_self_attention or self.layout.num_images < 2 or not self.layout.names:
@@ -293,32 +319,43 @@ class IsolationRepositionProcessor(AttnExtProcessor):
         return self._plans[cache_key]
 
     def keep_masks(self, plans: list[list[SubjectTokens]], step: int) -> dict | None:
-        """Reference dropout of one step: ``{(image, subject): bool [M]}`` on the CPU, where they are drawn; a
-        subject whose keys would all be dropped keeps them all (authors' ``_dropout_mask``); None at 0."""
+        """Reference dropout of one step: ``{(image, subject): bool}`` on the CPU, where they are drawn, over the
+        subject's target tokens (``dropout_mode="queries"``, ``[queries]``) or its repositioned keys
+        (``"keys"``, ``[M]``); a subject that would lose all keeps all (authors' ``_dropout_mask``); None at 0."""
         if self.reference_dropout == 0:
             return None
         generator = torch.Generator().manual_seed(self.dropout_seed + step)
         keep = {}
         for image, image_plans in enumerate(plans, start=1):
             for s, tokens in enumerate(image_plans):
-                count = tokens.ref_positions.numel()
+                count = (tokens.queries if self.dropout_mode == "queries" else tokens.ref_positions).numel()
                 mask = torch.rand(count, generator=generator) >= self.reference_dropout
-                if not bool(mask.any()):
-                    mask[:] = True
-                keep[(image, s)] = mask
+                keep[(image, s)] = mask | ~mask.any()
         return keep
 
-    def kept_keys(self, plans: list[list[SubjectTokens]], step: int) -> dict | None:
-        """:meth:`keep_masks` as indices on the plans' device, made once per step and layout: every layer of the
-        step reuses them, and indices select the kept keys without the synchronisation of a device bool mask."""
+    def step_plans(self, plans: list[list[SubjectTokens]], step: int) -> list[list[SubjectTokens]]:
+        """``plans`` with the step's reference dropout applied (:meth:`keep_masks`), made once per step and
+        layout and reused by every layer of the step. ``"keys"``: each subject keeps its kept repositioned keys;
+        ``"queries"``: each subject splits into its attending and its isolated queries (:func:`split_queries`).
+        Masks become indices on the plans' device here, so no attention call synchronises the device."""
         cache_key = (id(plans), step)
-        if self._kept is None or self._kept[0] != cache_key:
+        if self._step_plans is None or self._step_plans[0] != cache_key:
             masks = self.keep_masks(plans, step)
-            self._kept = (cache_key, None if masks is None else {
-                (image, s): masks[(image, s)].nonzero().flatten().to(tokens.ref_positions.device)
-                for image, image_plans in enumerate(plans, start=1) for s, tokens in enumerate(image_plans)
-            })
-        return self._kept[1]
+            result = plans
+            if masks is not None:
+                result = []
+                for image, image_plans in enumerate(plans, start=1):
+                    entries = []
+                    for s, tokens in enumerate(image_plans):
+                        mask, device = masks[(image, s)], tokens.queries.device
+                        if self.dropout_mode == "keys":
+                            entries.append(_kept(tokens, mask.nonzero().flatten().to(device)))
+                        else:
+                            entries.extend(split_queries(tokens, mask.nonzero().flatten().to(device),
+                                                         (~mask).nonzero().flatten().to(device)))
+                    result.append(entries)
+            self._step_plans = (cache_key, result)
+        return self._step_plans[1]
 
     def edit_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
         if call.score_mods or call.block_mask is not None or call.attn_mask is not None:
@@ -330,11 +367,11 @@ class IsolationRepositionProcessor(AttnExtProcessor):
         plans = self.plans(grid.height, grid.width, call.visual.start, call.query.shape[1], call.query.device)
         step = call.context.step_index if call.context is not None else 0
         return isolation_reposition_attention(
-            call.query, call.key, call.value, out, plans, call.rotary, call.scale, self.kept_keys(plans, step),
-            self.max_chunk_bytes,
+            call.query, call.key, call.value, out, self.step_plans(plans, step), call.rotary, call.scale,
+            max_chunk_bytes=self.max_chunk_bytes,
         )
 
     def __repr__(self) -> str:
         return (f"IsolationRepositionProcessor(subjects={list(self.layout.names)}, images={self.layout.num_images}, "
                 f"steps=[{self.start_step}, {self.end_step}), interpolation={self.interpolation!r}, "
-                f"reference_dropout={self.reference_dropout})")
+                f"reference_dropout={self.reference_dropout}, dropout_mode={self.dropout_mode!r})")
