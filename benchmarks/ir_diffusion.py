@@ -2,7 +2,8 @@
 (reference + 2 targets, 2 subjects each) at 1024x1024 (4096 image + 512 text tokens, 24 heads of 128), bf16,
 FLUX RoPE; the method (stock SDPA, then each target subject's queries recomputed by unmasked SDPA over its
 gathered keys, one call per chunk of heads) against dense SDPA alone, at the pipelines' reference dropout 0.5
-and without dropout (the most keys), for three working-memory budgets. Target: peak within 10% of dense SDPA.
+(the authors' query dropout, and dropout of repositioned keys, ``dropout_mode="keys"``) and without dropout,
+for three working-memory budgets. Target: peak within 10% of dense SDPA.
 
     PYTHONPATH=. python benchmarks/ir_diffusion.py           # CUDA GPU, writes $OUT/ir_diffusion.{json,md}
     PYTHONPATH=. python benchmarks/ir_diffusion.py --smoke   # the same code at tiny size on CPU
@@ -38,9 +39,10 @@ BOXES = [
 ]
 FULL = dict(heads=24, head_dim=128, text=512, grid=64, axes=(16, 56, 56), dtype=torch.bfloat16, device="cuda")
 SMOKE = dict(heads=4, head_dim=16, text=8, grid=8, axes=(4, 6, 6), dtype=torch.float32, device="cpu")
-# (reference dropout, max_chunk_bytes); the default budget first. --smoke scales budgets down to its size.
-SETTINGS = [(0.5, DEFAULT_CHUNK_BYTES), (0.0, DEFAULT_CHUNK_BYTES), (0.5, DEFAULT_CHUNK_BYTES // 2),
-            (0.5, DEFAULT_CHUNK_BYTES * 2)]
+# (reference dropout, dropout mode, max_chunk_bytes); the default budget first. --smoke scales budgets down.
+SETTINGS = [(0.5, "queries", DEFAULT_CHUNK_BYTES), (0.5, "keys", DEFAULT_CHUNK_BYTES),
+            (0.0, "queries", DEFAULT_CHUNK_BYTES), (0.5, "queries", DEFAULT_CHUNK_BYTES // 2),
+            (0.5, "queries", DEFAULT_CHUNK_BYTES * 2)]
 SMOKE_BUDGET_SCALE = 2**-11
 ROUNDS = 3
 
@@ -80,19 +82,19 @@ def main(smoke: bool) -> None:
     reference_dtype = torch.float64 if smoke else torch.float32
     q_ref, k_ref, v_ref = (t.to(reference_dtype) for t in (q, k, v))
     variants = {"dense SDPA (stock)": (lambda: dense(q, k, v), None)}
-    for dropout, budget in SETTINGS:
+    for dropout, mode, budget in SETTINGS:
         budget = int(budget * SMOKE_BUDGET_SCALE) if smoke else budget
         processor = IsolationRepositionProcessor(SubjectLayout.from_boxes(BOXES), reference_dropout=dropout,
-                                                 max_chunk_bytes=budget)
+                                                 max_chunk_bytes=budget, dropout_mode=mode)
         plans = processor.plans(shape["grid"], shape["grid"], shape["text"], q.shape[1], q.device)
-        keep = processor.kept_keys(plans, step=0)
+        step_plans = processor.step_plans(plans, step=0)
 
-        def method(q=q, k=k, v=v, plans=plans, keep=keep, budget=budget):
-            return isolation_reposition_attention(q, k, v, dense(q, k, v), plans, rotary, keep=keep,
-                                                  max_chunk_bytes=budget)
+        def method(q=q, k=k, v=v, step_plans=step_plans, budget=budget):
+            return isolation_reposition_attention(q, k, v, dense(q, k, v), step_plans, rotary, max_chunk_bytes=budget)
 
         size = f"{budget / 2**20:g} MiB" if budget >= 2**20 else f"{budget / 2**10:g} KiB"
-        variants[name := f"IR-Diffusion, dropout {dropout}, budget {size}"] = (
+        dropped = f"dropout {dropout} ({mode})" if dropout else "no dropout"
+        variants[name := f"IR-Diffusion, {dropped}, budget {size}"] = (
             method, lambda method=method: method(q_ref, k_ref, v_ref))
     subject_queries = sum(int(p.queries.numel()) for image in plans for p in image)
 
