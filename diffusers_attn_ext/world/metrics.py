@@ -73,8 +73,8 @@ def centroids(masks: torch.Tensor, min_pixels: float | None = None) -> tuple[tor
         min_pixels = MIN_PIXELS * height * width / 4096.0
     weights = masks.float()
     count = weights.sum((-2, -1))
-    ys = torch.arange(height, dtype=torch.float32) + 0.5
-    xs = torch.arange(width, dtype=torch.float32) + 0.5
+    ys = torch.arange(height, dtype=torch.float32, device=masks.device) + 0.5
+    xs = torch.arange(width, dtype=torch.float32, device=masks.device) + 0.5
     safe = count.clamp_min(1.0)
     cx = (weights.sum(-2) * xs).sum(-1) / safe
     cy = (weights.sum(-1) * ys).sum(-1) / safe
@@ -129,3 +129,161 @@ def psnr(video: torch.Tensor, reference: torch.Tensor) -> float:
     """Peak signal-to-noise ratio in dB of ``video`` against ``reference`` (both in [0, 1]); inf when equal."""
     mse = float(((video.double() - reference.double()) ** 2).mean())
     return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+# ----------------------------------------------------------------------------------------------- image quality
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+REPETITION_PSNR_CAP = 60.0
+
+
+def _check_frames(frames: torch.Tensor, name: str = "frames") -> torch.Tensor:
+    if not isinstance(frames, torch.Tensor) or frames.dim() != 4 or frames.shape[1] != 3:
+        shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
+        raise ValueError(f"{name} must be a (T, 3, H, W) tensor, got {shape}")
+    return frames.detach().cpu()
+
+
+def ssim(video: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean structural similarity (Wang et al. 2004) of ``video`` against ``reference``, (T, 3, H, W) in [0, 1].
+
+    Per frame and channel, with local statistics under a Gaussian window ``w`` (size 11, sigma 1.5, normalised;
+    'valid' positions only, as the authors' ``filter2(..., 'valid')``; frames smaller than 11 pixels use the
+    largest odd window that fits)::
+
+        mu_x = w * x,  sigma_x^2 = w * x^2 - mu_x^2,  sigma_xy = w * (x y) - mu_x mu_y
+        SSIM = (2 mu_x mu_y + C1) (2 sigma_xy + C2) / ((mu_x^2 + mu_y^2 + C1) (sigma_x^2 + sigma_y^2 + C2))
+
+    with ``C1 = (0.01 L)^2``, ``C2 = (0.03 L)^2``, data range ``L = 1``; the result is the mean of the SSIM map
+    over all positions, channels and frames (float64 throughout). Equal videos give 1.0.
+    """
+    video = _check_frames(video, "video")
+    reference = _check_frames(reference, "reference")
+    if video.shape != reference.shape:
+        raise ValueError(f"ssim: video {tuple(video.shape)} and reference {tuple(reference.shape)} differ in shape")
+    x = video.detach().double().cpu()
+    y = reference.detach().double().cpu()
+    size = min(SSIM_WINDOW, x.shape[-2], x.shape[-1])
+    size -= (size + 1) % 2  # odd
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2.0
+    g = torch.exp(-(coords**2) / (2.0 * SSIM_SIGMA**2))
+    g = g / g.sum()
+    window = (g[:, None] * g[None, :]).expand(3, 1, size, size).contiguous()
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(t, window, groups=3)
+
+    c1, c2 = SSIM_K1**2, SSIM_K2**2
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return float(ssim_map.mean())
+
+
+# ----------------------------------------------------------------------------------------------- tracking
+def presence(frames: torch.Tensor, colour: str) -> float:
+    """Fraction of frames in which the object of ``colour`` is found (``track_colour``: at least ``MIN_PIXELS``
+    pixels of that colour at 64x64, scaled with the frame's area)."""
+    _, found = track_colour(_check_frames(frames), colour)
+    return float(found.float().mean())
+
+
+def _jumps(centres: torch.Tensor) -> torch.Tensor:
+    """Centre jumps (pixels) between frames t and t + 1 over the pairs where both centres are found (not NaN)."""
+    if centres.dim() != 2 or centres.shape[-1] != 2:
+        raise ValueError(f"centres must be (T, 2) pixels (x, y), got {tuple(centres.shape)}")
+    c = centres.double()
+    step = c[1:] - c[:-1]
+    both = ~(torch.isnan(c[1:]).any(-1) | torch.isnan(c[:-1]).any(-1))
+    return step[both].norm(dim=-1)
+
+
+def continuity(centres: torch.Tensor, max_jump: float = 6.0) -> float:
+    """Fraction of consecutive frame pairs (t, t + 1), both found, whose centre jump ``|c_{t+1} - c_t|`` is at most
+    ``max_jump`` pixels (the world's fastest motion is 2 px/frame at 64x64, a curve's about 2.6).
+
+    ``centres`` is (T, 2) from ``track_colour`` (NaN where not found); pairs with a NaN are left out, so frames
+    where the object vanishes are scored by ``presence``, not here. 0.0 when no pair has both frames found
+    (in particular when fewer than 2 frames are found); 1.0 for the ground truth's motion.
+    """
+    jumps = _jumps(centres)
+    if jumps.numel() == 0:
+        return 0.0
+    return float((jumps <= max_jump).double().mean())
+
+
+def mean_speed(centres: torch.Tensor) -> float:
+    """Mean centre jump ``|c_{t+1} - c_t|`` in pixels per frame over consecutive pairs (t, t + 1) both found;
+    NaN when there are fewer than 2 such frames (no such pair)."""
+    jumps = _jumps(centres)
+    if jumps.numel() == 0:
+        return math.nan
+    return float(jumps.mean())
+
+
+def repetition(frames: torch.Tensor, lag: int) -> float:
+    """Mean over ``t >= lag`` of ``min(PSNR(frame_t, frame_{t - lag}), 60)`` in dB: how alike frames ``lag``
+    apart are. A video that loops with period ``lag`` scores 60; compare against the same measure on the
+    ground-truth video, whose objects keep moving. NaN when the video has no more than ``lag`` frames."""
+    frames = _check_frames(frames)
+    if isinstance(lag, bool) or not isinstance(lag, int) or lag < 1:
+        raise ValueError(f"repetition lag={lag!r} is outside the allowed range: a positive integer")
+    if frames.shape[0] <= lag:
+        return math.nan
+    f = frames.detach().double()
+    mse = ((f[lag:] - f[:-lag]) ** 2).flatten(1).mean(1)
+    values = torch.where(mse > 0, 10.0 * torch.log10(1.0 / mse.clamp_min(1e-300)), torch.full_like(mse, math.inf))
+    return float(values.clamp(max=REPETITION_PSNR_CAP).mean())
+
+
+_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+
+
+def edge_sharpness(frames: torch.Tensor, colour: str) -> float:
+    """Mean Sobel gradient magnitude of the luminance on the boundary of the object of ``colour``.
+
+    Luminance ``Y = 0.299 R + 0.587 G + 0.114 B``; ``G_x``, ``G_y`` the 3x3 Sobel responses divided by 8 (so a
+    ramp of slope ``s`` per pixel gives ``s``; replicated borders), magnitude ``sqrt(G_x^2 + G_y^2)``. The boundary
+    is the colour's mask (``segment_colour``) minus its erosion by a 3x3 square (one pixel). The mean over the
+    boundary pixels of each frame is averaged over the frames where the object is found (``track_colour``); NaN
+    when it is found in none. A blurred copy of a video scores lower than the sharp one.
+    """
+    frames = _check_frames(frames)
+    masks = segment_colour(frames, colour)
+    _, found = centroids(masks)
+    f = frames.detach().float().cpu()
+    luma = (0.299 * f[:, 0] + 0.587 * f[:, 1] + 0.114 * f[:, 2]).unsqueeze(1)
+    padded = torch.nn.functional.pad(luma, (1, 1, 1, 1), mode="replicate")
+    kernels = torch.stack([_SOBEL_X, _SOBEL_X.t()]).unsqueeze(1) / 8.0
+    grad = torch.nn.functional.conv2d(padded, kernels)
+    magnitude = grad.pow(2).sum(1).sqrt()
+    m = masks.cpu().float().unsqueeze(1)
+    eroded = -torch.nn.functional.max_pool2d(-m, 3, stride=1, padding=1)
+    boundary = (m - eroded).squeeze(1) > 0.5
+    values = []
+    for t in range(f.shape[0]):
+        if found[t] and boundary[t].any():
+            values.append(magnitude[t][boundary[t]].mean())
+    if not values:
+        return math.nan
+    return float(torch.stack(values).double().mean())
+
+
+def trajectory_iou(frames: torch.Tensor, colour: str, boxes: torch.Tensor) -> torch.Tensor:
+    """(T,) IoU per frame between the bounding box of the mask of ``colour`` (``segment_colour``, box by
+    ``render.boxes_from_masks``) and the requested ``boxes`` (T, 4) pixels (x0, y0, x1, y1), exclusive ends;
+    0 in frames where the object is not found (``track_colour``) or the requested box is NaN or empty."""
+    from .render import boxes_from_masks
+
+    frames = _check_frames(frames)
+    boxes = torch.as_tensor(boxes, dtype=torch.float32)
+    if boxes.shape != (frames.shape[0], 4):
+        raise ValueError(f"trajectory_iou boxes must be (T, 4) = ({frames.shape[0]}, 4), got {tuple(boxes.shape)}")
+    masks = segment_colour(frames, colour).cpu()
+    _, found = centroids(masks)
+    iou = box_iou(boxes_from_masks(masks), boxes.cpu())
+    return torch.where(found, iou, torch.zeros_like(iou))
