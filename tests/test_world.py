@@ -263,6 +263,23 @@ def test_ssim_follows_its_formula():
     c1 = 0.01**2
     expected = (2 * a * b + c1) / (a * a + b * b + c1)
     assert M.ssim(x, y) == pytest.approx(expected, rel=1e-5)
+    # the Gaussian-window statistics of every 'valid' 11x11 window, computed window by window
+    gen = torch.Generator().manual_seed(3)
+    u = torch.rand(1, 3, 12, 13, generator=gen, dtype=torch.float64)
+    v = (u + 0.2 * torch.rand(1, 3, 12, 13, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
+    w = torch.outer(g, g) / g.sum() ** 2
+    values = []
+    for c in range(3):
+        for i in range(2):
+            for j in range(3):
+                px, py = u[0, c, i:i + 11, j:j + 11], v[0, c, i:i + 11, j:j + 11]
+                mx, my = (w * px).sum(), (w * py).sum()
+                vx, vy = (w * (px - mx) ** 2).sum(), (w * (py - my) ** 2).sum()
+                cxy = (w * (px - mx) * (py - my)).sum()
+                c2 = 0.03**2
+                values.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    assert M.ssim(u.float(), v.float()) == pytest.approx(float(torch.stack(values).mean()), abs=1e-6)
     noise = torch.rand(2, 3, 20, 24, generator=torch.Generator().manual_seed(0))
     assert M.ssim(noise, noise.flip(-1)) == pytest.approx(M.ssim(noise.flip(-1), noise), abs=1e-12)
     assert M.ssim(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)) < 0.5  # smaller than the window: it shrinks

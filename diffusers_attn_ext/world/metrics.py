@@ -10,9 +10,11 @@ degrees of ``c``'s, its saturation (max - min) / max is at least ``MIN_SATURATIO
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .vocabulary import DIRECTIONS, OBJECT_COLOURS
 
@@ -170,16 +172,16 @@ def ssim(video: torch.Tensor, reference: torch.Tensor) -> float:
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2.0
     g = torch.exp(-(coords**2) / (2.0 * SSIM_SIGMA**2))
     g = g / g.sum()
-    window = (g[:, None] * g[None, :]).expand(3, 1, size, size).contiguous()
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.conv2d(t, window, groups=3)
-
+    channels = 5 * x.shape[1]  # x, y, x^2, y^2, x y of every channel, filtered in one separable convolution
+    rows = g.view(1, 1, 1, size).expand(channels, 1, 1, size)
+    cols = g.view(1, 1, size, 1).expand(channels, 1, size, 1)
+    stats = torch.cat([x, y, x * x, y * y, x * y], 1)
+    stats = F.conv2d(F.conv2d(stats, rows, groups=channels), cols, groups=channels)
+    mu_x, mu_y, xx, yy, xy = stats.chunk(5, 1)
     c1, c2 = SSIM_K1**2, SSIM_K2**2
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x**2
-    var_y = blur(y * y) - mu_y**2
-    cov = blur(x * y) - mu_x * mu_y
+    var_x = xx - mu_x**2
+    var_y = yy - mu_y**2
+    cov = xy - mu_x * mu_y
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return float(ssim_map.mean())
 
@@ -230,8 +232,9 @@ def repetition(frames: torch.Tensor, lag: int) -> float:
     apart are. A video that loops with period ``lag`` scores 60; compare against the same measure on the
     ground-truth video, whose objects keep moving. NaN when the video has no more than ``lag`` frames."""
     frames = _check_frames(frames)
-    if isinstance(lag, bool) or not isinstance(lag, int) or lag < 1:
+    if isinstance(lag, bool) or not isinstance(lag, numbers.Integral) or lag < 1:
         raise ValueError(f"repetition lag={lag!r} is outside the allowed range: a positive integer")
+    lag = int(lag)
     if frames.shape[0] <= lag:
         return math.nan
     f = frames.detach().double()
@@ -257,12 +260,12 @@ def edge_sharpness(frames: torch.Tensor, colour: str) -> float:
     _, found = centroids(masks)
     f = frames.detach().float().cpu()
     luma = (0.299 * f[:, 0] + 0.587 * f[:, 1] + 0.114 * f[:, 2]).unsqueeze(1)
-    padded = torch.nn.functional.pad(luma, (1, 1, 1, 1), mode="replicate")
+    padded = F.pad(luma, (1, 1, 1, 1), mode="replicate")
     kernels = torch.stack([_SOBEL_X, _SOBEL_X.t()]).unsqueeze(1) / 8.0
-    grad = torch.nn.functional.conv2d(padded, kernels)
+    grad = F.conv2d(padded, kernels)
     magnitude = grad.pow(2).sum(1).sqrt()
     m = masks.cpu().float().unsqueeze(1)
-    eroded = -torch.nn.functional.max_pool2d(-m, 3, stride=1, padding=1)
+    eroded = -F.max_pool2d(-m, 3, stride=1, padding=1)
     boundary = (m - eroded).squeeze(1) > 0.5
     values = []
     for t in range(f.shape[0]):
