@@ -29,6 +29,7 @@ from .headset import HeadSet
 from .install import attention_modules
 from .objectives import BUILTIN_OBJECTIVES, Objective
 from .pipelines.head_pag import FluxHeadPAGPipeline, HeadPAGMixin, StableDiffusion3HeadPAGPipeline
+from .validation import boolean, integer, real
 
 Head = tuple[str, int]
 HEAD_PAG_PIPELINES = {"SD3Transformer2DModel": StableDiffusion3HeadPAGPipeline,
@@ -124,6 +125,9 @@ def candidate_heads(transformer: torch.nn.Module, candidates: Sequence[str] | Se
     }
     if candidates is None:
         return [(name, head) for name, module in modules.items() for head in range(module.heads)]
+    if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence) or not candidates:
+        raise ValueError(f"candidates={candidates!r} is not allowed: allowed are None, a non-empty list of layer "
+                         "names, or a non-empty list of (layer, head) pairs")
     if all(isinstance(item, str) for item in candidates):
         layers = HeadSet(dict.fromkeys(candidates, 0)).modules(transformer)
         chosen = {name: tuple(range(modules[name].heads)) for name in layers}
@@ -209,12 +213,14 @@ def search(
         if objective not in BUILTIN_OBJECTIVES:
             raise ValueError(f"objective={objective!r} is not one of {sorted(BUILTIN_OBJECTIVES)}")
         objective = BUILTIN_OBJECTIVES[objective]
-    for name, value in (("rounds", rounds), ("per_round", per_round)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} is outside the allowed range: integers >= 1")
-    if not prompts:
-        raise ValueError("prompts is empty; give at least one prompt string or call-kwargs dict")
-    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    rounds, per_round = integer("rounds", rounds, 1), integer("per_round", per_round, 1)
+    require_gain, progress = boolean("require_gain", require_gain), boolean("progress", progress)
+    pag_scale = real("pag_scale", pag_scale, 0.0)
+    pag_alpha = real("pag_alpha", pag_alpha, 0.0, 1.0)
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError(f"prompts={prompts!r} is not allowed: give a non-empty list of prompt strings or call-kwargs "
+                         "dicts")
+    seeds = list(range(len(prompts))) if seeds is None else [integer("seeds", seed, 0) for seed in seeds]
     if len(seeds) != len(prompts):
         raise ValueError(f"seeds has {len(seeds)} values for {len(prompts)} prompts; give one seed per prompt")
     pipe = head_pag_pipeline(pipe)

@@ -21,19 +21,9 @@ from typing import Any
 
 import torch
 
+from .validation import indices as sorted_indices
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "headsets"
-
-
-def sorted_indices(values: int | Iterable[int], name: str, noun: str = "index") -> tuple[int, ...]:
-    """The unique indices of ``values`` (one int or several), sorted; ValueError naming ``name`` for an index that
-    is not an integer >= 0, or for none at all."""
-    values = [values] if isinstance(values, int) else list(values)
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} has {noun} {value!r}; allowed: integers >= 0")
-    if not values:
-        raise ValueError(f"{name} is empty; give at least one {noun}")
-    return tuple(sorted(set(values)))
 
 
 @dataclass(frozen=True)
@@ -54,7 +44,7 @@ class HeadSet:
 
     def __post_init__(self):
         if not isinstance(self.heads, Mapping):
-            raise ValueError(f"heads={self.heads!r} must be a mapping from layer name to head indices")
+            raise ValueError(f"heads={self.heads!r} is not allowed: allowed is a mapping from layer name to head indices")
         normalized = {}
         for layer, indices in self.heads.items():
             if not isinstance(layer, str) or not layer:

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from .context import CONTEXT_HOOK_NAME, _split_target, attach_context, detach_context
+from .context import CONTEXT_HOOK_NAME, _split_target, attach_context, detach_context, family_of_transformer
 from .processors.base import AttnExtProcessor, ComposedProcessor
+from .validation import layer_patterns
 
 SAVED_PROCESSORS_ATTR = "_attn_ext_saved_processors"
 
@@ -40,10 +41,10 @@ def _ends_in_other_number(pattern: str, name: str) -> bool:
 
 def select_modules(transformer: torch.nn.Module, layers: str | list[str] | None) -> dict[str, torch.nn.Module]:
     """Attention modules whose names match any of ``layers`` (all of them for None)."""
+    patterns = layer_patterns("layers", layers)
     modules = attention_modules(transformer)
-    if layers is None:
+    if patterns is None:
         return modules
-    patterns = [layers] if isinstance(layers, str) else list(layers)
     selected: dict[str, torch.nn.Module] = {}
     for pattern in patterns:
         matched = {
@@ -71,6 +72,26 @@ def _check_processors(processors: tuple) -> None:
             )
 
 
+def check_methods(transformer: torch.nn.Module, modules: dict[str, torch.nn.Module],
+                  processors: tuple[AttnExtProcessor, ...]) -> None:
+    """Every method's :meth:`~diffusers_attn_ext.processors.base.AttnExtProcessor.check_model` on the selected
+    modules: family, layers and heads are refused here, before anything is installed."""
+    family = family_of_transformer(transformer)
+    for processor in processors:
+        for method in processor.methods:
+            method.check_model(transformer, family, modules)
+
+
+def _prepare(target: Any, processors: tuple, layers) -> tuple[torch.nn.Module, dict[str, torch.nn.Module]]:
+    """Every check of an install, before any change: the processors, the layer patterns, the methods on the
+    model. Returns (transformer, selected modules)."""
+    _check_processors(processors)
+    transformer, _ = _split_target(target)
+    modules = select_modules(transformer, layers)
+    check_methods(transformer, modules, processors)
+    return transformer, modules
+
+
 def _inherit_runtime(new: AttnExtProcessor, old: Any) -> None:
     """Carry over what diffusers' ``set_attention_backend`` / ``enable_parallelism`` set on the processor being
     replaced (they configure processor objects in place), so that installing after them keeps the backend and
@@ -89,11 +110,10 @@ def install(target: Any, *processors: AttnExtProcessor, layers: str | list[str] 
         layers: name patterns selecting attention modules (see module docstring); None for all.
 
     Returns the installed processor (the composed one when several are given). :func:`uninstall`
-    restores the processors that were there before the first install.
+    restores the processors that were there before the first install. Every check (processors, layers, each
+    method's family, layers and heads) runs before anything changes: after a ValueError the target is as before.
     """
-    _check_processors(processors)
-    transformer, _ = _split_target(target)
-    modules = select_modules(transformer, layers)
+    transformer, modules = _prepare(target, processors, layers)
     processor = processors[0] if len(processors) == 1 else ComposedProcessor(*processors)
     attach_context(target)
     saved = transformer.__dict__.setdefault(SAVED_PROCESSORS_ATTR, {})
@@ -121,10 +141,9 @@ def installed(target: Any, *processors: AttnExtProcessor, layers: str | list[str
 
     The ready-made pipelines use it, so that a method given to a pipeline call composes with methods the
     user installed (e.g. ``install(pipe, RadialSparseProcessor())`` then ``WanUltraViCoPipeline(...)``).
+    Checks as :func:`install`, before anything changes.
     """
-    _check_processors(processors)
-    transformer, _ = _split_target(target)
-    modules = select_modules(transformer, layers)
+    transformer, modules = _prepare(target, processors, layers)
     before = {name: module.processor for name, module in modules.items()}
     had_context = _has_context_hook(transformer)
     saved_before = dict(transformer.__dict__.get(SAVED_PROCESSORS_ATTR, {}))

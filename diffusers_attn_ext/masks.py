@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .validation import choice, integer, real
+
 # The authors' constant for "may not attend" (a logit of -1e4 in their Wan kernel); exp(-1e4) is 0.
 ULTRAVICO_BLOCKED_LOGIT = -1.0e4
 
@@ -193,13 +195,11 @@ def radial_block_mask(
 
     Returns a bool tensor ``[s / bs, s / bs]``.
     """
-    for name, value in (("num_frames", num_frames), ("tokens_per_frame", tokens_per_frame), ("block_size", block_size)):
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name}={value!r} is outside the allowed range: a positive integer")
-    if not decay_factor > 0:
-        raise ValueError(f"decay_factor={decay_factor!r} is outside the allowed range (0, inf)")
-    if model not in RADIAL_MODELS:
-        raise ValueError(f"model={model!r} is not one of {RADIAL_MODELS}")
+    num_frames = integer("num_frames", num_frames, 1)
+    tokens_per_frame = integer("tokens_per_frame", tokens_per_frame, 1)
+    block_size = integer("block_size", block_size, 1)
+    decay_factor = real("decay_factor", decay_factor, 0.0, low_open=True)
+    model = choice("model", model, RADIAL_MODELS)
     tpf, bs = tokens_per_frame, block_size
     video = num_frames * tpf
     n_blocks = -(-video // bs)

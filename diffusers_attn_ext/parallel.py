@@ -32,17 +32,15 @@ import torch
 import torch.distributed as dist
 from torch.nn.attention.flex_attention import BlockMask
 
+from .validation import boolean, integer
+
 
 def _check_positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is outside the allowed range: an integer >= 1")
-    return value
+    return integer(name, value, 1)
 
 
 def _check_index(name: str, value, size: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size:
-        raise ValueError(f"{name}={value!r} is outside the allowed range 0..{size - 1}")
-    return value
+    return integer(name, value, 0, size - 1)
 
 
 def sequence_range(num_tokens: int, parts: int, index: int, anything: bool = False) -> range:
@@ -52,9 +50,10 @@ def sequence_range(num_tokens: int, parts: int, index: int, anything: bool = Fal
     ``num_tokens``; with ``anything`` (``ulysses_anything`` / ``ring_anything``) ``tensor_split``: the first
     ``num_tokens % parts`` parts hold one token more. E.g. 10 tokens in 4 parts: 0-2, 3-5, 6-7, 8-9.
     """
-    _check_positive("num_tokens", num_tokens)
-    _check_positive("parts", parts)
-    _check_index("index", index, parts)
+    num_tokens = _check_positive("num_tokens", num_tokens)
+    anything = boolean("anything", anything)
+    parts = _check_positive("parts", parts)
+    index = _check_index("index", index, parts)
     if not anything and num_tokens % parts:
         raise ValueError(
             f"num_tokens={num_tokens} is not a multiple of the {parts} context-parallel ranks: diffusers shards "
@@ -74,9 +73,10 @@ def ulysses_head_range(num_heads: int, degree: int, rank: int, anything: bool = 
     a multiple of U (the pad must be smaller than the padded local count) and the last rank holds fewer.
     E.g. 12 heads over 2 ranks: rank 1 has 6..11; 30 heads over 8 ranks (anything): 4 per rank, rank 7 has 28, 29.
     """
-    _check_positive("num_heads", num_heads)
-    _check_positive("degree", degree)
-    _check_index("rank", rank, degree)
+    num_heads = _check_positive("num_heads", num_heads)
+    anything = boolean("anything", anything)
+    degree = _check_positive("degree", degree)
+    rank = _check_index("rank", rank, degree)
     if num_heads % degree:
         if not anything:
             raise ValueError(
@@ -95,8 +95,9 @@ def ulysses_head_range(num_heads: int, degree: int, rank: int, anything: bool = 
 
 def ulysses_head_owner(head: int, num_heads: int, degree: int, anything: bool = False) -> tuple[int, int]:
     """``(rank, local head)`` holding global ``head`` under Ulysses of ``degree`` (see :func:`ulysses_head_range`)."""
-    _check_index("head", head, num_heads)
-    _check_positive("degree", degree)
+    num_heads = _check_positive("num_heads", num_heads)
+    head = _check_index("head", head, num_heads)
+    degree = _check_positive("degree", degree)
     for rank in range(degree):
         heads = ulysses_head_range(num_heads, degree, rank, anything)
         if head in heads:

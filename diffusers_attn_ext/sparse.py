@@ -13,8 +13,12 @@ from typing import Any
 from .install import install
 from .processors.adaptive_sparse import AdaptiveSparseProcessor
 from .processors.radial_sparse import RadialSparseProcessor, SparseVideoProcessor
+from .validation import choice
+from .validation import options as check_options
 
 SPARSE_METHODS = ("radial", "adaptive")
+# The other arguments of each method (``options`` of :func:`sparse_processor`).
+SPARSE_OPTIONS = {"radial": ("decay_factor", "block_size", "model"), "adaptive": ("mass", "cache_steps", "block_size")}
 
 
 def sparse_processor(
@@ -32,6 +36,8 @@ def sparse_processor(
         options: the method's other arguments (radial: ``decay_factor``, ``block_size``, ``model``;
             adaptive: ``mass``, ``cache_steps``, ``block_size``).
     """
+    method = choice("method", method, SPARSE_METHODS)
+    options = check_options(f"options of method={method!r}", options, SPARSE_OPTIONS[method])
     if method == "radial":
         if density is not None:
             raise ValueError(
@@ -39,9 +45,7 @@ def sparse_processor(
                 "and decay_factor); allowed: None, or use method='adaptive'"
             )
         return RadialSparseProcessor(dense_steps=dense_steps, dense_layers=dense_layers, **options)
-    if method == "adaptive":
-        return AdaptiveSparseProcessor(density=density, dense_steps=dense_steps, dense_layers=dense_layers, **options)
-    raise ValueError(f"method={method!r} is not one of {SPARSE_METHODS}")
+    return AdaptiveSparseProcessor(density=density, dense_steps=dense_steps, dense_layers=dense_layers, **options)
 
 
 def enable_sparse_attention(

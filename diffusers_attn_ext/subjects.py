@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .validation import as_number
+
 INTERPOLATIONS = ("nearest", "bilinear")
 
 
@@ -70,12 +72,21 @@ Region = Box | torch.Tensor
 
 def _as_box(value, subject: str, image: int) -> Box:
     """A :class:`Box` from a Box or 4 numbers; ValueError naming the subject when it is outside the image."""
-    if not isinstance(value, Box) and len(value) != 4:
+    if not isinstance(value, Box) and (isinstance(value, (str, bytes)) or not isinstance(value, Sequence)
+                                       or len(value) != 4):
+        shown = tuple(value) if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) else value
         raise ValueError(
-            f"box of subject {subject!r} in image {image} is {tuple(value)!r}: give 4 numbers (x0, y0, x1, y1), "
+            f"box of subject {subject!r} in image {image} is {shown!r}: give 4 numbers (x0, y0, x1, y1), "
             "fractions of width and height"
         )
-    box = value if isinstance(value, Box) else Box(*(float(v) for v in value))
+    if not isinstance(value, Box):
+        numbers = [as_number(v) for v in value]
+        if any(v is None for v in numbers):
+            raise ValueError(
+                f"box of subject {subject!r} in image {image} is {tuple(value)!r}: give 4 numbers (x0, y0, x1, y1), "
+                "fractions of width and height"
+            )
+    box = value if isinstance(value, Box) else Box(*(float(v) for v in numbers))
     inside = 0.0 <= box.x0 < box.x1 <= 1.0 and 0.0 <= box.y0 < box.y1 <= 1.0
     if not inside:
         raise ValueError(

@@ -24,13 +24,13 @@ Sec. 3.2 (foreground-background separation) and Sec. 3.3 (STD-RoPE); the authors
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .context import TokenGrid
+from .validation import as_number, choice, integer
 
 Box = tuple[float, float, float, float]
 BOX_ARITHMETIC = ("authors", "exact")
@@ -38,9 +38,13 @@ BOX_ARITHMETIC = ("authors", "exact")
 
 def _check_box(box: Sequence[float], name: str, height: int, width: int) -> Box:
     """The box as 4 floats; ValueError naming it (e.g. ``boxes[3]``) when it is malformed, outside or empty."""
-    if len(box) != 4:
-        raise ValueError(f"{name}={tuple(box)!r} must be (left, top, right, bottom) in pixels")
-    left, top, right, bottom = (float(v) for v in box)
+    if isinstance(box, (str, bytes)) or not isinstance(box, Sequence) or len(box) != 4:
+        shown = tuple(box) if isinstance(box, Sequence) and not isinstance(box, (str, bytes)) else box
+        raise ValueError(f"{name}={shown!r} must be (left, top, right, bottom) in pixels")
+    numbers = [as_number(v) for v in box]
+    if any(v is None or not math.isfinite(v) for v in numbers):
+        raise ValueError(f"{name}={tuple(box)!r} is not allowed: allowed are 4 finite numbers (pixels)")
+    left, top, right, bottom = (float(v) for v in numbers)
     if not (0 <= left <= width and 0 <= right <= width and 0 <= top <= height and 0 <= bottom <= height):
         raise ValueError(
             f"{name}={tuple(box)!r} lies outside the {width}x{height} frame: allowed left, right in "
@@ -91,10 +95,11 @@ class Trajectory:
     fractions: tuple[Box, ...] | None = None
 
     def __post_init__(self):
-        if not isinstance(self.height, int) or not isinstance(self.width, int) or self.height <= 0 or self.width <= 0:
-            raise ValueError(f"height={self.height!r}, width={self.width!r} must be positive integers (pixels)")
-        if self.box_arithmetic not in BOX_ARITHMETIC:
-            raise ValueError(f"box_arithmetic={self.box_arithmetic!r} is not one of {BOX_ARITHMETIC}")
+        object.__setattr__(self, "height", integer("height", self.height, 1))
+        object.__setattr__(self, "width", integer("width", self.width, 1))
+        choice("box_arithmetic", self.box_arithmetic, BOX_ARITHMETIC)
+        if isinstance(self.boxes, (str, bytes)) or not isinstance(self.boxes, Sequence):
+            raise ValueError(f"boxes={self.boxes!r} is not allowed: allowed is a sequence of one box per video frame")
         if len(self.boxes) == 0:
             raise ValueError("boxes is empty: give one box per video frame")
         checked = tuple(_check_box(box, f"boxes[{i}]", self.height, self.width) for i, box in enumerate(self.boxes))
@@ -139,16 +144,19 @@ class Trajectory:
                 ``[0, num_frames)``.
             box_arithmetic: see :class:`Trajectory`.
         """
-        if not isinstance(num_frames, int) or num_frames <= 0:
-            raise ValueError(f"num_frames={num_frames!r} must be a positive integer")
+        num_frames = integer("num_frames", num_frames, 1)
+        height, width = integer("height", height, 1), integer("width", width, 1)
+        choice("box_arithmetic", box_arithmetic, BOX_ARITHMETIC)
+        if not isinstance(key_boxes, Mapping):
+            raise ValueError(f"key_boxes={key_boxes!r} is not allowed: allowed is a {{frame: box}} mapping")
         if not key_boxes:
             raise ValueError("key_boxes is empty: give at least one {frame: box}")
         indexed = {}
         for frame, box in key_boxes.items():
-            try:
-                indexed[operator.index(frame)] = box
-            except TypeError:
-                raise ValueError(f"key_boxes frame {frame!r} must be an integer frame index") from None
+            index = as_number(frame)
+            if not isinstance(index, int):
+                raise ValueError(f"key_boxes frame {frame!r} must be an integer frame index")
+            indexed[index] = box
         frames = sorted(indexed)
         outside = [f for f in frames if not 0 <= f < num_frames]
         if outside:
@@ -226,13 +234,12 @@ class Trajectory:
         return tuple(token_boxes)
 
 
-def check_method_arguments(trajectory: Trajectory, frame_stride: int) -> None:
+def check_method_arguments(trajectory: Trajectory, frame_stride: int) -> int:
     """ValueError unless ``trajectory`` is a :class:`Trajectory` and ``frame_stride`` (video frames per latent
-    frame) an integer >= 1: the arguments every DiTraj processor takes."""
+    frame) an integer >= 1: the arguments every DiTraj processor takes. Returns ``frame_stride`` as an int."""
     if not isinstance(trajectory, Trajectory):
         raise ValueError(f"trajectory must be a Trajectory, got {type(trajectory).__name__!r}")
-    if not isinstance(frame_stride, int) or frame_stride < 1:
-        raise ValueError(f"frame_stride={frame_stride!r} must be an integer >= 1")
+    return integer("frame_stride", frame_stride, 1)
 
 
 def foreground_mask(token_boxes: Sequence[TokenBox], grid: TokenGrid) -> torch.Tensor:

@@ -54,5 +54,5 @@ def test_matches_float64_reference_in_sd3_joint_attention():
 def test_scale_formula_and_bad_input():
     assert entropy_scale(4096, 4096) == 1.0
     assert entropy_scale(16384, 4096) == pytest.approx(math.sqrt(math.log(16384) / math.log(4096)))
-    with pytest.raises(ValueError, match="train_tokens=1 must be an integer >= 2"):
+    with pytest.raises(ValueError, match="train_tokens=1 is outside the allowed range: an integer >= 2"):
         EntropyScalingProcessor(train_tokens=1)

@@ -79,7 +79,7 @@ def test_result_table_heat_map_and_files(tiny_pipes, tmp_path):
 
 def test_search_bad_input(tiny_pipes):
     pipe, prompts = tiny_pipes("sd3"), [tiny_call_kwargs("sd3")]
-    with pytest.raises(ValueError, match=r"rounds=0 is outside the allowed range: integers >= 1"):
+    with pytest.raises(ValueError, match=r"rounds=0 is outside the allowed range: an integer >= 1"):
         headhunter.search(pipe, contrast, prompts, rounds=0)
     with pytest.raises(ValueError, match=r"objective='pickscore' is not one of \['colorfulness', 'contrast', 'sh"):
         headhunter.search(pipe, "pickscore", prompts)

@@ -268,7 +268,7 @@ def test_bad_settings_are_value_errors():
         IsolationRepositionProcessor(LAYOUT, reference_dropout=1.0)
     with pytest.raises(ValueError, match=r"dropout_mode='target' is not one of \('queries', 'keys'\)"):
         IsolationRepositionProcessor(LAYOUT, dropout_mode="target")
-    with pytest.raises(ValueError, match="steps"):
+    with pytest.raises(ValueError, match=r"end_step=2 is outside the allowed range: an integer >= 5 or None"):
         IsolationRepositionProcessor(LAYOUT, start_step=4, end_step=2)
     q = torch.zeros(3, 7, 1, 2)
     with pytest.raises(ValueError, match="batch of 3 rows does not split into groups of 2"):

@@ -69,9 +69,9 @@ def test_ulysses_anything_pads_heads_on_the_last_rank():
         ulysses_head_range(30, 8, 0)
     with pytest.raises(ValueError, match="the pad 2 must be smaller than the padded heads per rank 2"):  # 30 over 16
         ulysses_head_range(30, 16, 0, anything=True)
-    with pytest.raises(ValueError, match="head=12 is outside the allowed range 0..11"):
+    with pytest.raises(ValueError, match="head=12 is outside the allowed range: an integer in 0..11"):
         ulysses_head_owner(12, 12, 2)
-    with pytest.raises(ValueError, match="rank=2 is outside the allowed range 0..1"):
+    with pytest.raises(ValueError, match="rank=2 is outside the allowed range: an integer in 0..1"):
         ulysses_head_range(12, 2, 2)
 
 

@@ -215,6 +215,13 @@ def test_grid_must_match_tokens(processor):
 
 
 def test_image_family_rejected(pipe_for):
-    install(pipe_for("flux"), RadialSparseProcessor())
     with pytest.raises(ValueError, match=r"applies to video families \('wan', 'cogvideox'\), not family='flux'"):
-        run(pipe_for("flux"), "flux")
+        install(pipe_for("flux"), RadialSparseProcessor())  # at install, before any model work
+    transformer = pipe_for("flux").transformer
+    stock = transformer.attn_processors
+    transformer.set_attn_processor(RadialSparseProcessor())  # the diffusers way: refused at the call
+    try:
+        with pytest.raises(ValueError, match=r"applies to video families \('wan', 'cogvideox'\), not family='flux'"):
+            run(pipe_for("flux"), "flux")
+    finally:
+        transformer.set_attn_processor(stock)

@@ -8,7 +8,7 @@ from conftest import run
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
 from diffusers_attn_ext import ComposedProcessor, install, kernels
-from diffusers_attn_ext.context import CONTEXT_ATTR, AttnContext, TokenGrid
+from diffusers_attn_ext.context import CONTEXT_ATTR, AttnContext, TokenGrid, attach_context
 from diffusers_attn_ext.families.base import AttentionCall
 from diffusers_attn_ext.families.wan import WanAdapter, wan_apply_rotary
 from diffusers_attn_ext.kernels.dense import dense_attention
@@ -253,7 +253,11 @@ def test_moving_box_changes_the_video(family, pipe_for):
 
 def test_model_without_3d_rope_raises():
     pipe, _ = tiny_pipeline("cogvideox", transformer_config={"use_rotary_positional_embeddings": False})
-    install(pipe, STDRoPEProcessor(Trajectory.static((0, 0, 32, 32), 9, 64, 64)))
+    processor = STDRoPEProcessor(Trajectory.static((0, 0, 32, 32), 9, 64, 64))
+    with pytest.raises(ValueError, match="use_rotary_positional_embeddings=False"):
+        install(pipe, processor)  # at install, before any model work
+    attach_context(pipe)
+    pipe.transformer.set_attn_processor(processor)  # the diffusers way: at the call
     with pytest.raises(ValueError, match="use_rotary_positional_embeddings=False"):
         pipe(**tiny_call_kwargs("cogvideox", height=64, width=64))
 

@@ -146,7 +146,7 @@ def test_bad_input():
         UltraViCoProcessor(alpha=0.0)
     with pytest.raises(ValueError, match=r"alpha=1.5 is outside"):
         UltraViCoProcessor(alpha=1.5)
-    with pytest.raises(ValueError, match="train_frames=0 must be a positive integer"):
+    with pytest.raises(ValueError, match="train_frames=0 is outside the allowed range: an integer >= 1"):
         UltraViCoProcessor(train_frames=0)
     with pytest.raises(ValueError, match=r"stock_within_training=1 is not allowed: allowed values are True and False"):
         UltraViCoProcessor(stock_within_training=1)
@@ -154,9 +154,15 @@ def test_bad_input():
 
 def test_image_family_is_rejected(pipe_for):
     pipe = pipe_for("flux")
-    install(pipe, UltraViCoProcessor())
     with pytest.raises(ValueError, match="applies to video families"):
-        run(pipe, "flux")
+        install(pipe, UltraViCoProcessor())  # at install, before any model work
+    stock = pipe.transformer.attn_processors
+    pipe.transformer.set_attn_processor(UltraViCoProcessor())  # the diffusers way: refused at the call
+    try:
+        with pytest.raises(ValueError, match="applies to video families"):
+            run(pipe, "flux")
+    finally:
+        pipe.transformer.set_attn_processor(stock)
 
 
 def test_score_mod_is_one_closure_per_parameter_set():

@@ -25,16 +25,16 @@ from typing import Any
 import torch
 
 from ..families.base import AttentionCall
-from ..headset import sorted_indices
 from ..install import _ends_in_other_number, attention_modules, installed
 from ..processors.base import AttnExtProcessor
+from ..validation import indices, integer, layer_patterns
 from .statistics import AttentionStatistics, HeadProfiles, attention_statistics, sampled_query_rows
 
 
 def _check_indices(name: str, values: Sequence[int] | None) -> tuple[int, ...] | None:
     if values is None:
         return None
-    return sorted_indices(values, name)
+    return indices(values, name)
 
 
 class AttentionInspector(AttnExtProcessor):
@@ -68,21 +68,13 @@ class AttentionInspector(AttnExtProcessor):
         sampled_rows: int = 8,
         full_map_tokens: int = 256,
     ):
-        self.layers = None if layers is None else ([layers] if isinstance(layers, str) else list(layers))
-        for pattern in self.layers or []:
-            try:
-                re.compile(pattern)
-            except (re.error, TypeError) as error:
-                raise ValueError(f"layers has pattern {pattern!r}, not a regular expression ({error})") from None
+        patterns = layer_patterns("layers", layers)
+        self.layers = None if patterns is None else list(patterns)
         self.heads = _check_indices("heads", heads)
         self.steps = _check_indices("steps", steps)
-        for name, value, low in (("chunk_elements", chunk_elements, 1), ("sampled_rows", sampled_rows, 0),
-                                 ("full_map_tokens", full_map_tokens, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}={value!r} is outside the allowed range: integers >= {low}")
-        self.chunk_elements = chunk_elements
-        self.sampled_rows = sampled_rows
-        self.full_map_tokens = full_map_tokens
+        self.chunk_elements = integer("chunk_elements", chunk_elements, 1)
+        self.sampled_rows = integer("sampled_rows", sampled_rows, 0)
+        self.full_map_tokens = integer("full_map_tokens", full_map_tokens, 0)
         self.records: dict[str, AttentionStatistics] = {}
         self.step_records: dict[str, dict[int, HeadProfiles]] = {}
 
@@ -110,6 +102,11 @@ class AttentionInspector(AttnExtProcessor):
             if self.heads is not None and self.heads[-1] >= module.heads:
                 raise ValueError(f"heads has index {self.heads[-1]}; allowed range for {name}: 0..{module.heads - 1}")
         return {name: self.heads or tuple(range(m.heads)) for name, m in selected.items()}
+
+    def check_model(self, transformer: torch.nn.Module, family: str, modules: dict[str, torch.nn.Module]) -> None:
+        """At install: the layers match self-attention modules and the heads exist (:meth:`validate`)."""
+        super().check_model(transformer, family, modules)
+        self.validate(transformer)
 
     def applies_to(self, call: AttentionCall) -> bool:
         if call.context is None or call.module_name is None:

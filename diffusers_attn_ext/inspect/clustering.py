@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ..validation import integer
+
 
 @dataclass
 class HeadClusters:
@@ -37,8 +39,7 @@ class HeadClusters:
 
     def members(self, cluster: int) -> list[tuple[str, int]]:
         """The ``(layer, head)`` pairs of ``cluster``."""
-        if not 0 <= cluster < len(self.centroids):
-            raise ValueError(f"cluster={cluster!r} is outside the allowed range 0..{len(self.centroids) - 1}")
+        cluster = integer("cluster", cluster, 0, len(self.centroids) - 1)
         return [head for head, label in zip(self.heads, self.labels.tolist(), strict=True) if label == cluster]
 
     def plot(self, path: str | Path | None = None):
@@ -66,10 +67,9 @@ def head_features(inspector) -> tuple[list[tuple[str, int]], torch.Tensor, int]:
 
 def kmeans(features: torch.Tensor, k: int, seed: int = 0, iterations: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
     """``(labels [N], centroids [k, F])`` of Lloyd's k-means on the rows of ``features``, k-means++ seeded."""
-    if not isinstance(k, int) or not 1 <= k <= len(features):
-        raise ValueError(f"k={k!r} is outside the allowed range 1..{len(features)} (the number of heads)")
-    if not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations={iterations!r} must be an integer >= 1")
+    k = integer("k", k, 1, len(features))
+    iterations = integer("iterations", iterations, 1)
+    seed = integer("seed", seed, 0)
     features = features.double()
     generator = torch.Generator().manual_seed(seed)
     centroids = features[torch.randint(len(features), (1,), generator=generator)]
@@ -91,6 +91,8 @@ def kmeans(features: torch.Tensor, k: int, seed: int = 0, iterations: int = 100)
 
 def cluster_heads(inspector, k: int, seed: int = 0) -> HeadClusters:
     """Group the heads ``inspector`` recorded into ``k`` clusters of similar attention profiles."""
+    integer("k", k, 1)
+    integer("seed", seed, 0)
     heads, features, frames = head_features(inspector)
     labels, centroids = kmeans(features, k, seed)
     return HeadClusters(heads, features, labels, centroids, frames)

@@ -27,6 +27,7 @@ from ..headhunter import Head, candidate_heads, fresh_generator
 from ..headset import HeadSet
 from ..install import installed
 from ..processors.base import AttnExtProcessor
+from ..validation import boolean, choice, integer
 
 PERTURBATION_MODES = ("identity", "zero")
 
@@ -36,12 +37,15 @@ class HeadPerturbation(AttnExtProcessor):
     Install it on one module (``installed(pipe, HeadPerturbation(3), layers="^blocks.0.attn1$")``)."""
 
     def __init__(self, head: int, mode: str = "identity"):
-        if mode not in PERTURBATION_MODES:
-            raise ValueError(f"mode={mode!r} is not one of {PERTURBATION_MODES}")
-        if isinstance(head, bool) or not isinstance(head, int) or head < 0:
-            raise ValueError(f"head={head!r} is outside the allowed range: integers >= 0")
-        self.head = head
-        self.mode = mode
+        self.mode = choice("mode", mode, PERTURBATION_MODES)
+        self.head = integer("head", head, 0)
+
+    def check_model(self, transformer: torch.nn.Module, family: str, modules: dict[str, torch.nn.Module]) -> None:
+        """At install: the head exists in every selected self-attention module."""
+        super().check_model(transformer, family, modules)
+        for name, module in modules.items():
+            if not getattr(module, "is_cross_attention", False) and self.head >= module.heads:
+                raise ValueError(f"head={self.head} is outside the allowed range for {name}: 0..{module.heads - 1}")
 
     def applies_to(self, call: AttentionCall) -> bool:
         return call.is_self_attention
@@ -71,8 +75,7 @@ class HeadImportance:
 
     def top(self, k: int) -> list[Head]:
         """The ``k`` most important (layer, head) pairs: a ``candidates`` list for ``headhunter.search``."""
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k={k!r} is outside the allowed range: integers >= 1")
+        k = integer("k", k, 1)
         return [(layer, head) for layer, head, _ in self.ranking()[:k]]
 
     def headset(self, k: int) -> HeadSet:
@@ -128,8 +131,8 @@ def head_importance(
         call_kwargs: the pipeline's arguments for every call; a ``generator`` is re-created from its initial
             seed for each call (seed 0 without one); ``output_type`` defaults to "latent".
     """
-    if mode not in PERTURBATION_MODES:
-        raise ValueError(f"mode={mode!r} is not one of {PERTURBATION_MODES}")
+    choice("mode", mode, PERTURBATION_MODES)
+    boolean("progress", progress)
     heads = candidate_heads(pipe.transformer, candidates)
     progress_config = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=True)

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ..masks import ULTRAVICO_BLOCKED_LOGIT, ExtrapolationWindow
+from ..validation import real
 from .block_sparse_table import BLOCK, check_block_table, compressed_table
 from .flash_triton import load_rows, online_softmax_step, store_rows, tensor_descriptor, ultravico_rule
 
@@ -123,8 +124,8 @@ def launch_block_sparse(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     window: ExtrapolationWindow | None = ultravico["window"] if ultravico else None
     if window is not None and (window.video_start != 0 or window.video_tokens != n):
         raise ValueError("the fused UltraViCo rule needs a video-only sequence (video_start 0, all tokens video)")
-    if window is not None and not 0 < ultravico["alpha"] <= 1:
-        raise ValueError(f"alpha={ultravico['alpha']!r} is outside the allowed range (0, 1]")
+    if window is not None:
+        real("alpha", ultravico["alpha"], 0.0, 1.0, low_open=True)
     counts, indices, order = compressed_table(blocks)
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # contiguous: the descriptor writes it
     scale = head_dim**-0.5 if scale is None else scale

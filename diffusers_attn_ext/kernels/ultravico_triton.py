@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ..masks import ULTRAVICO_BLOCKED_LOGIT, ExtrapolationWindow
+from ..validation import real
 from .flash_triton import load_rows, online_softmax_step, store_rows, tensor_descriptor, ultravico_rule
 
 LOG2E = 1.4426950408889634
@@ -150,8 +151,7 @@ def launch_ultravico(
     if key.shape != query.shape or value.shape != query.shape:
         raise ValueError(f"query, key and value must have one shape [B, N, H, D], got {tuple(query.shape)}, "
                          f"{tuple(key.shape)} and {tuple(value.shape)}")
-    if not 0 < alpha <= 1:
-        raise ValueError(f"alpha={alpha!r} is outside the allowed range (0, 1]")
+    alpha = real("alpha", alpha, 0.0, 1.0, low_open=True)
     config = {**DEFAULT_CONFIG, **(config or {})}
     batch, n, heads, head_dim = query.shape
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # contiguous: the descriptor writes it

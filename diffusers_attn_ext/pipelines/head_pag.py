@@ -50,7 +50,8 @@ from transformers import (
 from ..context import _forward_kwargs, attach_context
 from ..headset import HeadSet, as_headset
 from ..install import installed
-from ..processors.softpag import SoftPAGProcessor
+from ..processors.softpag import IDENTITY_MODES, SoftPAGProcessor
+from ..validation import boolean, choice, real
 
 PAG_HOOK_NAME = "diffusers_attn_ext.head_pag"
 AlphaSpec = float | Mapping[str, float | Sequence[float]]
@@ -61,21 +62,53 @@ class HeadPAGMixin:
     overridable per call; diffusers' ``set_pag_applied_layers`` becomes :meth:`set_pag_heads`."""
 
     def set_pag_heads(self, pag_heads: HeadSet | Mapping | str | None, pag_alpha: AlphaSpec = 1.0) -> None:
-        """Set the default head set (a HeadSet, ``{layer: [heads]}`` or a JSON path) and alpha."""
-        self._pag_heads = None if pag_heads is None else as_headset(pag_heads)
+        """Set the default head set (a HeadSet, ``{layer: [heads]}`` or a JSON path) and alpha; ValueError, before
+        anything is set, when they do not fit each other or this transformer."""
+        headset = None if pag_heads is None else as_headset(pag_heads)
+        if headset is not None and len(headset):
+            softpag_with_pag_names(headset, pag_alpha).validate(self.transformer)
+        elif as_number_or_mapping(pag_alpha):
+            real("pag_alpha", pag_alpha, 0.0, 1.0)
+        self._pag_heads = headset
         self._pag_alpha = pag_alpha
 
     def softpag_processor(self, pag_heads=None, pag_alpha: AlphaSpec | None = None, pag_identity: str = "image",
                           pag_dual_attention: bool = False):
         """The SoftPAG processor of a call (the defaults where an argument is None), or None without heads;
-        ValueError when the head set does not fit this transformer."""
+        ValueError when the head set does not fit this transformer, or for a bad argument (heads or not)."""
+        choice("pag_identity", pag_identity, IDENTITY_MODES)
+        boolean("pag_dual_attention", pag_dual_attention)
         heads = self._pag_heads if pag_heads is None else as_headset(pag_heads)
         if heads is None or not len(heads):
             return None
-        processor = SoftPAGProcessor(heads, self._pag_alpha if pag_alpha is None else pag_alpha, pag_identity,
-                                     pag_dual_attention)
+        processor = softpag_with_pag_names(heads, self._pag_alpha if pag_alpha is None else pag_alpha, pag_identity,
+                                           pag_dual_attention)
         processor.validate(self.transformer)
         return processor
+
+
+def softpag_with_pag_names(heads, alpha, identity: str = "image", dual_attention: bool = False) -> SoftPAGProcessor:
+    """``SoftPAGProcessor(heads, alpha, identity, dual_attention)`` whose ValueErrors name the pipelines' arguments
+    (``pag_alpha``, ``pag_identity``, ``pag_dual_attention``)."""
+    try:
+        return SoftPAGProcessor(heads, alpha, identity, dual_attention)
+    except ValueError as error:
+        message = str(error)
+        if message.startswith(("alpha", "identity", "dual_attention")):
+            message = f"pag_{message}"
+        raise ValueError(message) from None
+
+
+def as_number_or_mapping(alpha) -> bool:
+    """Whether ``alpha`` is a scalar to check on its own (a mapping or per-head list needs a head set)."""
+    return not isinstance(alpha, (Mapping, Sequence)) or isinstance(alpha, str)
+
+
+def guidance_scales(kwargs: dict, pag_scale_default: float = 3.0) -> tuple[float, float]:
+    """``pag_scale`` and ``pag_adaptive_scale`` of a call (diffusers' defaults 3.0 and 0.0 when absent), each a
+    finite number >= 0: a negative or NaN scale would silently turn guidance off, an infinite one give NaN."""
+    return (real("pag_scale", kwargs.get("pag_scale", pag_scale_default), 0.0),
+            real("pag_adaptive_scale", kwargs.get("pag_adaptive_scale", 0.0), 0.0))
 
 
 class StableDiffusion3HeadPAGPipeline(HeadPAGMixin, StableDiffusion3PAGPipeline):
@@ -100,6 +133,7 @@ class StableDiffusion3HeadPAGPipeline(HeadPAGMixin, StableDiffusion3PAGPipeline)
 
     def __call__(self, *args, pag_heads=None, pag_alpha: AlphaSpec | None = None, pag_identity: str = "image",
                  pag_dual_attention: bool = False, **kwargs):
+        kwargs["pag_scale"], kwargs["pag_adaptive_scale"] = guidance_scales(kwargs)
         processor = self.softpag_processor(pag_heads, pag_alpha, pag_identity, pag_dual_attention)
         # PAGMixin runs PAG when pag_scale > 0 and pag_applied_layers is not empty.
         self.pag_applied_layers = list(processor.headset.layers) if processor is not None else []
@@ -178,6 +212,8 @@ class FluxHeadPAGPipeline(HeadPAGMixin, FluxPipeline):
 
     def __call__(self, *args, pag_scale: float = 3.0, pag_adaptive_scale: float = 0.0, pag_heads=None,
                  pag_alpha: AlphaSpec | None = None, pag_identity: str = "image", **kwargs):
+        pag_scale, pag_adaptive_scale = guidance_scales(
+            {"pag_scale": pag_scale, "pag_adaptive_scale": pag_adaptive_scale})
         processor = self.softpag_processor(pag_heads, pag_alpha, pag_identity)
         if processor is None or pag_scale == 0:
             return super().__call__(*args, **kwargs)
@@ -215,10 +251,18 @@ class HeadPerturbedAttentionGuidance(PerturbedAttentionGuidance):
                  perturbed_guidance_stop: float = 1.0, guidance_rescale: float = 0.0,
                  use_original_formulation: bool = False, start: float = 0.0, stop: float = 1.0, enabled: bool = True,
                  pag_dual_attention: bool = False):
+        guidance_scale = real("guidance_scale", guidance_scale)
+        perturbed_guidance_scale = real("perturbed_guidance_scale", perturbed_guidance_scale, 0.0)
+        perturbed_guidance_start = real("perturbed_guidance_start", perturbed_guidance_start, 0.0, 1.0)
+        perturbed_guidance_stop = real("perturbed_guidance_stop", perturbed_guidance_stop, perturbed_guidance_start, 1.0)
+        guidance_rescale = real("guidance_rescale", guidance_rescale, 0.0, 1.0)
+        start, stop = real("start", start, 0.0, 1.0), real("stop", stop, 0.0, 1.0)
+        use_original_formulation = boolean("use_original_formulation", use_original_formulation)
+        enabled = boolean("enabled", enabled)
         super().__init__(guidance_scale, perturbed_guidance_scale, perturbed_guidance_start, perturbed_guidance_stop,
                          perturbed_guidance_config=[], guidance_rescale=guidance_rescale,
                          use_original_formulation=use_original_formulation, start=start, stop=stop, enabled=enabled)
-        self.processor = SoftPAGProcessor(pag_heads, pag_alpha, pag_identity, pag_dual_attention)
+        self.processor = softpag_with_pag_names(pag_heads, pag_alpha, pag_identity, pag_dual_attention)
         self.register_to_config(pag_heads=dict(self.processor.headset.heads), pag_alpha=pag_alpha,
                                 pag_identity=pag_identity, pag_dual_attention=pag_dual_attention)
         self._installation = ExitStack()

@@ -29,6 +29,7 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from ..install import installed
 from ..processors.isolation_reposition import IsolationRepositionProcessor
 from ..subjects import SubjectLayout
+from ..validation import integer, layer_patterns, schedule_length
 
 
 class MultiSubjectMixin:
@@ -46,6 +47,9 @@ class MultiSubjectMixin:
                 f"num_images_per_prompt={num_images_per_prompt}: a multi-subject call makes one image per prompt "
                 "(reference first); repeat the prompts instead"
             )
+        if isinstance(subject_boxes, (str, bytes, Mapping)) or not isinstance(subject_boxes, Sequence):
+            raise ValueError(f"subject_boxes={subject_boxes!r} is not allowed: give a list of one {{subject: box}} "
+                             "mapping per prompt, reference first")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         images = len(prompts) if prompts is not None else (prompt_embeds.shape[0] if prompt_embeds is not None else 1)
         if len(subject_boxes) != images:
@@ -54,10 +58,13 @@ class MultiSubjectMixin:
                 "reference first"
             )
         layout = SubjectLayout.from_boxes(subject_boxes, prompts)
-        return IsolationRepositionProcessor(
-            layout, start_step=ir_start_step, end_step=ir_end_step, interpolation=ir_interpolation,
-            reference_dropout=ir_reference_dropout, dropout_seed=ir_dropout_seed, dropout_mode=ir_dropout_mode,
-        )
+        try:
+            return IsolationRepositionProcessor(
+                layout, start_step=ir_start_step, end_step=ir_end_step, interpolation=ir_interpolation,
+                reference_dropout=ir_reference_dropout, dropout_seed=ir_dropout_seed, dropout_mode=ir_dropout_mode,
+            )
+        except ValueError as error:  # name the pipeline's argument: start_step=... -> ir_start_step=...
+            raise ValueError(f"ir_{error}") from None
 
     def __call__(self, prompt=None, *, subject_boxes=None, ir_start_step: int = 0, ir_end_step: int | None = None,
                  ir_layers: str | list[str] | None = None, ir_interpolation: str = "nearest",
@@ -67,11 +74,15 @@ class MultiSubjectMixin:
         ``ir_*`` arguments: see the module docstring); without it, the parent pipeline unchanged."""
         if subject_boxes is None:
             return super().__call__(prompt=prompt, **kwargs)
+        layer_patterns("ir_layers", ir_layers)
         processor = self.multi_subject_processor(
             subject_boxes, prompt, kwargs.get("prompt_embeds"), kwargs.get("num_images_per_prompt", 1),
             ir_start_step=ir_start_step, ir_end_step=ir_end_step, ir_interpolation=ir_interpolation,
             ir_reference_dropout=ir_reference_dropout, ir_dropout_seed=ir_dropout_seed, ir_dropout_mode=ir_dropout_mode,
         )
+        steps = schedule_length(super().__call__, kwargs)
+        if steps is not None:  # a start past the schedule would silently leave every step stock
+            integer("ir_start_step", ir_start_step, 0, steps - 1)
         with installed(self, processor, layers=ir_layers):
             return super().__call__(prompt=prompt, **kwargs)
 

@@ -12,7 +12,8 @@ from typing import Any
 from diffusers import CogVideoXPipeline, WanPipeline
 
 from ..install import installed
-from ..sparse import sparse_processor
+from ..sparse import SPARSE_METHODS, SPARSE_OPTIONS, sparse_processor
+from ..validation import choice, integer, options, schedule_length
 
 
 class _SparseCall:
@@ -32,12 +33,21 @@ class _SparseCall:
                 ``{"cache_steps": 5}`` for adaptive); see :func:`diffusers_attn_ext.sparse.sparse_processor`.
             everything else: the parent pipeline's arguments.
         """
-        if sparse_method is None:
+        if choice("sparse_method", sparse_method, SPARSE_METHODS, allow_none=True) is None:
             return super().__call__(*args, **kwargs)
-        processor = sparse_processor(
-            sparse_method, density=sparse_density, dense_steps=sparse_dense_steps, dense_layers=sparse_dense_layers,
-            **(sparse_options or {}),
-        )
+        method_options = options("sparse_options", sparse_options, SPARSE_OPTIONS[sparse_method])
+        dense_steps = integer("sparse_dense_steps", sparse_dense_steps, 0)
+        dense_layers = integer("sparse_dense_layers", sparse_dense_layers, 0)
+        steps = schedule_length(super().__call__, kwargs)
+        if steps is not None:  # dense for every step would silently be the plain pipeline
+            integer("sparse_dense_steps", sparse_dense_steps, 0, steps - 1)
+        try:
+            processor = sparse_processor(sparse_method, density=sparse_density, dense_steps=dense_steps,
+                                         dense_layers=dense_layers, **method_options)
+        except ValueError as error:  # name the pipeline's argument: sparse_density, or a key of sparse_options
+            message = str(error)
+            raise ValueError(f"sparse_{message}" if message.startswith("density")
+                             else f"sparse_options: {message}") from None
         with installed(self, processor):
             return super().__call__(*args, **kwargs)
 

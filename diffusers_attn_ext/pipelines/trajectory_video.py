@@ -29,6 +29,7 @@ from ..install import installed
 from ..processors.fg_bg_guidance import DEFAULT_MASK_STEPS, ForegroundBackgroundCrossAttnProcessor
 from ..processors.std_rope import DEFAULT_ROPE_STEPS, STDRoPEProcessor
 from ..trajectory import Trajectory
+from ..validation import boolean, integer, layer_patterns
 
 FG_BG_HOOK_NAME = "diffusers_attn_ext.fg_bg_prompts"
 
@@ -83,6 +84,10 @@ class _TrajectoryCall:
             return super().__call__(*args, **kwargs)
         if not isinstance(trajectory, Trajectory):
             raise ValueError(f"trajectory must be a Trajectory or None, got {type(trajectory).__name__!r}")
+        rope_steps = integer("rope_steps", rope_steps, 0, allow_none=True)
+        mask_steps = integer("mask_steps", mask_steps, 0)
+        isolate_duplicates = boolean("isolate_duplicates", isolate_duplicates)
+        layer_patterns("trajectory_layers", trajectory_layers)
         if getattr(self, "transformer_2", None) is not None:
             raise ValueError(
                 "this pipeline has a second expert transformer_2 (Wan 2.2), which trajectory control would leave "
@@ -94,8 +99,7 @@ class _TrajectoryCall:
         height = call_kwargs.get("height") or self.default_video_size()[0]
         width = call_kwargs.get("width") or self.default_video_size()[1]
         num_frames = call_kwargs.get("num_frames") or self.default_num_frames()
-        self.check_num_frames(num_frames)
-        trajectory.check_video(num_frames, height, width)
+        trajectory.check_video(self.check_num_frames(num_frames), height, width)
         frame_stride = self.vae_scale_factor_temporal * (self.transformer.config.get("patch_size_t") or 1)
         processors = [STDRoPEProcessor(trajectory, rope_steps, frame_stride, isolate_duplicates)]
         text = self.foreground_background_text(foreground_prompt, background_prompt, foreground_prompt_embeds,
@@ -125,9 +129,10 @@ class _TrajectoryCall:
         """Frames the parent pipeline makes when the call gives no ``num_frames``."""
         return 81
 
-    def check_num_frames(self, num_frames: int) -> None:
-        """ValueError when the parent pipeline would change ``num_frames`` (the trajectory has one box per
-        requested frame). Default: any count is kept."""
+    def check_num_frames(self, num_frames: int) -> int:
+        """The frames the parent pipeline makes for ``num_frames`` (the trajectory needs one box for each);
+        ValueError when it would round a request. Default: any count is kept."""
+        return num_frames
 
     def foreground_background_text(self, foreground_prompt, background_prompt, foreground_prompt_embeds,
                                    background_prompt_embeds, call_kwargs) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -189,13 +194,19 @@ class WanTrajectoryPipeline(_TrajectoryCall, WanPipeline):
             parts = [embeds.repeat_interleave(per_prompt, dim=0) for embeds in parts]
         return parts[0].to(self._execution_device), parts[1].to(self._execution_device)
 
-    def check_num_frames(self, num_frames: int) -> None:
+    def check_num_frames(self, num_frames: int) -> int:
+        """The frames WanPipeline makes for ``num_frames``; ValueError when it would round a request the
+        trajectory was drawn for. With no temporal compression (factor 1) Wan's pipeline always adds one frame
+        (its check ``num_frames % 1 != 1`` always holds), so ``num_frames`` makes ``num_frames + 1`` frames."""
         temporal = self.vae_scale_factor_temporal
+        if temporal == 1:
+            return num_frames + 1
         if num_frames % temporal != 1:
             raise ValueError(
                 f"num_frames={num_frames} with a trajectory must be {temporal}k + 1 (WanPipeline would round it "
                 f"to {num_frames // temporal * temporal + 1} frames, and the trajectory has one box per frame)"
             )
+        return num_frames
 
 
 class CogVideoXTrajectoryPipeline(_TrajectoryCall, CogVideoXPipeline):

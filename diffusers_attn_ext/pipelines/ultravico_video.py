@@ -13,6 +13,7 @@ from diffusers import CogVideoXPipeline, WanPipeline
 from ..context import family_of_transformer
 from ..install import installed
 from ..processors.ultravico import UltraViCoProcessor, default_train_frames
+from ..validation import integer
 
 
 class _UltraViCoCall:
@@ -34,19 +35,23 @@ class _UltraViCoCall:
         """
         if extrapolation_ratio is not None and "num_frames" in kwargs:
             raise ValueError("give either extrapolation_ratio or num_frames, not both")
+        try:
+            processor = UltraViCoProcessor(ultravico_alpha, train_frames, restrict_first_frame, center_keys,
+                                           stock_within_training)
+        except ValueError as error:  # name the pipeline's argument: alpha=... -> ultravico_alpha=...
+            message = str(error)
+            raise ValueError(f"ultravico_{message}" if message.startswith("alpha=") else message) from None
         if "num_frames" not in kwargs:
             ratio = self.default_extrapolation_ratio if extrapolation_ratio is None else extrapolation_ratio
-            kwargs["num_frames"] = self.extrapolated_num_frames(ratio, train_frames)
-        processor = UltraViCoProcessor(ultravico_alpha, train_frames, restrict_first_frame, center_keys,
-                                       stock_within_training)
+            kwargs["num_frames"] = self.extrapolated_num_frames(ratio, processor.train_frames)
         with installed(self, processor):
             return super().__call__(*args, **kwargs)
 
     def extrapolated_num_frames(self, extrapolation_ratio: int, train_frames: int | None = None) -> int:
         """Frames for ``extrapolation_ratio`` times the training length, as the authors' script computes
         it for Wan: ``(21 * ratio - 1) * 4 + 1`` (latent frames, then the VAE's temporal compression)."""
-        if not isinstance(extrapolation_ratio, int) or extrapolation_ratio < 1:
-            raise ValueError(f"extrapolation_ratio={extrapolation_ratio!r} must be an integer >= 1")
+        extrapolation_ratio = integer("extrapolation_ratio", extrapolation_ratio, 1)
+        train_frames = integer("train_frames", train_frames, 1, allow_none=True)
         config = self.transformer.config
         trained = train_frames or default_train_frames(family_of_transformer(self.transformer), config)
         if trained is None:

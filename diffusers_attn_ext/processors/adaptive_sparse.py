@@ -26,6 +26,7 @@ import torch
 from ..families.base import AttentionCall
 from ..kernels.block_sparse_table import mark_static
 from ..parallel import ParallelLayout, sequence_sum
+from ..validation import integer, real
 from .radial_sparse import SparseVideoProcessor, dense_text_blocks, set_block_mask
 
 DEFAULT_DENSITY = 0.25
@@ -104,14 +105,6 @@ def draft_block_pattern(
     return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted) | diagonal
 
 
-def _check_fraction(name: str, value) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ValueError(f"{name}={value!r} is outside the allowed range (0, 1]")
-    return float(value)
-
-
 class AdaptiveSparseProcessor(SparseVideoProcessor):
     """Dynamic block-sparse attention from a draft attention map, searched once per cache window.
 
@@ -136,11 +129,10 @@ class AdaptiveSparseProcessor(SparseVideoProcessor):
         super().__init__(dense_steps, dense_layers, block_size)
         if mass is not None and density is not None:
             raise ValueError(f"density={density!r} and mass={mass!r} are both given: give one of them")
-        self.mass = _check_fraction("mass", mass)
-        self.density = _check_fraction("density", DEFAULT_DENSITY if density is None and mass is None else density)
-        if isinstance(cache_steps, bool) or not isinstance(cache_steps, int) or cache_steps < 1:
-            raise ValueError(f"cache_steps={cache_steps!r} is outside the allowed range: an integer >= 1")
-        self.cache_steps = cache_steps
+        self.mass = real("mass", mass, 0.0, 1.0, low_open=True, allow_none=True)
+        density = DEFAULT_DENSITY if density is None and mass is None else density
+        self.density = real("density", density, 0.0, 1.0, low_open=True, allow_none=True)
+        self.cache_steps = integer("cache_steps", cache_steps, 1)
 
     def pattern(self, call: AttentionCall) -> torch.Tensor:
         """This call's block pattern: searched at the first step of each cache window, else reused."""

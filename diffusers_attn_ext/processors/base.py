@@ -22,6 +22,7 @@ from ..context import get_context
 from ..families import adapter_for
 from ..families.base import AttentionCall
 from ..kernels import attend
+from ..validation import family as check_family
 
 
 class AttnExtProcessor:
@@ -34,6 +35,21 @@ class AttnExtProcessor:
     # Set by diffusers' ``set_attention_backend`` / context parallelism, as on stock processors.
     _attention_backend = None
     _parallel_config = None
+    # Families the method runs in (None: every family), named so in messages ("video families").
+    families: tuple[str, ...] | None = None
+    families_description = "families"
+
+    def check_model(self, transformer: torch.nn.Module, family: str, modules: dict[str, torch.nn.Module]) -> None:
+        """ValueError when this method cannot run on ``modules`` (name -> attention module) of ``transformer``
+        of ``family``: :func:`~diffusers_attn_ext.install` calls it before it changes anything, so that a wrong
+        family, layer or head is refused before any model work. Default: the family is among :attr:`families`.
+        Methods with layers or heads extend it."""
+        self.check_family(family)
+
+    def check_family(self, family: str) -> None:
+        """ValueError unless ``family`` is among :attr:`families` (also checked at call time, for processors set
+        with plain ``set_attn_processor``)."""
+        check_family(type(self).__name__, family, self.families, self.families_description)
 
     @property
     def methods(self) -> tuple[AttnExtProcessor, ...]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 from ..families.base import AttentionCall
+from ..validation import integer
 from .base import AttnExtProcessor
 
 IMAGE_FAMILIES = ("sd3", "flux")
@@ -36,14 +37,13 @@ class EntropyScalingProcessor(AttnExtProcessor):
             SD3 and FLUX.1 at 1024x1024).
     """
 
+    families = IMAGE_FAMILIES
+
     def __init__(self, train_tokens: int | None = None):
-        if train_tokens is not None and (not isinstance(train_tokens, int) or train_tokens < 2):
-            raise ValueError(f"train_tokens={train_tokens!r} must be an integer >= 2 (image tokens) or None")
-        self.train_tokens = train_tokens
+        self.train_tokens = integer("train_tokens", train_tokens, 2, allow_none=True)
 
     def applies_to(self, call: AttentionCall) -> bool:
-        if call.family not in IMAGE_FAMILIES:
-            raise ValueError(f"EntropyScalingProcessor applies to {IMAGE_FAMILIES}, not family={call.family!r}")
+        self.check_family(call.family)
         return call.is_self_attention
 
     def edit_attention(self, call: AttentionCall) -> None:

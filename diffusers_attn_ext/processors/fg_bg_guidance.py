@@ -22,6 +22,7 @@ import torch
 from ..families.base import AttentionCall
 from ..kernels.dense import dense_attention
 from ..trajectory import Trajectory, check_method_arguments, foreground_mask
+from ..validation import integer
 from .base import AttnExtProcessor
 
 DEFAULT_MASK_STEPS = 30  # the authors' mask_step
@@ -41,23 +42,18 @@ class ForegroundBackgroundCrossAttnProcessor(AttnExtProcessor):
     Only conditional rows are changed ("cond" branch of the context); Wan (attn2) only.
     """
 
+    families = ("wan",)
+
     def __init__(self, trajectory: Trajectory, background_tokens: int, foreground_tokens: int,
                  steps: int = DEFAULT_MASK_STEPS, frame_stride: int = 4):
-        check_method_arguments(trajectory, frame_stride)
-        for name, value in (("background_tokens", background_tokens), ("foreground_tokens", foreground_tokens)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an integer >= 1")
-        if not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps={steps!r} must be an integer >= 0")
+        self.frame_stride = check_method_arguments(trajectory, frame_stride)
         self.trajectory = trajectory
-        self.background_tokens = background_tokens
-        self.foreground_tokens = foreground_tokens
-        self.steps = steps
-        self.frame_stride = frame_stride
+        self.background_tokens = integer("background_tokens", background_tokens, 1)
+        self.foreground_tokens = integer("foreground_tokens", foreground_tokens, 1)
+        self.steps = integer("steps", steps, 0)
 
     def applies_to(self, call: AttentionCall) -> bool:
-        if call.family != "wan":
-            raise ValueError(f"ForegroundBackgroundCrossAttnProcessor supports family 'wan', not {call.family!r}")
+        self.check_family(call.family)
         context = call.context
         if call.kind != "cross" or context is None or context.step_index >= self.steps:
             return False

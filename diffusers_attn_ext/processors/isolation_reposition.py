@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from ..families.base import AttentionCall
 from ..subjects import INTERPOLATIONS, SubjectLayout, SubjectTokens, subject_tokens
+from ..validation import choice, integer, real
 from .base import AttnExtProcessor
 
 DEFAULT_CHUNK_BYTES = 16 * 2**20
@@ -277,31 +278,26 @@ class IsolationRepositionProcessor(AttnExtProcessor):
     One image, or a layout without subjects, is the stock processor.
     """
 
+    families = ("sd3", "flux")
+
     def __init__(self, layout: SubjectLayout, start_step: int = 0, end_step: int | None = None,
                  interpolation: str = "nearest", reference_dropout: float = 0.0, dropout_seed: int = 0,
                  max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, dropout_mode: str = "queries"):
         if not isinstance(layout, SubjectLayout):
             raise ValueError(f"layout must be a SubjectLayout, got {type(layout).__name__}")
-        if start_step < 0 or (end_step is not None and end_step <= start_step):
-            raise ValueError(f"steps [{start_step}, {end_step}) are empty or negative: need 0 <= start_step < end_step")
-        if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation={interpolation!r} is not one of {INTERPOLATIONS}")
-        if not 0.0 <= reference_dropout < 1.0:
-            raise ValueError(f"reference_dropout={reference_dropout} is outside [0, 1)")
-        if dropout_mode not in DROPOUT_MODES:
-            raise ValueError(f"dropout_mode={dropout_mode!r} is not one of {DROPOUT_MODES}")
-        if max_chunk_bytes <= 0:
-            raise ValueError(f"max_chunk_bytes={max_chunk_bytes} must be > 0")
         self.layout = layout
-        self.start_step, self.end_step = start_step, end_step
-        self.interpolation = interpolation
-        self.reference_dropout, self.dropout_seed = reference_dropout, dropout_seed
-        self.dropout_mode = dropout_mode
-        self.max_chunk_bytes = max_chunk_bytes
+        self.start_step = integer("start_step", start_step, 0)
+        self.end_step = integer("end_step", end_step, self.start_step + 1, allow_none=True)
+        self.interpolation = choice("interpolation", interpolation, INTERPOLATIONS)
+        self.reference_dropout = real("reference_dropout", reference_dropout, 0.0, 1.0, high_open=True)
+        self.dropout_seed = integer("dropout_seed", dropout_seed, 0)
+        self.dropout_mode = choice("dropout_mode", dropout_mode, DROPOUT_MODES)
+        self.max_chunk_bytes = integer("max_chunk_bytes", max_chunk_bytes, 1)
         self._plans: dict[tuple, list[list[SubjectTokens]]] = {}
         self._step_plans: tuple[tuple, list[list[SubjectTokens]]] | None = None
 
     def applies_to(self, call: AttentionCall) -> bool:
+        self.check_family(call.family)
         if not call.is_self_attention or self.layout.num_images < 2 or not self.layout.names:
             return False
         step = call.context.step_index if call.context is not None else 0

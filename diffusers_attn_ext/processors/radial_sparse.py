@@ -18,22 +18,11 @@ import torch
 from ..families.base import AttentionCall
 from ..kernels.block_sparse_table import mark_static
 from ..masks import RADIAL_MODELS, radial_block_mask
+from ..validation import choice, integer, real
 from .base import AttnExtProcessor
 
 VIDEO_FAMILIES = ("wan", "cogvideox")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)\.")
-
-
-def _check_non_negative_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}={value!r} is outside the allowed range: an integer >= 0")
-    return value
-
-
-def _check_block_size(block_size) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-        raise ValueError(f"block_size={block_size!r} is outside the allowed range: a positive integer")
-    return block_size
 
 
 def layer_index(module_name: str | None) -> int | None:
@@ -95,15 +84,16 @@ class SparseVideoProcessor(AttnExtProcessor):
     """
 
     method = "SparseVideoProcessor"
+    families = VIDEO_FAMILIES
+    families_description = "video families"
 
     def __init__(self, dense_steps: int = 0, dense_layers: int = 0, block_size: int = 128):
-        self.dense_steps = _check_non_negative_int("dense_steps", dense_steps)
-        self.dense_layers = _check_non_negative_int("dense_layers", dense_layers)
-        self.block_size = _check_block_size(block_size)
+        self.dense_steps = integer("dense_steps", dense_steps, 0)
+        self.dense_layers = integer("dense_layers", dense_layers, 0)
+        self.block_size = integer("block_size", block_size, 1)
 
     def applies_to(self, call: AttentionCall) -> bool:
-        if call.family not in VIDEO_FAMILIES:
-            raise ValueError(f"{self.method} applies to video families {VIDEO_FAMILIES}, not family={call.family!r}")
+        self.check_family(call.family)
         if not call.is_self_attention:
             return False
         call.require_grid(self.method)
@@ -132,12 +122,8 @@ class RadialSparseProcessor(SparseVideoProcessor):
         model: str = "wan",
     ):
         super().__init__(dense_steps, dense_layers, block_size)
-        if not (isinstance(decay_factor, (int, float)) and decay_factor > 0):
-            raise ValueError(f"decay_factor={decay_factor!r} is outside the allowed range (0, inf)")
-        if model not in RADIAL_MODELS:
-            raise ValueError(f"model={model!r} is not one of {RADIAL_MODELS}")
-        self.decay_factor = float(decay_factor)
-        self.model = model
+        self.decay_factor = real("decay_factor", decay_factor, 0.0, low_open=True)
+        self.model = choice("model", model, RADIAL_MODELS)
 
     def block_mask(self, call: AttentionCall) -> torch.Tensor:
         """The call's block table, cached in the context's per-generation state per grid and layout."""

@@ -39,6 +39,7 @@ import torch
 
 from ..families.base import AttentionCall
 from ..headset import HeadSet, as_headset
+from ..validation import as_number, boolean, choice, real
 from .base import AttnExtProcessor
 
 IDENTITY_MODES = ("image", "all")
@@ -87,18 +88,22 @@ def per_head_alpha(
         missing = [layer for layer in headset.layers if layer not in alpha]
         extra = [layer for layer in alpha if layer not in headset.heads]
         if missing or extra:
-            raise ValueError(f"alpha has layers {sorted(alpha)}; it must cover exactly the head set's layers "
-                             f"{list(headset.layers)}")
+            raise ValueError(f"alpha={dict(alpha)!r} has layers {sorted(alpha)}; it must cover exactly the head "
+                             f"set's layers {list(headset.layers)}")
+    elif as_number(alpha) is None:
+        real("alpha", alpha, 0.0, 1.0)  # not a number, a sequence or a mapping: the ValueError naming alpha
     per_layer = {}
     for layer, heads in headset.heads.items():
         value = alpha[layer] if isinstance(alpha, Mapping) else alpha
-        values = [value] * len(heads) if isinstance(value, (int, float)) else list(value)
+        if as_number(value) is not None:
+            values = [value] * len(heads)
+        elif isinstance(value, Sequence) and not isinstance(value, str):
+            values = list(value)
+        else:
+            values = [value]  # not a number: refused below, naming the layer
         if len(values) != len(heads):
             raise ValueError(f"alpha[{layer!r}] has {len(values)} values for the {len(heads)} heads {list(heads)}")
-        for item in values:
-            if isinstance(item, bool) or not isinstance(item, (int, float)) or not 0.0 <= item <= 1.0:
-                raise ValueError(f"alpha={item!r} (layer {layer!r}) is outside the allowed range [0, 1]")
-        per_layer[layer] = tuple(float(item) for item in values)
+        per_layer[layer] = tuple(real("alpha", item, 0.0, 1.0, note=f" (layer {layer!r})") for item in values)
     return per_layer
 
 
@@ -122,14 +127,10 @@ class SoftPAGProcessor(AttnExtProcessor):
 
     def __init__(self, heads, alpha: float | Mapping[str, float | Sequence[float]] = 1.0, identity: str = "image",
                  dual_attention: bool = False):
-        if identity not in IDENTITY_MODES:
-            raise ValueError(f"identity={identity!r} is not one of {IDENTITY_MODES}")
-        if not isinstance(dual_attention, bool):
-            raise ValueError(f"dual_attention={dual_attention!r} is not allowed: allowed values are True and False")
+        self.identity = choice("identity", identity, IDENTITY_MODES)
+        self.dual_attention = boolean("dual_attention", dual_attention)
         self.headset = as_headset(heads)
         self.alpha = per_head_alpha(self.headset, alpha)
-        self.identity = identity
-        self.dual_attention = dual_attention
         self._layer_of_module: dict[str, str | None] = {}
 
     def layer_of(self, module_name: str | None) -> str | None:
@@ -147,6 +148,11 @@ class SoftPAGProcessor(AttnExtProcessor):
         """Check the head set against ``transformer`` (ValueError for an unknown layer or head out of range);
         returns attention module name -> heads."""
         return self.headset.modules(transformer)
+
+    def check_model(self, transformer: torch.nn.Module, family: str, modules: dict[str, torch.nn.Module]) -> None:
+        """At install: every layer of the head set exists in ``transformer`` and its heads are in range."""
+        super().check_model(transformer, family, modules)
+        self.validate(transformer)
 
     def module_patterns(self, transformer: torch.nn.Module) -> list[str]:
         """``layers`` patterns for :func:`~diffusers_attn_ext.install` / ``installed`` that select exactly the

@@ -51,6 +51,7 @@ from ..trajectory import (
     position_source_index,
     std_rope_positions,
 )
+from ..validation import boolean, integer
 from .base import AttnExtProcessor
 
 ROPE_FAMILIES = ("wan", "cogvideox")
@@ -192,20 +193,28 @@ class STDRoPEProcessor(AttnExtProcessor):
     raise a ValueError.
     """
 
+    families = ROPE_FAMILIES
+    families_description = "3D-RoPE video families"
+
     def __init__(self, trajectory: Trajectory, steps: int | None = DEFAULT_ROPE_STEPS, frame_stride: int = 4,
                  isolate_duplicates: bool = True):
-        check_method_arguments(trajectory, frame_stride)
-        if steps is not None and (not isinstance(steps, int) or steps < 0):
-            raise ValueError(f"steps={steps!r} must be an integer >= 0 or None (every step)")
+        self.frame_stride = check_method_arguments(trajectory, frame_stride)
         self.trajectory = trajectory
-        self.steps = steps
-        self.frame_stride = frame_stride
-        self.isolate_duplicates = bool(isolate_duplicates)
+        self.steps = integer("steps", steps, 0, allow_none=True)
+        self.isolate_duplicates = boolean("isolate_duplicates", isolate_duplicates)
+
+    def check_model(self, transformer, family: str, modules) -> None:
+        """At install: a 3D-RoPE video family (a CogVideoX checkpoint needs ``use_rotary_positional_embeddings``)."""
+        super().check_model(transformer, family, modules)
+        if family == "cogvideox" and not transformer.config.get("use_rotary_positional_embeddings", False):
+            raise ValueError(
+                "STDRoPEProcessor needs 3D RoPE, but this CogVideoX transformer has "
+                "use_rotary_positional_embeddings=False (supported: Wan, CogVideoX with "
+                "use_rotary_positional_embeddings=True)"
+            )
 
     def applies_to(self, call: AttentionCall) -> bool:
-        if call.family not in ROPE_FAMILIES:
-            raise ValueError(f"STDRoPEProcessor applies to 3D-RoPE video families {ROPE_FAMILIES}, "
-                             f"not family={call.family!r}")
+        self.check_family(call.family)
         if not call.is_self_attention:
             return False
         return self.steps is None or call.context is None or call.context.step_index < self.steps

@@ -14,6 +14,7 @@ from __future__ import annotations
 from ..families.base import AttentionCall
 from ..masks import ExtrapolationWindow, ultravico_score_mod
 from ..parallel import sequence_mean
+from ..validation import boolean, integer, real
 from .base import AttnExtProcessor
 
 VIDEO_FAMILIES = ("wan", "cogvideox")
@@ -65,29 +66,30 @@ class UltraViCoProcessor(AttnExtProcessor):
     ``alpha=1`` with ``restrict_first_frame=False``.
     """
 
+    families = VIDEO_FAMILIES
+    families_description = "video families"
+
     def __init__(
         self, alpha: float = 0.9, train_frames: int | None = None, restrict_first_frame: bool = True,
         center_keys: bool = True, stock_within_training: bool = False,
     ):
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"alpha={alpha} is outside the allowed range (0, 1]")
-        if train_frames is not None and (not isinstance(train_frames, int) or train_frames <= 0):
-            raise ValueError(f"train_frames={train_frames!r} must be a positive integer (latent frames) or None")
-        if not isinstance(stock_within_training, bool):
+        self.alpha = real("alpha", alpha, 0.0, 1.0, low_open=True)
+        self.train_frames = integer("train_frames", train_frames, 1, allow_none=True)
+        self.restrict_first_frame = boolean("restrict_first_frame", restrict_first_frame)
+        self.center_keys = boolean("center_keys", center_keys)
+        self.stock_within_training = boolean("stock_within_training", stock_within_training)
+
+    def check_model(self, transformer, family: str, modules) -> None:
+        """At install: a video family, and a training length (given, or known for the checkpoint)."""
+        super().check_model(transformer, family, modules)
+        if self.train_frames is None and default_train_frames(family, transformer.config) is None:
             raise ValueError(
-                f"stock_within_training={stock_within_training!r} is not allowed: allowed values are True and False"
+                "train_frames=None and the training length of this checkpoint is unknown: pass "
+                "UltraViCoProcessor(train_frames=...) in latent frames (an integer >= 1)"
             )
-        self.alpha = float(alpha)
-        self.train_frames = train_frames
-        self.restrict_first_frame = bool(restrict_first_frame)
-        self.center_keys = bool(center_keys)
-        self.stock_within_training = stock_within_training
 
     def applies_to(self, call: AttentionCall) -> bool:
-        if call.family not in VIDEO_FAMILIES:
-            raise ValueError(
-                f"UltraViCoProcessor applies to video families {VIDEO_FAMILIES}, not family={call.family!r}"
-            )
+        self.check_family(call.family)
         return call.is_self_attention and not (self.alpha == 1.0 and not self.restrict_first_frame)
 
     def window(self, call: AttentionCall) -> ExtrapolationWindow:
