@@ -162,6 +162,6 @@ def load_world_video_pipeline(path: str | None = None, *, dtype=torch.float32, p
     (default ``WanPipeline``; any of our Wan pipelines loads it too), in ``dtype``, progress bars off."""
     if pipeline_class is None:
         from diffusers import WanPipeline as pipeline_class
-    pipe = pipeline_class.from_pretrained(path or shipped_model_path(), torch_dtype=dtype)
+    pipe = pipeline_class.from_pretrained(path or shipped_model_path(), dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe

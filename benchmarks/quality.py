@@ -1,0 +1,296 @@
+"""Quality of the video methods on the shipped world model: stock vs method at the same seeds.
+
+    PYTHONPATH=. python benchmarks/quality.py --seeds 16 --results quality_results.json   # runs what is missing
+    PYTHONPATH=. python benchmarks/quality.py --report --results quality_results.json      # markdown tables
+
+Sections (``diffusers_attn_ext.world.tasks`` defines each task and its scores):
+- ``sparse``: radial and adaptive (densities 0.5, 0.25, 0.1), each with no dense steps and with the first
+  quarter of the steps dense (the authors' 12 of 50), block size 32 (a latent frame is 64 tokens); PSNR and SSIM
+  of the video against the dense video at the same seed and prompt;
+- ``layers``: relative L2 error of each self-attention layer's output, the method on that layer alone (every
+  earlier layer dense, so its input is the dense model's own activation), on world videos encoded by the VAE and
+  noised to sigma 0.5, with their captions;
+- ``ultravico``: 1x to 4x the trained 9 frames, stock vs UltraViCo (alpha 0.9, ``train_frames=9``), object
+  scores of one bouncing object, and the same scores of the ground-truth video;
+- ``ditraj``: per-frame IoU of the object against the requested boxes: stock, STD-RoPE, STD-RoPE + fg/bg
+  guidance (the authors' step fractions), and the ground truth's own IoU (the segmentation's ceiling).
+
+Results are appended to ``--results`` as they finish (one key per configuration), so a cut run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from diffusers_attn_ext.install import install, uninstall
+from diffusers_attn_ext.pipelines.sparse_video import WanSparsePipeline
+from diffusers_attn_ext.pipelines.trajectory_video import WanTrajectoryPipeline
+from diffusers_attn_ext.pipelines.ultravico_video import WanUltraViCoPipeline
+from diffusers_attn_ext.sparse import sparse_processor
+from diffusers_attn_ext.world import caption, load_world_video_pipeline
+from diffusers_attn_ext.world.metrics import psnr, ssim
+from diffusers_attn_ext.world.tasks import (
+    SPARSE_BLOCK,
+    STEPS,
+    generate,
+    generate_many,
+    ground_truth,
+    mask_steps,
+    mean_interval,
+    object_scores,
+    rope_steps,
+    sparse_scene,
+    trajectory_for,
+    trajectory_prompts,
+    trajectory_scene,
+    trajectory_score,
+    ultravico_scene,
+)
+from diffusers_attn_ext.world.train_video import as_frames, encode_text, from_frames
+
+DENSITIES = (0.5, 0.25, 0.1)
+LENGTHS = (1, 2, 3, 4)
+PSNR_CAP = 99.0  # identical videos have infinite PSNR; averaged as this
+
+
+def sparse_configs(steps: int) -> dict[str, dict]:
+    dense = max(1, round(steps * 12 / 50))
+    configs = {}
+    for first in (0, dense):
+        suffix = f", first {first} steps dense" if first else ""
+        configs[f"radial{suffix}"] = {"sparse_method": "radial", "sparse_dense_steps": first}
+        for d in DENSITIES:
+            configs[f"adaptive {d}{suffix}"] = {"sparse_method": "adaptive", "sparse_density": d,
+                                                "sparse_dense_steps": first}
+    for kwargs in configs.values():
+        kwargs["sparse_options"] = {"block_size": SPARSE_BLOCK}
+    return configs
+
+
+def run_sparse(pipe, seeds: list[int], steps: int, results: dict, save) -> None:
+    sparse = WanSparsePipeline.from_pipe(pipe)
+    sparse.set_progress_bar_config(disable=True)
+    prompts = [caption(sparse_scene(i)) for i in seeds]
+    dense = None
+    for name, kwargs in sparse_configs(steps).items():
+        key = f"sparse/{name}"
+        if key in results:
+            continue
+        if dense is None:
+            dense = batched(lambda p, s: generate_many(sparse, p, s, steps=steps, sparse_method=None), prompts, seeds)
+        start = time.perf_counter()
+        videos = batched(lambda p, s, kw=kwargs: generate_many(sparse, p, s, steps=steps, **kw), prompts, seeds)
+        results[key] = {
+            "psnr": [min(psnr(v, d), PSNR_CAP) for v, d in zip(videos, dense, strict=True)],
+            "ssim": [ssim(v, d) for v, d in zip(videos, dense, strict=True)],
+            "seconds": time.perf_counter() - start,
+        }
+        save()
+
+
+def run_layers(pipe, seeds: list[int], results: dict, save) -> None:
+    """Per-layer attention-output relative L2 error, one layer sparse at a time."""
+    if all(f"layers/{name}" in results for name in _layer_configs()):
+        return
+    transformer = pipe.transformer
+    scenes = [sparse_scene(i) for i in seeds]
+    with torch.no_grad():
+        video = torch.stack([ground_truth(s, 9) for s in scenes]).permute(0, 2, 1, 3, 4) * 2 - 1
+        latents = from_frames(pipe.vae.encode(as_frames(video)).latent_dist.mode(), len(scenes))
+        mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1)
+        std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1)
+        latents = (latents - mean) / std
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+        noisy = 0.5 * latents + 0.5 * noise
+        text = encode_text(pipe, [caption(s) for s in scenes], "cpu")
+        timestep = torch.full((len(scenes),), 500.0)
+    layers = [f"blocks.{i}.attn1" for i in range(len(transformer.blocks))]
+
+    def outputs(selected: list[str]) -> dict[str, torch.Tensor]:
+        captured = {}
+        handles = [transformer.get_submodule(name).register_forward_hook(
+            lambda _m, _i, out, name=name: captured.__setitem__(name, out)) for name in selected]
+        try:
+            with torch.no_grad():
+                transformer(hidden_states=noisy, timestep=timestep, encoder_hidden_states=text, return_dict=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return captured
+
+    reference = outputs(layers)
+    for name, make in _layer_configs().items():
+        key = f"layers/{name}"
+        if key in results:
+            continue
+        errors = []
+        for layer in layers:
+            install(pipe, make(), layers=layer.replace(".", r"\.") + "$")
+            try:
+                out = outputs([layer])[layer]
+            finally:
+                uninstall(pipe)
+            ref = reference[layer]
+            errors.append(float((out - ref).norm() / ref.norm()))
+        results[key] = {"rel_l2_per_layer": errors}
+        save()
+
+
+def _layer_configs() -> dict:
+    configs = {"radial": lambda: sparse_processor("radial", block_size=SPARSE_BLOCK)}
+    for d in DENSITIES:
+        configs[f"adaptive {d}"] = lambda d=d: sparse_processor("adaptive", density=d, block_size=SPARSE_BLOCK)
+    return configs
+
+
+def run_ultravico(pipe, seeds: list[int], steps: int, results: dict, save) -> None:
+    uv = WanUltraViCoPipeline.from_pipe(pipe)
+    uv.set_progress_bar_config(disable=True)
+    scenes = [ultravico_scene(i) for i in seeds]
+    prompts = [caption(s) for s in scenes]
+    for ratio in LENGTHS:
+        frames = 9 * ratio
+        key = f"ultravico/{ratio}x/ground truth"
+        if key not in results:
+            results[key] = _scores([object_scores(ground_truth(s, frames), s) for s in scenes])
+        for method in ("stock", "UltraViCo"):
+            key = f"ultravico/{ratio}x/{method}"
+            if key in results:
+                continue
+            start = time.perf_counter()
+            if method == "stock":
+                videos = batched(lambda p, s, f=frames: generate_many(pipe, p, s, frames=f, steps=steps), prompts, seeds,
+                                 size=max(1, 8 // ratio))
+            else:
+                videos = batched(lambda p, s, f=frames: generate_many(uv, p, s, frames=f, steps=steps, train_frames=9,
+                                                                       ultravico_alpha=0.9),
+                                 prompts, seeds, size=max(1, 8 // ratio))
+            results[key] = {**_scores([object_scores(v, s) for v, s in zip(videos, scenes, strict=True)]),
+                            "seconds": time.perf_counter() - start}
+            save()
+
+
+def run_ditraj(pipe, seeds: list[int], steps: int, results: dict, save) -> None:
+    traj = WanTrajectoryPipeline.from_pipe(pipe)
+    traj.set_progress_bar_config(disable=True)
+    scenes = [trajectory_scene(i) for i in seeds]
+    key = "ditraj/ground truth"
+    if key not in results:
+        results[key] = {"iou": [trajectory_score(ground_truth(s, 9), s) for s in scenes]}
+    for method in ("stock", "STD-RoPE", "STD-RoPE + fg/bg"):
+        key = f"ditraj/{method}"
+        if key in results:
+            continue
+        start = time.perf_counter()
+        ious = []
+        for seed, scene in zip(seeds, scenes, strict=True):
+            prompts = trajectory_prompts(scene)
+            kwargs = {}
+            if method != "stock":
+                kwargs = {"trajectory": trajectory_for(scene), "rope_steps": rope_steps(steps)}
+            if method == "STD-RoPE + fg/bg":
+                kwargs.update(foreground_prompt=prompts["foreground_prompt"],
+                              background_prompt=prompts["background_prompt"], mask_steps=mask_steps(steps))
+            video = generate(traj, prompts["prompt"], seed=seed, steps=steps, **kwargs)
+            ious.append(trajectory_score(video, scene))
+        results[key] = {"iou": ious, "seconds": time.perf_counter() - start}
+        save()
+
+
+def _scores(rows: list[dict]) -> dict[str, list[float]]:
+    return {k: [r[k] for r in rows] for k in rows[0]}
+
+
+def batched(fn, prompts: list[str], seeds: list[int], size: int = 8) -> list[torch.Tensor]:
+    videos = []
+    for i in range(0, len(prompts), size):
+        videos.extend(fn(prompts[i:i + size], seeds[i:i + size]))
+    return videos
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _cell(values: list[float], digits: int = 2) -> str:
+    mean, half = mean_interval(values)
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.{digits}f} ± {half:.{digits}f}" if not math.isnan(half) else f"{mean:.{digits}f}"
+
+
+def report(results: dict) -> str:
+    lines = []
+    sparse = {k[7:]: v for k, v in results.items() if k.startswith("sparse/")}
+    if sparse:
+        lines += ["### Sparse attention vs dense (same seed and prompt)", "",
+                  "| method | PSNR (dB) | SSIM | seconds (all seeds) |", "|---|---|---|---|"]
+        lines += [f"| {k} | {_cell(v['psnr'])} | {_cell(v['ssim'], 3)} | {v['seconds']:.0f} |" for k, v in sparse.items()]
+        lines.append("")
+    layers = {k[7:]: v for k, v in results.items() if k.startswith("layers/")}
+    if layers:
+        n = len(next(iter(layers.values()))["rel_l2_per_layer"])
+        lines += ["### Attention-output relative L2 error per self-attention layer (that layer sparse alone)", "",
+                  "| method | " + " | ".join(f"layer {i}" for i in range(n)) + " |", "|---|" + "---|" * n]
+        lines += [f"| {k} | " + " | ".join(f"{e:.3f}" for e in v["rel_l2_per_layer"]) + " |" for k, v in layers.items()]
+        lines.append("")
+    uv = {k[10:]: v for k, v in results.items() if k.startswith("ultravico/")}
+    if uv:
+        lines += ["### UltraViCo: one bouncing object at 1x-4x the trained length (9 frames)", "",
+                  "| length | video | presence | continuity | speed / prompt's | repetition at lag 9 (dB) | "
+                  "edge sharpness |", "|---|---|---|---|---|---|---|"]
+        for k, v in uv.items():
+            length, method = k.split("/", 1)
+            lines.append(f"| {length} | {method} | {_cell(v['presence'])} | {_cell(v['continuity'])} | "
+                         f"{_cell(v['speed_ratio'])} | {_cell(v['repetition'], 1)} | {_cell(v['sharpness'], 3)} |")
+        lines.append("")
+    traj = {k[7:]: v for k, v in results.items() if k.startswith("ditraj/")}
+    if traj:
+        lines += ["### DiTraj: mean per-frame IoU of the object against the requested boxes", "",
+                  "| video | IoU |", "|---|---|"]
+        lines += [f"| {k} | {_cell(v['iou'], 3)} |" for k, v in traj.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--sections", default="sparse,layers,ditraj,ultravico")
+    parser.add_argument("--results", default="quality_results.json")
+    parser.add_argument("--report", action="store_true", help="print the tables of --results and stop")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
+    args = parser.parse_args(argv)
+    path = Path(args.results)
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if args.report:
+        print(report(results))
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results.setdefault("_meta", {"seeds": args.seeds, "steps": args.steps, "device": "cpu",
+                                 "torch": torch.__version__, "command": " ".join(sys.argv)})
+
+    def save() -> None:
+        path.write_text(json.dumps(results, indent=1))
+        print(f"{time.strftime('%H:%M:%S')} saved {len(results) - 1} results", flush=True)
+
+    pipe = load_world_video_pipeline()
+    seeds = list(range(args.seeds))
+    runners = {"sparse": lambda: run_sparse(pipe, seeds, args.steps, results, save),
+               "layers": lambda: run_layers(pipe, seeds, results, save),
+               "ultravico": lambda: run_ultravico(pipe, seeds, args.steps, results, save),
+               "ditraj": lambda: run_ditraj(pipe, seeds, args.steps, results, save)}
+    for section in args.sections.split(","):
+        runners[section]()
+    save()
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()
