@@ -1,7 +1,8 @@
 """Command line: ``python -m diffusers_attn_ext info | demo | inspect | bench``.
 
 - ``info``: the kernels available on this machine and which one runs;
-- ``demo --output DIR [--model ID] [--family F]``: every method on tiny pipelines (or a checkpoint);
+- ``demo --output DIR [--model ID] [--tiny [--family F]] [--steps N] [--only M ...]``: stock vs method for
+  every video method on the shipped world model (or a checkpoint; ``--tiny``: every method on tiny pipelines);
 - ``inspect --family F --output DIR [--model ID] [--layers P ...] [--heads H ...] [--steps S ...]``: attention
   statistics of one generation, as plots and ``summary.json``;
 - ``bench [NAME ...] [--smoke]``: list the scripts in ``benchmarks/``, or run the named ones (CUDA; ``--smoke``
@@ -70,10 +71,14 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="print the kernels available on this machine and which one is chosen")
-    demo = commands.add_parser("demo", help="run every method on tiny pipelines (or --model) and write outputs")
-    demo.add_argument("--output", required=True, help="folder for images, videos and summary.md")
-    demo.add_argument("--model", default=None, help="a diffusers checkpoint id or path (default: tiny random pipelines)")
-    demo.add_argument("--family", default=None, choices=FAMILY_CHOICES, help="run only this family")
+    demo = commands.add_parser("demo", help="stock vs method for every video method on the shipped world model "
+                                             "(or --model, or --tiny) and write outputs")
+    demo.add_argument("--output", required=True, help="folder for videos, strips and summary.md")
+    demo.add_argument("--model", default=None, help="a diffusers checkpoint id or path (default: the shipped world model)")
+    demo.add_argument("--tiny", action="store_true", help="every method on tiny random pipelines (noise: shows they run)")
+    demo.add_argument("--family", default=None, choices=FAMILY_CHOICES, help="with --tiny: only this family")
+    demo.add_argument("--steps", type=int, default=None, help="denoising steps (world model: 10)")
+    demo.add_argument("--only", nargs="+", default=None, help="video methods to run (default: all)")
     inspect = commands.add_parser("inspect", help="attention statistics of one generation: plots and summary.json")
     inspect.add_argument("--family", required=True, choices=FAMILY_CHOICES)
     inspect.add_argument("--model", default=None, help="a diffusers checkpoint id or path (default: tiny random pipeline)")
@@ -114,9 +119,9 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "bench":
         return run_benchmarks(args.names, args.smoke)
-    from .demo import run_demo
+    from .demo import run
 
-    summary = run_demo(args.output, model=args.model, family=args.family)
+    summary = run(args.output, model=args.model, tiny=args.tiny, family=args.family, steps=args.steps, only=args.only)
     print(summary.read_text())
     print(f"written to {summary.parent}")
     return 0

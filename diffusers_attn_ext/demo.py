@@ -1,8 +1,10 @@
-"""The demo: every method that exists, on tiny pipelines (or a real checkpoint), written to a folder.
+"""The demo's entry, and its tiny-pipeline part: every method on random tiny pipelines, written to a folder.
 
-Each method registers :class:`DemoEntry` items in :data:`DEMOS`; ``python -m diffusers_attn_ext demo``
-runs them, saves each output as PNG (images) or GIF (videos), and writes ``summary.md`` with the time
-and the difference from the stock run of the same pipeline and seed.
+``python -m diffusers_attn_ext demo`` runs the video methods on the shipped world model (``video_demo``).
+``--tiny`` runs every method registered here in :data:`DEMOS` on tiny random pipelines (each output a PNG or
+GIF, ``summary.md`` with the time and the difference from the stock run at the same seed): random weights, so
+the pictures are noise; it shows that every method runs. ``--model ID`` loads a checkpoint once: a Wan
+checkpoint gets the video demo at its own sizes, an SD3 or FLUX one the image entries at its own sizes.
 """
 
 from __future__ import annotations
@@ -122,8 +124,16 @@ def _save(frames: list[np.ndarray], path: Path) -> Path:
     return path
 
 
+# call arguments of the tiny entries that only size the tiny pipelines: a real checkpoint keeps its own
+_TINY_SIZES = ("height", "width", "num_frames", "batch_size")
+
+
 def _output(pipe, family: str, overrides: dict[str, Any], model: str | None) -> Any:
-    kwargs = tiny_call_kwargs(family, **overrides) if model is None else {"prompt": "a red fox in the snow", **overrides}
+    if model is None:
+        kwargs = tiny_call_kwargs(family, **overrides)
+    else:
+        kept = {k: v for k, v in overrides.items() if k not in _TINY_SIZES}
+        kwargs = {"prompt": "a red fox in the snow", "generator": torch.Generator("cpu").manual_seed(0), **kept}
     return pipe(**kwargs)[0]
 
 
@@ -137,6 +147,11 @@ def run_demo(output_dir: str | Path, model: str | None = None, family: str | Non
     out.mkdir(parents=True, exist_ok=True)
     rows = ["| method | family | seconds | max abs diff vs stock | file |", "|---|---|---|---|---|"]
     pipes: dict[str, Any] = {}
+    if model is not None:  # load the checkpoint once; its family's entries run on it
+        loaded = _load_checkpoint(model) if isinstance(model, str) else model
+        from .context import family_of_transformer
+
+        pipes = {name: (loaded if name == family_of_transformer(loaded.transformer) else None) for name in FAMILIES}
     for entry in DEMOS:
         if family is not None and entry.family != family:
             continue
@@ -167,14 +182,32 @@ def run_demo(output_dir: str | Path, model: str | None = None, family: str | Non
 
 
 def _load(family: str, model: str | None):
-    """A tiny pipeline, or the real checkpoint when its family is ``family`` (else None)."""
-    if model is None:
-        return tiny_pipeline(family)[0]
+    """A tiny pipeline of ``family`` (a checkpoint is loaded once by ``run_demo``)."""
+    return tiny_pipeline(family)[0]
+
+
+def _load_checkpoint(model: str):
     from diffusers import DiffusionPipeline
 
+    pipe = DiffusionPipeline.from_pretrained(model, dtype=torch.bfloat16)
+    return pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run(output_dir: str | Path, model: str | None = None, *, tiny: bool = False, family: str | None = None,
+        steps: int | None = None, only: list[str] | None = None) -> Path:
+    """The ``demo`` command: the world-model video demo by default, every method on tiny pipelines with
+    ``tiny``, or a checkpoint (video demo for Wan, the image entries otherwise)."""
+    from .video_demo import run_video_demo
+
+    if tiny or family is not None:
+        if model is not None:
+            raise ValueError("demo: --tiny/--family run the tiny random pipelines; they take no --model")
+        return run_demo(output_dir, family=family)
+    if model is None:
+        return run_video_demo(output_dir, steps=steps, only=only)
+    pipe = _load_checkpoint(model)
     from .context import family_of_transformer
 
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch.bfloat16)
-    if family_of_transformer(pipe.transformer) != family:
-        return None
-    return pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+    if family_of_transformer(pipe.transformer) == "wan":
+        return run_video_demo(output_dir, pipe, steps=steps, only=only)
+    return run_demo(output_dir, model=pipe)

@@ -1,0 +1,71 @@
+"""Behaviour of the shipped world video model: what it does with a prompt, scored on the world's ground truth.
+
+One batch of four prompts (one per background level, each naming a colour and a direction), generated once at
+the demo's 10 steps with fixed seeds. Measured facts of this model (docs/quality.md): it draws the prompt's
+background reliably, an object of the prompt's colour in about a third of the frames of held-out prompts, and
+does not follow the direction (6% of held-out prompts, chance about 25%). The direction test states the
+acceptance goal and is a strict xfail: it fails loudly once a retrained model passes it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusers_attn_ext.world import load_world_video_pipeline, parse_caption
+from diffusers_attn_ext.world.metrics import moves_towards, track_colour
+from diffusers_attn_ext.world.tasks import generate_many
+from diffusers_attn_ext.world.vocabulary import BACKGROUND_COLOURS
+
+PROMPTS = [
+    "a large red circle moves right slowly on a black background",
+    "a large yellow square moves left slowly on a white background",
+    "a large green circle moves down slowly on a gray background",
+    "a large blue square moves up slowly on a gray background",
+]
+
+
+@pytest.fixture(scope="module")
+def videos():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small convolutions: one thread is faster on a loaded 2-core machine
+    try:
+        pipe = load_world_video_pipeline()
+        return generate_many(pipe, PROMPTS, list(range(len(PROMPTS))), steps=10)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _border_level(video: torch.Tensor) -> torch.Tensor:
+    """Median grey level of the 4-pixel frame border, per frame: the background where objects are not."""
+    border = torch.cat([video[..., :4, :].flatten(-2), video[..., -4:, :].flatten(-2)], -1)
+    return border.median(-1).values.mean(1)
+
+
+def test_the_video_has_the_prompts_length_and_size(videos):
+    assert [tuple(v.shape) for v in videos] == [(9, 3, 64, 64)] * len(PROMPTS)
+    assert all(0.0 <= float(v.min()) and float(v.max()) <= 1.0 for v in videos)
+
+
+def test_the_background_is_the_prompts(videos):
+    for prompt, video in zip(PROMPTS, videos, strict=True):
+        level = BACKGROUND_COLOURS[parse_caption(prompt).background]
+        assert (_border_level(video) - level).abs().max() < 0.1, prompt
+
+
+def test_an_object_of_the_prompts_colour_is_drawn_for_at_least_half_the_prompts(videos):
+    """Today's measured ability (2 of these 4), not the goal: a regression check of the shipped weights."""
+    found = []
+    for prompt, video in zip(PROMPTS, videos, strict=True):
+        _, present = track_colour(video, parse_caption(prompt).objects[0].colour)
+        found.append(bool(present.float().mean() >= 8 / 9))
+    assert sum(found) >= 2, found
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped model does not follow the direction yet (docs/quality.md)")
+def test_the_object_of_the_prompts_colour_is_in_every_frame_and_moves_the_prompts_way(videos):
+    for prompt, video in zip(PROMPTS, videos, strict=True):
+        obj = parse_caption(prompt).objects[0]
+        centres, present = track_colour(video, obj.colour)
+        assert bool(present.all()), prompt
+        assert moves_towards(centres, obj.direction), prompt
