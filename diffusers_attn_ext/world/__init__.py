@@ -4,8 +4,8 @@
 scored against that ground truth). Deterministic from a seed.
 """
 
-from .render import WorldVideo, boxes_from_masks, object_centres, render_scenes, render_seeds
 from .models import load_world_video_pipeline, shipped_model_path, wan_num_frames
+from .render import WorldVideo, boxes_from_masks, object_centres, render_scenes, render_seeds
 from .scenes import TRAIN_FRAMES, TRAIN_SIZE, Scene, WorldObject, caption, parse_caption, sample_scene
 
 __all__ = [

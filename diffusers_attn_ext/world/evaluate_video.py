@@ -87,7 +87,7 @@ def main(argv=None) -> None:
     parser.add_argument("--output", default=".")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = WanPipeline.from_pretrained(args.model, torch_dtype=torch.float32).to(device)
+    pipe = WanPipeline.from_pretrained(args.model, dtype=torch.float32).to(device)
     pipe.set_progress_bar_config(disable=True)
     summary, videos = evaluate(pipe, args.prompts, steps=args.steps, guidance=args.guidance)
     out = Path(args.output)

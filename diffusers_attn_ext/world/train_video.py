@@ -462,7 +462,7 @@ def export(pipe, state: dict, path: Path, dtype_name: str) -> None:
 
 
 def plot_loss(log_path: Path, png: Path) -> None:
-    """The loss curve of both phases (log scale), from ``log.jsonl``."""
+    """The loss curve of each phase in ``log.jsonl`` (log scale)."""
     if not log_path.exists():
         return
     import matplotlib
@@ -471,12 +471,13 @@ def plot_loss(log_path: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, phase, title in ((axes[0], "vae", "VAE reconstruction (L1 + MSE)"),
-                             (axes[1], "dit", "transformer (flow-matching MSE)")):
+    panels = (("vae", "VAE reconstruction (L1 + MSE)"), ("dit", "transformer + text encoder (flow MSE)"),
+              ("decoder", "decoder refinement (object-weighted)"))
+    panels = [p for p in panels if any(e["phase"] == p[0] for e in entries)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, (phase, title) in zip(axes[0], panels, strict=True):
         points = sorted({e["step"]: e["loss"] for e in entries if e["phase"] == phase}.items())
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points])
+        ax.plot([p[0] for p in points], [p[1] for p in points])
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_title(title, fontsize=9)
