@@ -10,11 +10,20 @@ Per-generation state (``AttnContext.state``) is cleared when a generation ends: 
 (for transformers with diffusers' ``CacheMixin``); and when the hook knows the pipeline, a new
 ``scheduler.timesteps`` tensor (``set_timesteps`` runs once at the start of every pipeline call) starts a
 new generation too, so transformers without ``CacheMixin`` (SD3) reset at the start of each call.
+
+Compile-clean (see DESIGN.md): the Python bookkeeping (new generation, branch, step index, reading the timestep)
+runs outside any compiled region. Pipelines enter ``transformer.cache_context(name)`` around each forward, outside
+``torch.compile`` (also of a whole ``OptimizedModule``): the hook's listener does the bookkeeping there. Inside the
+forward, which a whole-transformer ``torch.compile`` traces, the hook reads shapes only (token grid, text length,
+batch size), so one graph serves every step and branch. Transformers whose pipeline gives no cache context (SD3)
+do the bookkeeping in the hook when it runs eagerly (regional compile, or no compile); inside a compiled whole SD3
+transformer the step index is unknown and :attr:`AttnContext.step_index` raises for the methods that ask for it.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,7 +91,7 @@ class AttnContext:
     text_first: bool = False
     batch_size: int = 0
     branch: str | None = None
-    step_index: int = -1
+    step_index: int | None = -1  # a property over ``_step_index`` (set below the class), an init argument here
     timestep: torch.Tensor | None = None
     num_steps: int | None = None
     generation: int = 0
@@ -91,6 +100,8 @@ class AttnContext:
     config: Any = None
     _last_timestep: float | None = None
     _fresh: bool = True
+    _stepped: bool = False  # the cache-context listener already advanced the step for the coming forward
+    _grid_of_tokens: dict = field(default_factory=dict)  # FLUX: token count -> grid seen eagerly (for compiled calls)
 
     def set_branch_labels(self, labels: tuple[str, ...] | None) -> None:
         """Declare how the batch splits into guidance branches, in equal chunks: e.g.
@@ -108,6 +119,8 @@ class AttnContext:
             raise ValueError(f"branch={branch!r} is not one of {BRANCHES}")
         labels = self.branch_labels
         if labels is None:
+            if branch == "perturbed":  # without labels there is no perturbed row (and no read of the branch name)
+                return []
             whole = "uncond" if self.branch == "uncond" else "cond"
             return list(range(self.batch_size)) if branch == whole else []
         if self.batch_size % len(labels):
@@ -125,33 +138,60 @@ class AttnContext:
         self._fresh = True
         self.generation += 1
         self.state.clear()
-        self.step_index = -1
+        self._step_index = -1
         self.num_steps = None
         self.branch = None
         self._last_timestep = None
+        self._stepped = False
 
-    def advance(self, timestep: torch.Tensor | None, step_index: int | None, num_steps: int | None) -> None:
-        """Record the timestep of a new forward. The step index comes from the pipeline's cache context
-        when it gives one, else it advances whenever the timestep changes (so separate cond and uncond
-        forwards of one step share a step index)."""
+    def advance(self, timestep: Any, step_index: int | None, num_steps: int | None) -> None:
+        """Record the timestep of a new forward (eagerly: never inside a compiled region). The step index comes
+        from the pipeline's cache context when it gives one, else it advances whenever the timestep changes (so
+        separate cond and uncond forwards of one step share a step index)."""
         self._fresh = False
-        self.timestep = timestep
         if num_steps is not None:
             self.num_steps = num_steps
         if step_index is not None:
-            self.step_index = step_index
+            self._step_index = step_index
             return
-        value = None if timestep is None else float(timestep.flatten()[0])
-        if self.step_index < 0 or value != self._last_timestep:
-            self.step_index += 1
+        value = None if timestep is None else float(torch.as_tensor(timestep).flatten()[0])
+        if self._step_index is None or self._step_index < 0 or value != self._last_timestep:
+            self._step_index = 0 if self._step_index is None else self._step_index + 1
         self._last_timestep = value
 
 
-class _CacheContextListener(StateManager):
-    """Receives the ``CacheContext`` that pipelines set with ``transformer.cache_context(name, ...)``."""
+def _get_step_index(self) -> int:
+    """Denoising step of this forward, from 0 within a generation (-1 before the first forward)."""
+    if self._step_index is None:
+        raise ValueError(
+            f"the denoising step is unknown inside a torch.compile'd whole {self.family} transformer: its "
+            "pipeline gives no cache context, and the step cannot be read from the timestep inside the compiled "
+            "region; compile the transformer blocks instead (e.g. `for block in transformer.transformer_blocks: "
+            "block.compile(fullgraph=True)`), or use a method that does not depend on the step"
+        )
+    return self._step_index
 
-    def __init__(self):
+
+def _set_step_index(self, value: int | None) -> None:
+    self._step_index = value
+
+
+# The dataclass takes ``step_index`` as an init argument; reading it raises where the step is unknown.
+AttnContext.step_index = property(_get_step_index, _set_step_index)
+
+
+class _CacheContextListener(StateManager):
+    """Receives the ``CacheContext`` that pipelines set with ``transformer.cache_context(name, ...)``, outside any
+    compiled region, and has the hook do its per-forward bookkeeping there."""
+
+    def __init__(self, on_context=None):
         super().__init__(state_cls=None)
+        self._on_context = on_context
+
+    def set_context(self, context) -> None:
+        super().set_context(context)
+        if context is not None and self._on_context is not None:
+            self._on_context(context)
 
 
 def _grid_and_text(family: str, module: torch.nn.Module, kwargs: dict[str, Any]) -> tuple[TokenGrid | None, int]:
@@ -167,10 +207,7 @@ def _grid_and_text(family: str, module: torch.nn.Module, kwargs: dict[str, Any])
         img_ids = kwargs.get("img_ids")
         if img_ids is None:
             return None, text_len
-        img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
-        height, width = int(img_ids[:, 1].max()) + 1, int(img_ids[:, 2].max()) + 1
-        grid = TokenGrid(1, height, width) if height * width == hidden.shape[1] else None
-        return grid, text_len
+        return _flux_grid(img_ids, hidden.shape[1], module), text_len
     if family == "cogvideox":
         p, p_t = config.patch_size, config.patch_size_t or 1
         frames = hidden.shape[1] // p_t
@@ -179,6 +216,23 @@ def _grid_and_text(family: str, module: torch.nn.Module, kwargs: dict[str, Any])
         p_t, p_h, p_w = config.patch_size
         return TokenGrid(hidden.shape[2] // p_t, hidden.shape[3] // p_h, hidden.shape[4] // p_w), 0
     raise ValueError(f"family={family!r} is not one of {sorted(set(TRANSFORMER_FAMILIES.values()))}")
+
+
+def _flux_grid(img_ids: torch.Tensor, num_tokens: int, module: torch.nn.Module) -> TokenGrid | None:
+    """FLUX's token grid from its image ids (row, column in channels 1, 2). Reading them is a Python scalar from a
+    tensor, so it happens eagerly only; inside a compiled region the grid comes from the last eager forward with
+    as many tokens, else from a square grid, else None (methods that need it then say so)."""
+    context = getattr(module, CONTEXT_ATTR, None)
+    memo = context._grid_of_tokens if context is not None else {}
+    if torch.compiler.is_compiling():
+        side = math.isqrt(num_tokens)
+        return memo.get(num_tokens, TokenGrid(1, side, side) if side * side == num_tokens else None)
+    img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+    height, width = int(img_ids[:, 1].max()) + 1, int(img_ids[:, 2].max()) + 1
+    grid = TokenGrid(1, height, width) if height * width == num_tokens else None
+    if grid is not None:
+        memo[num_tokens] = grid
+    return grid
 
 
 def _forward_kwargs(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -197,9 +251,26 @@ class ContextHook(ModelHook):
     def __init__(self, context: AttnContext, pipeline: Any = None):
         super().__init__()
         self.context = context
-        self.cache_context = _CacheContextListener()
+        self.cache_context = _CacheContextListener(self._on_cache_context)
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
         self._seen_timesteps = None
+
+    def _on_cache_context(self, cache) -> None:
+        """The pipeline is about to run a forward in cache context ``cache``: the per-forward bookkeeping, outside
+        any compiled region (the timestep comes from the pipeline's ``_current_timestep`` when it sets one)."""
+        ctx = self.context
+        if self._pipeline_started_new_call():
+            ctx.new_generation()
+        ctx.branch = cache.name
+        pipeline = self._pipeline() if self._pipeline is not None else None
+        num_steps = cache.num_inference_steps
+        if num_steps is None and pipeline is not None:
+            num_steps = getattr(pipeline, "_num_timesteps", None)
+        timestep = cache.timestep if cache.timestep is not None else getattr(pipeline, "_current_timestep", None)
+        if cache.step_index is None and timestep is None:
+            return  # nothing to count steps by here: the hook counts them from the forward's timestep
+        ctx.advance(timestep, cache.step_index, num_steps)
+        ctx._stepped = True
 
     def _pipeline_started_new_call(self) -> bool:
         """Whether the pipeline's scheduler got new timesteps since the last forward."""
@@ -213,17 +284,32 @@ class ContextHook(ModelHook):
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         ctx = self.context
+        named = _forward_kwargs(module, args, kwargs)
+        grid, text_len = _grid_and_text(ctx.family, module, named)
+        batch_size = named["hidden_states"].shape[0]
+        # assign only on change: inside a compiled region an unchanged context means no side effect to replay
+        if ctx.grid != grid:
+            ctx.grid = grid
+        if ctx.text_len != text_len:
+            ctx.text_len = text_len
+        if ctx.batch_size != batch_size:
+            ctx.batch_size = batch_size
+        if torch.compiler.is_compiling():
+            if not ctx._stepped:  # no cache context gave the step (SD3): unknown inside the compiled region
+                ctx._fresh = False
+                ctx._step_index = None
+            ctx._stepped = False
+            return args, kwargs
+        ctx.timestep = named.get("timestep")
+        if ctx._stepped:
+            ctx._stepped = False
+            return args, kwargs
         if self._pipeline_started_new_call():
             ctx.new_generation()
-        named = _forward_kwargs(module, args, kwargs)
-        ctx.grid, ctx.text_len = _grid_and_text(ctx.family, module, named)
-        ctx.batch_size = named["hidden_states"].shape[0]
-        cache = self.cache_context._context
-        ctx.branch = cache.name if cache is not None else None
-        num_steps = getattr(cache, "num_inference_steps", None)
-        if num_steps is None and self._pipeline is not None and self._pipeline() is not None:
-            num_steps = getattr(self._pipeline(), "_num_timesteps", None)
-        ctx.advance(named.get("timestep"), getattr(cache, "step_index", None), num_steps)
+        if self.cache_context._context is None:
+            ctx.branch = None
+        ctx.advance(named.get("timestep"), None, getattr(self._pipeline(), "_num_timesteps", None)
+                    if self._pipeline is not None and self._pipeline() is not None else None)
         return args, kwargs
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -233,7 +319,7 @@ class ContextHook(ModelHook):
 
 def family_of_transformer(transformer: torch.nn.Module) -> str:
     """Family name of a transformer, from its class; ValueError for an unsupported class."""
-    name = type(transformer).__name__
+    name = type(_uncompiled(transformer)).__name__
     if name not in TRANSFORMER_FAMILIES:
         raise ValueError(
             f"transformer class {name!r} is not supported; supported classes: {sorted(TRANSFORMER_FAMILIES)}"
@@ -288,10 +374,18 @@ def _split_target(target: Any) -> tuple[torch.nn.Module, Any]:
     """(transformer, pipeline or None) from a pipeline or a transformer."""
     transformer = getattr(target, "transformer", None)
     if isinstance(transformer, torch.nn.Module):
-        return transformer, target
+        return _uncompiled(transformer), target
     if isinstance(target, torch.nn.Module):
-        return target, None
+        return _uncompiled(target), None
     raise ValueError(
         f"target of type {type(target).__name__!r} is neither a diffusers pipeline with a transformer "
         "nor a transformer module"
     )
+
+
+def _uncompiled(module: torch.nn.Module) -> torch.nn.Module:
+    """The module that ``torch.compile`` wrapped (an ``OptimizedModule`` keeps it as ``_orig_mod``), else the module:
+    processors, hooks and saved state live on the wrapped module, so compiling before or after install is the same."""
+    while isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+        module = module._orig_mod
+    return module

@@ -87,7 +87,9 @@ def flex_attention_bnhd(
 ) -> torch.Tensor:
     """FlexAttention on ``[B, N, H, D]`` tensors, returning ``[B, N, H, D]``."""
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-    if q.is_cuda:
+    if torch.compiler.is_compiling():  # inside the user's compiled region: it compiles flex itself, no warnings context
+        out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    elif q.is_cuda:
         out = _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
     else:
         with warnings.catch_warnings():

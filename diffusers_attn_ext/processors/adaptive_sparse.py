@@ -136,17 +136,28 @@ class AdaptiveSparseProcessor(SparseVideoProcessor):
 
     def pattern(self, call: AttentionCall) -> torch.Tensor:
         """This call's block pattern: searched at the first step of each cache window, else reused."""
+        if torch.compiler.is_compiling():
+            if self.cache_steps > 1:
+                raise ValueError(
+                    f"AdaptiveSparseProcessor(cache_steps={self.cache_steps}) reuses each module's pattern across "
+                    "steps from a per-module cache, which a torch.compile'd region cannot fill; under torch.compile "
+                    "use cache_steps=1 (a fresh pattern every step), or run eagerly"
+                )
+            return self._search(call)  # no cache filled while tracing
         window = (call.context.step_index - self.dense_steps) // self.cache_steps
         key = (id(call.module), call.context.branch, tuple(call.query.shape), tuple(call.key.shape))
         cache = call.context.state.setdefault(("adaptive_sparse", id(self)), {})
         if key not in cache or cache[key][0] != window:
-            pattern = draft_block_pattern(
-                call.query, call.key, self.block_size, self.density, self.mass, call.scale, call.parallel,
-                call.require_grid(self.method).num_tokens,
-            )
-            text = dense_text_blocks(call, pattern.shape[-1], self.block_size, pattern.device)
-            cache[key] = (window, mark_static(pattern | text))
+            cache[key] = (window, mark_static(self._search(call)))
         return cache[key][1]
+
+    def _search(self, call: AttentionCall) -> torch.Tensor:
+        """A fresh block pattern for ``call``: the searched video blocks, and the text blocks dense."""
+        pattern = draft_block_pattern(
+            call.query, call.key, self.block_size, self.density, self.mass, call.scale, call.parallel,
+            call.require_grid(self.method).num_tokens,
+        )
+        return pattern | dense_text_blocks(call, pattern.shape[-1], self.block_size, pattern.device)
 
     def edit_attention(self, call: AttentionCall) -> None:
         set_block_mask(call, self.pattern(call), self.block_size)

@@ -97,10 +97,13 @@ class SparseVideoProcessor(AttnExtProcessor):
         if not call.is_self_attention:
             return False
         call.require_grid(self.method)
-        layer = layer_index(call.module_name)
-        if layer is not None and layer < self.dense_layers:
-            return False
-        return call.context.step_index >= self.dense_steps
+        # the module name and the step are read only when they matter: under torch.compile each read is a guard,
+        # and a guard on the block's name or on the step makes every block or step compile its own graph
+        if self.dense_layers:
+            layer = layer_index(call.module_name)
+            if layer is not None and layer < self.dense_layers:
+                return False
+        return self.dense_steps == 0 or call.context.step_index >= self.dense_steps
 
 
 class RadialSparseProcessor(SparseVideoProcessor):
@@ -132,11 +135,16 @@ class RadialSparseProcessor(SparseVideoProcessor):
             self.decay_factor, self.block_size, self.model, grid, call.visual.start, call.query.shape[1],
             call.query.device,
         )
+        if torch.compiler.is_compiling():  # no cache filled while tracing: the mask is built into the graph
+            return self._build_block_mask(call, grid)
         cache = call.context.state.setdefault("radial_sparse_masks", {})
         if key not in cache:
-            video = radial_block_mask(grid.frames, grid.tokens_per_frame, self.block_size, self.decay_factor, self.model)
-            cache[key] = mark_static(joint_block_mask(video, call, self.block_size).to(call.query.device))
+            cache[key] = mark_static(self._build_block_mask(call, grid))
         return cache[key]
+
+    def _build_block_mask(self, call: AttentionCall, grid) -> torch.Tensor:
+        video = radial_block_mask(grid.frames, grid.tokens_per_frame, self.block_size, self.decay_factor, self.model)
+        return joint_block_mask(video, call, self.block_size).to(call.query.device)
 
     def edit_attention(self, call: AttentionCall) -> None:
         set_block_mask(call, self.block_mask(call), self.block_size)

@@ -131,18 +131,17 @@ class SoftPAGProcessor(AttnExtProcessor):
         self.dual_attention = boolean("dual_attention", dual_attention)
         self.headset = as_headset(heads)
         self.alpha = per_head_alpha(self.headset, alpha)
-        self._layer_of_module: dict[str, str | None] = {}
 
     def layer_of(self, module_name: str | None) -> str | None:
-        """The head set's layer that contains the attention module ``module_name``, or None."""
+        """The head set's layer that contains the attention module ``module_name``, or None. Computed on each call
+        (a few string comparisons), not cached: a cache filled while torch.compile traces makes every block
+        recompile."""
         if module_name is None:
             return None
-        if module_name not in self._layer_of_module:
-            self._layer_of_module[module_name] = next(
-                (layer for layer in self.headset.layers if module_name == layer or module_name.startswith(layer + ".")),
-                None,
-            )
-        return self._layer_of_module[module_name]
+        return next(
+            (layer for layer in self.headset.layers if module_name == layer or module_name.startswith(layer + ".")),
+            None,
+        )
 
     def validate(self, transformer: torch.nn.Module) -> dict[str, tuple[int, ...]]:
         """Check the head set against ``transformer`` (ValueError for an unknown layer or head out of range);
@@ -160,12 +159,14 @@ class SoftPAGProcessor(AttnExtProcessor):
         return [f"^{re.escape(name)}$" for name in self.validate(transformer)]
 
     def applies_to(self, call: AttentionCall) -> bool:
-        layer = self.layer_of(call.module_name)
-        if call.context is None or not call.is_self_attention or layer is None:
+        # perturbed rows first: without them (plain CFG forwards) the module name is never read, so that under
+        # torch.compile no block guards on its name
+        if call.context is None or not call.is_self_attention or not call.context.rows("perturbed"):
             return False
-        if not self.dual_attention and layer != call.module_name and is_dual_attention(call):
-            return False  # the block was named, not its attn2: the authors perturb the joint attention only
-        return bool(call.context.rows("perturbed"))
+        layer = self.layer_of(call.module_name)
+        if layer is None:
+            return False
+        return self.dual_attention or layer == call.module_name or not is_dual_attention(call)
 
     def edit_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
         """Blend the selected heads of the perturbed rows of ``out`` toward ``A^PAG V`` (in place)."""
