@@ -22,6 +22,9 @@ from .processors.base import AttnExtProcessor, ComposedProcessor
 from .validation import layer_patterns
 
 SAVED_PROCESSORS_ATTR = "_attn_ext_saved_processors"
+# Transformer methods of diffusers that rebuild or replace every attention processor, guarded while methods of
+# this package are installed (see :func:`_guard_rebuilds`).
+GUARDED_METHODS = ("set_attn_processor", "fuse_qkv_projections", "_load_ip_adapter_weights")
 
 
 def attention_modules(transformer: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -88,6 +91,7 @@ def _prepare(target: Any, processors: tuple, layers) -> tuple[torch.nn.Module, d
     _check_processors(processors)
     transformer, _ = _split_target(target)
     modules = select_modules(transformer, layers)
+    _check_no_ip_adapter(modules)
     check_methods(transformer, modules, processors)
     return transformer, modules
 
@@ -99,6 +103,89 @@ def _inherit_runtime(new: AttnExtProcessor, old: Any) -> None:
     from the last one."""
     for attr in ("_attention_backend", "_parallel_config"):
         setattr(new, attr, getattr(old, attr, None))
+
+
+def _installed_methods(transformer: torch.nn.Module) -> dict[str, AttnExtProcessor]:
+    """Attention module name -> processor of this package on it."""
+    return {
+        name: module.processor
+        for name, module in attention_modules(transformer).items()
+        if isinstance(module.processor, AttnExtProcessor)
+    }
+
+
+def _refusal(transformer: torch.nn.Module, operation: str, why: str) -> ValueError:
+    installed = _installed_methods(transformer)
+    name, processor = next(iter(installed.items()))
+    return ValueError(
+        f"{operation} on {type(transformer).__name__} with {processor!r} installed (on {name} and "
+        f"{len(installed) - 1} more modules): {why}; call diffusers_attn_ext.uninstall(pipe) first, then install again"
+    )
+
+
+def _guard_rebuilds(transformer: torch.nn.Module) -> None:
+    """Make diffusers' operations that rebuild or swap attention processors refuse, naming the method, instead of
+    silently resetting or dropping it:
+
+    - IP-Adapter loading and unloading rebuild each processor as ``type(processor)()`` (a method's settings
+      are lost: arguments reset to their defaults, or a TypeError for required ones). Loading is refused before
+      any processor changes; ``set_attn_processor`` refuses a processor of a method's class that is not the installed
+      object (the rebuild's signature).
+    - ``fuse_qkv_projections`` on SD3 and CogVideoX swaps in diffusers' fused processor; it is refused before
+      anything changes (FLUX and Wan fuse inside the attention module, which their methods follow, so it is
+      left alone there).
+    """
+    if "set_attn_processor" in transformer.__dict__:
+        return
+    set_attn_processor = transformer.set_attn_processor
+
+    def guarded_set_attn_processor(processor):
+        installed = _installed_methods(transformer)
+        if isinstance(processor, dict):  # diffusers' keys: "<module name>.processor"
+            new = {key.removesuffix(".processor"): value for key, value in processor.items()}
+        else:
+            new = dict.fromkeys(installed, processor)
+        for name, old in installed.items():
+            replacement = new.get(name, old)
+            if replacement is not old and type(replacement) is type(old):
+                raise _refusal(
+                    transformer, "set_attn_processor",
+                    f"it would rebuild {name}'s processor as {replacement!r} (diffusers' IP-Adapter loaders rebuild "
+                    f"processors as type(processor)()), dropping the installed settings",
+                )
+        return set_attn_processor(processor)
+
+    def refused(operation: str, why: str):
+        def guard(*args, **kwargs):
+            raise _refusal(transformer, operation, why)
+
+        return guard
+
+    transformer.set_attn_processor = guarded_set_attn_processor
+    transformer._load_ip_adapter_weights = refused(
+        "load_ip_adapter", "diffusers' IP-Adapter loader replaces the attention processors with its own (FLUX's "
+        "double blocks, every SD3 block) and rebuilds the others as type(processor)(), dropping the method",
+    )
+    if family_of_transformer(transformer) in ("sd3", "cogvideox"):
+        transformer.fuse_qkv_projections = refused(
+            "fuse_qkv_projections", "on this family diffusers swaps in its fused processor, which would drop the method",
+        )
+
+
+def _unguard_rebuilds(transformer: torch.nn.Module) -> None:
+    for name in GUARDED_METHODS:
+        transformer.__dict__.pop(name, None)
+
+
+def _check_no_ip_adapter(modules: dict[str, torch.nn.Module]) -> None:
+    """ValueError when a selected module runs a loaded IP-Adapter: installing would silently drop it."""
+    for name, module in modules.items():
+        if "IPAdapter" in type(module.processor).__name__:
+            raise ValueError(
+                f"{name} runs an IP-Adapter ({type(module.processor).__name__}); the methods of this package do not "
+                "run IP-Adapter attention, so installing would drop it: call pipe.unload_ip_adapter() first, or "
+                "select other layers with layers=..."
+            )
 
 
 def install(target: Any, *processors: AttnExtProcessor, layers: str | list[str] | None = None) -> AttnExtProcessor:
@@ -121,6 +208,7 @@ def install(target: Any, *processors: AttnExtProcessor, layers: str | list[str] 
         saved.setdefault(name, module.processor)
         _inherit_runtime(processor, module.processor)
         module.set_processor(processor)
+    _guard_rebuilds(transformer)
     return processor
 
 
@@ -131,6 +219,7 @@ def uninstall(target: Any) -> None:
     modules = attention_modules(transformer)
     for name, processor in saved.items():
         modules[name].set_processor(processor)
+    _unguard_rebuilds(transformer)
     detach_context(target)
 
 
@@ -148,7 +237,9 @@ def installed(target: Any, *processors: AttnExtProcessor, layers: str | list[str
     had_context = _has_context_hook(transformer)
     saved_before = dict(transformer.__dict__.get(SAVED_PROCESSORS_ATTR, {}))
     had_saved = SAVED_PROCESSORS_ATTR in transformer.__dict__
+    had_guards = "set_attn_processor" in transformer.__dict__
     attach_context(target)
+    _guard_rebuilds(transformer)
     composed: dict[int, AttnExtProcessor] = {}
     for module in modules.values():
         current = module.processor
@@ -167,6 +258,8 @@ def installed(target: Any, *processors: AttnExtProcessor, layers: str | list[str
             modules[name].set_processor(processor)
         if had_saved:
             transformer.__dict__[SAVED_PROCESSORS_ATTR] = saved_before
+        if not had_guards:
+            _unguard_rebuilds(transformer)
         if not had_context:
             detach_context(target)
 

@@ -25,6 +25,19 @@ from ..kernels import attend
 from ..validation import family as check_family
 
 
+def require(method: str, **arguments: Any) -> None:
+    """ValueError naming ``method`` for each required argument that is missing (None). Required arguments default
+    to None so that diffusers' rebuild of a processor as ``type(processor)()`` (its IP-Adapter loaders) fails
+    with this message rather than a bare TypeError."""
+    missing = [name for name, value in arguments.items() if value is None]
+    if missing:
+        raise ValueError(
+            f"{method} needs {', '.join(missing)}: it was built without (diffusers' IP-Adapter loaders rebuild "
+            "processors as type(processor)(), dropping their settings; call diffusers_attn_ext.uninstall(pipe) "
+            "before loading or unloading an IP-Adapter, then install again)"
+        )
+
+
 class AttnExtProcessor:
     """Base class of every processor of this package; with no method stages it is the stock processor.
 
@@ -110,9 +123,9 @@ class ComposedProcessor(AttnExtProcessor):
                 raise ValueError(
                     f"ComposedProcessor takes diffusers_attn_ext processors, got {type(method).__name__!r}"
                 )
+        if not methods:
+            require("ComposedProcessor", processors=None)
         flat = [m for method in methods for m in method.methods]
-        if not flat:
-            raise ValueError("ComposedProcessor needs at least one processor")
         self._methods = tuple(flat)
 
     @property

@@ -23,7 +23,7 @@ from ..families.base import AttentionCall
 from ..kernels.dense import dense_attention
 from ..trajectory import Trajectory, check_method_arguments, foreground_mask
 from ..validation import integer
-from .base import AttnExtProcessor
+from .base import AttnExtProcessor, require
 
 DEFAULT_MASK_STEPS = 30  # the authors' mask_step
 
@@ -44,8 +44,10 @@ class ForegroundBackgroundCrossAttnProcessor(AttnExtProcessor):
 
     families = ("wan",)
 
-    def __init__(self, trajectory: Trajectory, background_tokens: int, foreground_tokens: int,
+    def __init__(self, trajectory: Trajectory | None = None, background_tokens: int | None = None,
+                 foreground_tokens: int | None = None,
                  steps: int = DEFAULT_MASK_STEPS, frame_stride: int = 4):
+        require("ForegroundBackgroundCrossAttnProcessor", trajectory=trajectory)
         self.frame_stride = check_method_arguments(trajectory, frame_stride)
         self.trajectory = trajectory
         self.background_tokens = integer("background_tokens", background_tokens, 1)

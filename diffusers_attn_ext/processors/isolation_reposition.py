@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from ..families.base import AttentionCall
 from ..subjects import INTERPOLATIONS, SubjectLayout, SubjectTokens, subject_tokens
 from ..validation import choice, integer, real
-from .base import AttnExtProcessor
+from .base import AttnExtProcessor, require
 
 DEFAULT_CHUNK_BYTES = 16 * 2**20
 DROPOUT_MODES = ("queries", "keys")
@@ -280,9 +280,10 @@ class IsolationRepositionProcessor(AttnExtProcessor):
 
     families = ("sd3", "flux")
 
-    def __init__(self, layout: SubjectLayout, start_step: int = 0, end_step: int | None = None,
+    def __init__(self, layout: SubjectLayout | None = None, start_step: int = 0, end_step: int | None = None,
                  interpolation: str = "nearest", reference_dropout: float = 0.0, dropout_seed: int = 0,
                  max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, dropout_mode: str = "queries"):
+        require("IsolationRepositionProcessor", layout=layout)
         if not isinstance(layout, SubjectLayout):
             raise ValueError(f"layout must be a SubjectLayout, got {type(layout).__name__}")
         self.layout = layout

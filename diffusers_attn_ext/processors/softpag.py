@@ -40,7 +40,7 @@ import torch
 from ..families.base import AttentionCall
 from ..headset import HeadSet, as_headset
 from ..validation import as_number, boolean, choice, real
-from .base import AttnExtProcessor
+from .base import AttnExtProcessor, require
 
 IDENTITY_MODES = ("image", "all")
 
@@ -125,8 +125,9 @@ class SoftPAGProcessor(AttnExtProcessor):
             perturbed either way.
     """
 
-    def __init__(self, heads, alpha: float | Mapping[str, float | Sequence[float]] = 1.0, identity: str = "image",
+    def __init__(self, heads=None, alpha: float | Mapping[str, float | Sequence[float]] = 1.0, identity: str = "image",
                  dual_attention: bool = False):
+        require("SoftPAGProcessor", heads=heads)
         self.identity = choice("identity", identity, IDENTITY_MODES)
         self.dual_attention = boolean("dual_attention", dual_attention)
         self.headset = as_headset(heads)

@@ -52,7 +52,7 @@ from ..trajectory import (
     std_rope_positions,
 )
 from ..validation import boolean, integer
-from .base import AttnExtProcessor
+from .base import AttnExtProcessor, require
 
 ROPE_FAMILIES = ("wan", "cogvideox")
 # Token axis of each family's RoPE table: Wan (cos, sin) are [1, N, 1, D], CogVideoX's [N, D].
@@ -196,8 +196,9 @@ class STDRoPEProcessor(AttnExtProcessor):
     families = ROPE_FAMILIES
     families_description = "3D-RoPE video families"
 
-    def __init__(self, trajectory: Trajectory, steps: int | None = DEFAULT_ROPE_STEPS, frame_stride: int = 4,
+    def __init__(self, trajectory: Trajectory | None = None, steps: int | None = DEFAULT_ROPE_STEPS, frame_stride: int = 4,
                  isolate_duplicates: bool = True):
+        require("STDRoPEProcessor", trajectory=trajectory)
         self.frame_stride = check_method_arguments(trajectory, frame_stride)
         self.trajectory = trajectory
         self.steps = integer("steps", steps, 0, allow_none=True)
