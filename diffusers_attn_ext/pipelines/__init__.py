@@ -19,3 +19,19 @@ __all__ = [
     "WanTrajectoryPipeline",
     "WanUltraViCoPipeline",
 ]
+
+
+def _register_with_diffusers() -> None:
+    """Make each ready-made pipeline class an attribute of the ``diffusers`` module, as diffusers' own pipelines
+    are: a saved folder's ``model_index.json`` names its class (``"_class_name": "WanUltraViCoPipeline"``), and
+    ``DiffusionPipeline.from_pretrained`` looks that name up on ``diffusers``. So once this package is imported,
+    ``DiffusionPipeline.from_pretrained(folder)`` returns the ready-made class, while loading with a diffusers class
+    (``WanPipeline.from_pretrained(folder)``) still gives that class. Names diffusers has are never replaced."""
+    import diffusers
+
+    for name in __all__:
+        if not hasattr(diffusers, name):
+            setattr(diffusers, name, globals()[name])
+
+
+_register_with_diffusers()

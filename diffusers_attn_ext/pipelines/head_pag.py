@@ -71,6 +71,9 @@ class HeadPAGMixin:
             real("pag_alpha", pag_alpha, 0.0, 1.0)
         self._pag_heads = headset
         self._pag_alpha = pag_alpha
+        # in model_index.json, so that a saved pipeline reloads with its defaults (from_pretrained passes them back)
+        heads = None if headset is None else {layer: list(heads) for layer, heads in headset.heads.items()}
+        self.register_to_config(pag_heads=heads, pag_alpha=pag_alpha)
 
     def softpag_processor(self, pag_heads=None, pag_alpha: AlphaSpec | None = None, pag_identity: str = "image",
                           pag_dual_attention: bool = False):
