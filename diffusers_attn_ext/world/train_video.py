@@ -214,6 +214,32 @@ def _restore(modules: dict, optimizer, tensors: dict[str, torch.Tensor]) -> None
 
 
 # ----------------------------------------------------------------------------------------------- phases
+def _step(optimizer, loss: torch.Tensor, params, clip: float) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+
+
+class _LossLog:
+    """The mean loss of every ``every`` steps (and of the last), appended to ``log.jsonl`` and printed."""
+
+    def __init__(self, path: Path, phase: str, every: int, last: int, started: float) -> None:
+        self.path, self.phase, self.every, self.last, self.started = path, phase, every, last, started
+        self.window: list[torch.Tensor] = []
+
+    def add(self, steps_done: int, loss: torch.Tensor) -> None:
+        self.window.append(loss.detach())
+        if steps_done % self.every and steps_done != self.last:
+            return
+        entry = {"phase": self.phase, "step": steps_done, "loss": torch.stack(self.window).mean().item(),
+                 "elapsed": time.monotonic() - self.started}
+        self.window = []
+        with self.path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        print(json.dumps(entry), flush=True)
+
+
 def _optimizer(params, lr: float, weight_decay: float, device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay, fused=device.type == "cuda")
 
@@ -258,10 +284,6 @@ def train(args: argparse.Namespace) -> dict:
     def out_of_time() -> bool:
         return time.monotonic() - started > args.time_budget
 
-    def log(entry: dict) -> None:
-        with log_path.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
-
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     # ---- phase 1: the VAE
     if state["phase"] == "vae":
@@ -272,7 +294,7 @@ def train(args: argparse.Namespace) -> dict:
         vae.train()
         data = _loader(_Batches(VAE_SEED_BASE, cfg.vae_batch, model_config, state["step"], cfg.vae_steps),
                        args.workers)
-        window = []
+        losses = _LossLog(log_path, "vae", 50, cfg.vae_steps, started)
         for step, frames, _, _ in data:
             for group in optimizer.param_groups:
                 group["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup)
@@ -280,20 +302,10 @@ def train(args: argparse.Namespace) -> dict:
             with autocast:
                 recon = vae.decode(vae.encode(video).latent_dist.mode()).sample
             recon = recon.float()
-            rec = F.l1_loss(recon, video) + F.mse_loss(recon, video)
-            loss = rec
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
-            optimizer.step()
-            window.append(rec.item())
+            loss = F.l1_loss(recon, video) + F.mse_loss(recon, video)
+            _step(optimizer, loss, vae.parameters(), cfg.grad_clip)
             state["step"] = step + 1
-            if state["step"] % 50 == 0 or state["step"] == cfg.vae_steps:
-                entry = {"phase": "vae", "step": state["step"], "loss": sum(window) / len(window),
-                         "elapsed": time.monotonic() - started}
-                window = []
-                log(entry)
-                print(json.dumps(entry), flush=True)
+            losses.add(state["step"], loss)
             if out_of_time():
                 break
         if state["step"] < cfg.vae_steps:
@@ -326,7 +338,7 @@ def train(args: argparse.Namespace) -> dict:
         shift = model_config.flow_shift
         data = _loader(_Batches(DIT_SEED_BASE, cfg.dit_batch, model_config, state["step"], cfg.dit_steps),
                        args.workers)
-        window = []
+        losses = _LossLog(log_path, "dit", 100, cfg.dit_steps, started)
         for step, frames, captions, _ in data:
             for group in optimizer.param_groups:
                 group["lr"] = _lr(step, cfg.dit_steps, cfg.dit_lr, cfg.warmup)
@@ -349,18 +361,9 @@ def train(args: argparse.Namespace) -> dict:
                 pred = transformer(hidden_states=noisy, timestep=sigma * 1000, encoder_hidden_states=text,
                                    return_dict=False)[0]
             loss = F.mse_loss(pred.float(), noise - latents)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            optimizer.step()
-            window.append(loss.detach())
+            _step(optimizer, loss, trainable, cfg.grad_clip)
             state["step"] = step + 1
-            if state["step"] % 100 == 0 or state["step"] == cfg.dit_steps:
-                entry = {"phase": "dit", "step": state["step"], "loss": torch.stack(window).mean().item(),
-                         "elapsed": time.monotonic() - started}
-                window = []
-                log(entry)
-                print(json.dumps(entry), flush=True)
+            losses.add(state["step"], loss)
             if out_of_time():
                 break
         save_checkpoint(workdir, state, modules, optimizer, moment_dtype=args.moment_dtype_t,
@@ -402,7 +405,7 @@ def refine_decoder(args, cfg: TrainConfig, model_config: VideoModelConfig, vae, 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     data = _loader(_Batches(VAE_SEED_BASE + 100_000_000, cfg.decoder_batch, model_config, state["step"],
                             cfg.decoder_steps), args.workers)
-    window = []
+    losses = _LossLog(workdir / "log.jsonl", "decoder", 100, cfg.decoder_steps, started)
     for step, frames, _, objects in data:
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, cfg.decoder_steps, cfg.decoder_lr, cfg.warmup)
@@ -414,19 +417,9 @@ def refine_decoder(args, cfg: TrainConfig, model_config: VideoModelConfig, vae, 
             recon = vae.decode(latents).sample.float()
         error = (recon - video).abs() + (recon - video) ** 2
         loss = (error * weight).sum() / (weight.sum() * 3)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(decoder, cfg.grad_clip)
-        optimizer.step()
-        window.append(loss.detach())
+        _step(optimizer, loss, decoder, cfg.grad_clip)
         state["step"] = step + 1
-        if state["step"] % 100 == 0 or state["step"] == cfg.decoder_steps:
-            entry = {"phase": "decoder", "step": state["step"], "loss": torch.stack(window).mean().item(),
-                     "elapsed": time.monotonic() - started}
-            window = []
-            with (workdir / "log.jsonl").open("a") as f:
-                f.write(json.dumps(entry) + "\n")
-            print(json.dumps(entry), flush=True)
+        losses.add(state["step"], loss)
         if time.monotonic() - started > args.time_budget:
             break
     if state["step"] >= cfg.decoder_steps:
