@@ -8,7 +8,8 @@ Head Selection" (Ahn et al., arXiv 2506.10978, Sec. 3.1, Eq. 6), written per lay
 A layer name selects the attention modules whose name equals it or continues it after a dot:
 "transformer_blocks.12" selects "transformer_blocks.12.attn" (and SD3.5's "transformer_blocks.12.attn2"),
 never "transformer_blocks.120.attn". JSON form: ``{"heads": {...}, "description": ..., "source": ...,
-"model": ...}``; :meth:`HeadSet.preset` loads the sets shipped in ``configs/headsets/``.
+"model": ...}``; :meth:`HeadSet.preset` loads the sets shipped in the package (``diffusers_attn_ext/headsets/``,
+package data, so any install has them).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import torch
 
 from .validation import indices as sorted_indices
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "headsets"
+PRESETS = files("diffusers_attn_ext") / "headsets"  # package data (pyproject.toml's package-data)
 
 
 @dataclass(frozen=True)
@@ -127,16 +129,16 @@ class HeadSet:
 
     @classmethod
     def preset(cls, name: str) -> HeadSet:
-        """A head set shipped in ``configs/headsets/`` (see :func:`preset_names`)."""
-        path = PRESET_DIR / f"{name}.json"
-        if not path.is_file():
+        """A head set shipped in the package's ``headsets/`` (see :func:`preset_names`)."""
+        resource = PRESETS / f"{name}.json"
+        if not resource.is_file():
             raise ValueError(f"preset={name!r} is not one of {preset_names()}")
-        return cls.load(path)
+        return cls.from_dict(json.loads(resource.read_text()))
 
 
 def preset_names() -> list[str]:
-    """Names of the head sets in ``configs/headsets/``."""
-    return sorted(path.stem for path in PRESET_DIR.glob("*.json"))
+    """Names of the head sets shipped in the package's ``headsets/``."""
+    return sorted(item.name.removesuffix(".json") for item in PRESETS.iterdir() if item.name.endswith(".json"))
 
 
 def as_headset(heads: HeadSet | Mapping[str, Iterable[int]] | str | Path) -> HeadSet:
