@@ -287,13 +287,8 @@ class ContextHook(ModelHook):
         named = _forward_kwargs(module, args, kwargs)
         grid, text_len = _grid_and_text(ctx.family, module, named)
         batch_size = named["hidden_states"].shape[0]
-        # assign only on change: inside a compiled region an unchanged context means no side effect to replay
-        if ctx.grid != grid:
-            ctx.grid = grid
-        if ctx.text_len != text_len:
-            ctx.text_len = text_len
-        if ctx.batch_size != batch_size:
-            ctx.batch_size = batch_size
+        # plain assignments: comparing with the last forward's values would guard on them inside a compiled region
+        ctx.grid, ctx.text_len, ctx.batch_size = grid, text_len, batch_size
         if torch.compiler.is_compiling():
             if not ctx._stepped:  # no cache context gave the step (SD3): unknown inside the compiled region
                 ctx._fresh = False

@@ -17,7 +17,14 @@ from typing import Any
 
 import torch
 
-from .context import CONTEXT_HOOK_NAME, _split_target, attach_context, detach_context, family_of_transformer
+from .context import (
+    CONTEXT_HOOK_NAME,
+    _split_target,
+    _uncompiled,
+    attach_context,
+    detach_context,
+    family_of_transformer,
+)
 from .processors.base import AttnExtProcessor, ComposedProcessor
 from .validation import layer_patterns
 
@@ -28,10 +35,11 @@ GUARDED_METHODS = ("set_attn_processor", "fuse_qkv_projections", "_load_ip_adapt
 
 
 def attention_modules(transformer: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Every attention module of ``transformer`` (anything with a settable processor), by name."""
+    """Every attention module of ``transformer`` (anything with a settable processor), by name; a
+    ``torch.compile``d transformer's modules are named as the wrapped transformer's."""
     return {
         name: module
-        for name, module in transformer.named_modules()
+        for name, module in _uncompiled(transformer).named_modules()
         if hasattr(module, "processor") and hasattr(module, "set_processor")
     }
 

@@ -12,6 +12,7 @@ from torch._dynamo.testing import CompileCounter
 
 from diffusers_attn_ext import install, uninstall
 from diffusers_attn_ext.context import get_context
+from diffusers_attn_ext.pipelines import FluxHeadPAGPipeline, StableDiffusion3HeadPAGPipeline
 from diffusers_attn_ext.processors import (
     AdaptiveSparseProcessor,
     EntropyScalingProcessor,
@@ -87,6 +88,23 @@ def test_compiled_cfg_loop_equals_eager_with_one_graph_per_region(pipe_for, fami
         undo()
     assert graphs == STOCK_GRAPHS.get((mode, family), STOCK_GRAPHS.get(mode))
     assert counter.frame_count == graphs, "the second generation recompiled"
+    torch.testing.assert_close(first, eager, rtol=0, atol=1e-6)
+    torch.testing.assert_close(second, eager, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("family", "cls"), [("sd3", StableDiffusion3HeadPAGPipeline), ("flux", FluxHeadPAGPipeline)])
+def test_compiled_head_pag_pipeline_equals_eager_with_one_graph(tiny_pipes, family, cls):
+    """SoftPAG through the head-PAG pipeline (a perturbed branch in the batch, the context attached per call)."""
+    pipe = cls.from_pipe(tiny_pipes(family), pag_heads={"transformer_blocks.1": [0]})
+
+    def generate_pag():
+        return torch.as_tensor(pipe(**tiny_call_kwargs(family, num_inference_steps=4), pag_scale=2.0)[0])
+
+    eager = generate_pag()
+    counter = CompileCounter()
+    pipe.transformer = torch.compile(pipe.transformer, backend=counter, fullgraph=True)
+    first, second = generate_pag(), generate_pag()
+    assert counter.frame_count == 1
     torch.testing.assert_close(first, eager, rtol=0, atol=1e-6)
     torch.testing.assert_close(second, eager, rtol=0, atol=1e-6)
 
