@@ -11,6 +11,7 @@ run in the order given (positions, then scores, then outputs; see :mod:`diffuser
 from __future__ import annotations
 
 import re
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -145,39 +146,42 @@ def _guard_rebuilds(transformer: torch.nn.Module) -> None:
     """
     if "set_attn_processor" in transformer.__dict__:
         return
-    set_attn_processor = transformer.set_attn_processor
-
-    def guarded_set_attn_processor(processor):
-        installed = _installed_methods(transformer)
-        if isinstance(processor, dict):  # diffusers' keys: "<module name>.processor"
-            new = {key.removesuffix(".processor"): value for key, value in processor.items()}
-        else:
-            new = dict.fromkeys(installed, processor)
-        for name, old in installed.items():
-            replacement = new.get(name, old)
-            if replacement is not old and type(replacement) is type(old):
-                raise _refusal(
-                    transformer, "set_attn_processor",
-                    f"it would rebuild {name}'s processor as {replacement!r} (diffusers' IP-Adapter loaders rebuild "
-                    f"processors as type(processor)()), dropping the installed settings",
-                )
-        return set_attn_processor(processor)
-
-    def refused(operation: str, why: str):
-        def guard(*args, **kwargs):
-            raise _refusal(transformer, operation, why)
-
-        return guard
-
-    transformer.set_attn_processor = guarded_set_attn_processor
-    transformer._load_ip_adapter_weights = refused(
-        "load_ip_adapter", "diffusers' IP-Adapter loader replaces the attention processors with its own (FLUX's "
-        "double blocks, every SD3 block) and rebuilds the others as type(processor)(), dropping the method",
-    )
+    # bound methods (not closures), so that a deep copy of the transformer guards the copy
+    transformer.set_attn_processor = types.MethodType(_guarded_set_attn_processor, transformer)
+    transformer._load_ip_adapter_weights = types.MethodType(_refuse_ip_adapter, transformer)
     if family_of_transformer(transformer) in ("sd3", "cogvideox"):
-        transformer.fuse_qkv_projections = refused(
-            "fuse_qkv_projections", "on this family diffusers swaps in its fused processor, which would drop the method",
-        )
+        transformer.fuse_qkv_projections = types.MethodType(_refuse_fused_qkv, transformer)
+
+
+def _guarded_set_attn_processor(transformer: torch.nn.Module, processor) -> None:
+    installed = _installed_methods(transformer)
+    if isinstance(processor, dict):  # diffusers' keys: "<module name>.processor"
+        new = {key.removesuffix(".processor"): value for key, value in processor.items()}
+    else:
+        new = dict.fromkeys(installed, processor)
+    for name, old in installed.items():
+        replacement = new.get(name, old)
+        if replacement is not old and type(replacement) is type(old):
+            raise _refusal(
+                transformer, "set_attn_processor",
+                f"it would rebuild {name}'s processor as {replacement!r} (diffusers' IP-Adapter loaders rebuild "
+                f"processors as type(processor)()), dropping the installed settings",
+            )
+    return type(transformer).set_attn_processor(transformer, processor)
+
+
+def _refuse_ip_adapter(transformer: torch.nn.Module, *args, **kwargs):
+    raise _refusal(
+        transformer, "load_ip_adapter", "diffusers' IP-Adapter loader replaces the attention processors with its own "
+        "(FLUX's double blocks, every SD3 block) and rebuilds the others as type(processor)(), dropping the method",
+    )
+
+
+def _refuse_fused_qkv(transformer: torch.nn.Module, *args, **kwargs):
+    raise _refusal(
+        transformer, "fuse_qkv_projections", "on this family diffusers swaps in its fused processor, which would drop "
+        "the method",
+    )
 
 
 def _unguard_rebuilds(transformer: torch.nn.Module) -> None:

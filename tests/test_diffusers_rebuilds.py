@@ -2,7 +2,10 @@
 resetting or dropping it: IP-Adapter loading and unloading (``type(processor)()``) and fused QKV on SD3 and
 CogVideoX. Each goes through diffusers' own code on a tiny pipeline."""
 
+import copy
+
 import pytest
+from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 
 from diffusers_attn_ext import install, installed, uninstall
@@ -102,3 +105,14 @@ def test_unload_ip_adapter_with_required_arguments_names_the_method(pipe_for):
     with pytest.raises(ValueError, match="ComposedProcessor needs"):
         pipe.unload_ip_adapter()
     assert processors_of(pipe.transformer) == before
+
+
+def test_a_deep_copy_of_an_installed_transformer_guards_itself(pipe_for):
+    pipe = pipe_for("sd3")
+    install(pipe, EntropyScalingProcessor(train_tokens=64))
+    copied = copy.deepcopy(pipe.transformer)
+    copied.set_attn_processor(AttnProcessor2_0())  # another class: allowed, and on the copy only
+    assert all(isinstance(p, AttnProcessor2_0) for p in processors_of(copied).values())
+    assert all(isinstance(p, EntropyScalingProcessor) for p in processors_of(pipe.transformer).values())
+    with pytest.raises(ValueError, match="fuse_qkv_projections"):
+        pipe.transformer.fuse_qkv_projections()
