@@ -146,3 +146,22 @@ def test_step_dependent_method_in_a_compiled_whole_sd3_says_the_step_is_unknown(
             get_context(transformer.transformer_blocks[0].attn).step_index  # noqa: B018
     finally:
         pipe.transformer = transformer
+
+
+def test_a_method_with_a_dense_phase_compiles_a_bounded_number_of_graphs_once(pipe_for):
+    """``dense_steps=2``: the step decides the phase, so dynamo compiles per phase (step 0 specialised, then the
+    step dynamic, then the sparse phase): three graphs in the first generation, none in the next."""
+    pipe = pipe_for("wan")
+    install(pipe, RadialSparseProcessor(block_size=16, dense_steps=2))
+    eager = generate(pipe, "wan")
+    counter = CompileCounter()
+    undo = compiled(pipe, "whole", counter)
+    try:
+        first = generate(pipe, "wan")
+        graphs = counter.frame_count
+        second = generate(pipe, "wan")
+    finally:
+        undo()
+    assert graphs <= 3 and counter.frame_count == graphs
+    torch.testing.assert_close(first, eager, rtol=0, atol=1e-6)
+    torch.testing.assert_close(second, eager, rtol=0, atol=1e-6)
