@@ -150,17 +150,18 @@ def _layer_configs() -> dict:
     return configs
 
 
-def run_ultravico(pipe, seeds: list[int], steps: int, results: dict, save) -> None:
+def run_ultravico(pipe, seeds: list[int], steps: int, results: dict, save, lengths=LENGTHS,
+                  methods=("stock", "UltraViCo")) -> None:
     uv = WanUltraViCoPipeline.from_pipe(pipe)
     uv.set_progress_bar_config(disable=True)
     scenes = [ultravico_scene(i) for i in seeds]
     prompts = [caption(s) for s in scenes]
-    for ratio in LENGTHS:
+    for ratio in lengths:
         frames = 9 * ratio
         key = f"ultravico/{ratio}x/ground truth"
         if key not in results:
             results[key] = _scores([object_scores(ground_truth(s, frames), s) for s in scenes])
-        for method in ("stock", "UltraViCo"):
+        for method in methods:
             key = f"ultravico/{ratio}x/{method}"
             if key in results:
                 continue
@@ -263,6 +264,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--sections", default="sparse,layers,ditraj,ultravico")
     parser.add_argument("--results", default="quality_results.json")
+    parser.add_argument("--lengths", default="1,2,3,4", help="ultravico: multiples of the trained length")
+    parser.add_argument("--methods", default="stock,UltraViCo", help="ultravico: which videos")
     parser.add_argument("--report", action="store_true", help="print the tables of --results and stop")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     args = parser.parse_args(argv)
@@ -284,7 +287,8 @@ def main(argv=None) -> None:
     seeds = list(range(args.seeds))
     runners = {"sparse": lambda: run_sparse(pipe, seeds, args.steps, results, save),
                "layers": lambda: run_layers(pipe, seeds, results, save),
-               "ultravico": lambda: run_ultravico(pipe, seeds, args.steps, results, save),
+               "ultravico": lambda: run_ultravico(pipe, seeds, args.steps, results, save,
+                                                  [int(x) for x in args.lengths.split(",")], args.methods.split(",")),
                "ditraj": lambda: run_ditraj(pipe, seeds, args.steps, results, save)}
     for section in args.sections.split(","):
         runners[section]()
