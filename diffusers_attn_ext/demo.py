@@ -199,6 +199,10 @@ def run(output_dir: str | Path, model: str | None = None, *, tiny: bool = False,
     ``tiny``, or a checkpoint (video demo for Wan, the image entries otherwise)."""
     from .video_demo import run_video_demo
 
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"output={str(output_dir)!r} cannot be made a folder: {error}") from None
     if tiny or family is not None:
         if model is not None:
             raise ValueError("demo: --tiny/--family run the tiny random pipelines; they take no --model")

@@ -27,3 +27,8 @@ def test_an_unknown_video_method_is_a_value_error_before_any_model_work(tmp_path
         run_video_demo(tmp_path, only=["nope"])
     assert not any(tmp_path.iterdir())
     assert "ultravico-4x" in VIDEO_METHODS
+
+
+def test_an_output_that_cannot_be_a_folder_is_a_clean_error(capsys):
+    assert main(["demo", "--output", "/dev/null/demo"]) == 2
+    assert "output='/dev/null/demo' cannot be made a folder" in capsys.readouterr().err
