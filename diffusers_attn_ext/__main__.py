@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,15 @@ def benchmark_scripts() -> dict[str, Path]:
 def supports_smoke(script: Path) -> bool:
     """Whether a benchmark script takes ``--smoke`` (tiny sizes on CPU)."""
     return "--smoke" in script.read_text()
+
+
+def launch_command(script: Path) -> list[str]:
+    """How to start a benchmark: with this Python, or through ``torch.distributed.run`` (torchrun) for scripts
+    whose docstring launches them with ``torchrun --nproc_per_node=N`` (several processes: ``parallel``)."""
+    match = re.search(r"torchrun --nproc_per_node=(\d+)", script.read_text())
+    if match:
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={match.group(1)}", str(script)]
+    return [sys.executable, str(script)]
 
 
 def run_benchmarks(names: list[str], smoke: bool) -> int:
@@ -60,7 +70,8 @@ def run_benchmarks(names: list[str], smoke: bool) -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     for name in names:
         print(f"== {name}", flush=True)
-        status = subprocess.run([sys.executable, str(scripts[name]), *(["--smoke"] if smoke else [])], cwd=root, env=env).returncode
+        command = [*launch_command(scripts[name]), *(["--smoke"] if smoke else [])]
+        status = subprocess.run(command, cwd=root, env=env).returncode
         if status:
             return status
     return 0

@@ -67,3 +67,11 @@ def test_bench_smoke_runs_the_script(tmp_path, monkeypatch):
     assert main(["bench", "inspect_memory", "--smoke"]) == 0
     table = (tmp_path / "inspect_memory_smoke.md").read_text()
     assert "output unchanged by the inspector: True" in table and "attn1 call, inspector" in table
+
+
+def test_bench_launches_the_parallel_benchmark_through_torchrun_and_others_with_python():
+    from diffusers_attn_ext.__main__ import benchmark_scripts, launch_command
+
+    scripts = benchmark_scripts()
+    assert launch_command(scripts["parallel"])[1:4] == ["-m", "torch.distributed.run", "--nproc_per_node=2"]
+    assert launch_command(scripts["sparse"])[1:] == [str(scripts["sparse"])]
