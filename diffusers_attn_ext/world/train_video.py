@@ -214,6 +214,11 @@ def _restore(modules: dict, optimizer, tensors: dict[str, torch.Tensor]) -> None
 
 
 # ----------------------------------------------------------------------------------------------- phases
+def _set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def _step(optimizer, loss: torch.Tensor, params, clip: float) -> None:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -296,8 +301,7 @@ def train(args: argparse.Namespace) -> dict:
                        args.workers)
         losses = _LossLog(log_path, "vae", 50, cfg.vae_steps, started)
         for step, frames, _, _ in data:
-            for group in optimizer.param_groups:
-                group["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup)
+            _set_lr(optimizer, _lr(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup))
             video = as_frames(to_model_video(frames, device))
             with autocast:
                 recon = vae.decode(vae.encode(video).latent_dist.mode()).sample
@@ -340,10 +344,8 @@ def train(args: argparse.Namespace) -> dict:
                        args.workers)
         losses = _LossLog(log_path, "dit", 100, cfg.dit_steps, started)
         for step, frames, captions, _ in data:
-            for group in optimizer.param_groups:
-                group["lr"] = _lr(step, cfg.dit_steps, cfg.dit_lr, cfg.warmup)
-                if rewarm_from is not None:
-                    group["lr"] *= min(1.0, (step - rewarm_from + 1) / REWARM_STEPS)
+            rewarm = 1.0 if rewarm_from is None else min(1.0, (step - rewarm_from + 1) / REWARM_STEPS)
+            _set_lr(optimizer, _lr(step, cfg.dit_steps, cfg.dit_lr, cfg.warmup) * rewarm)
             generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
             drop = torch.rand(len(captions), generator=torch.Generator().manual_seed(step)) < cfg.caption_dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
@@ -407,8 +409,7 @@ def refine_decoder(args, cfg: TrainConfig, model_config: VideoModelConfig, vae, 
                             cfg.decoder_steps), args.workers)
     losses = _LossLog(workdir / "log.jsonl", "decoder", 100, cfg.decoder_steps, started)
     for step, frames, _, objects in data:
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(step, cfg.decoder_steps, cfg.decoder_lr, cfg.warmup)
+        _set_lr(optimizer, _lr(step, cfg.decoder_steps, cfg.decoder_lr, cfg.warmup))
         video = as_frames(to_model_video(frames, device))
         weight = 1.0 + cfg.object_weight * as_frames(objects.to(device).unsqueeze(1).float())
         with torch.no_grad(), autocast:
