@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from ..validation import integer
 from .scenes import MAX_OBJECTS, TRAIN_SIZE, Scene, WorldObject
 from .vocabulary import (
     BACKGROUND_COLOURS,
@@ -103,9 +104,8 @@ def render_scenes(
     device: torch.device | str | None = None,
 ) -> WorldVideo:
     """Render ``scenes`` (every object with a start position) to a ``WorldVideo`` of ``num_frames`` frames."""
-    for name, value in (("num_frames", num_frames), ("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"render_scenes {name}={value!r} is outside the allowed range: a positive integer")
+    num_frames, height, width = (integer(f"render_scenes {name}", value, 1) for name, value in
+                                 (("num_frames", num_frames), ("height", height), ("width", width)))
     batch = len(scenes)
     scale = _scale(height, width)
     ys = torch.arange(height, device=device, dtype=torch.float32).view(1, height, 1) + 0.5

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
+from ..validation import integer
 from .vocabulary import (
     BACKGROUND_COLOURS,
     BACKGROUND_TEXTURES,
@@ -144,8 +145,7 @@ def sample_scene(seed: int, *, frames: int = TRAIN_FRAMES, num_objects: int | No
     rng = random.Random(seed)
     if num_objects is None:
         num_objects = rng.choices(range(1, MAX_OBJECTS + 1), weights=OBJECT_COUNT_WEIGHTS)[0]
-    if not 1 <= num_objects <= MAX_OBJECTS:
-        raise ValueError(f"sample_scene num_objects={num_objects!r} is outside the allowed range 1 to {MAX_OBJECTS}")
+    num_objects = integer("sample_scene num_objects", num_objects, 1, MAX_OBJECTS)
     objects: list[WorldObject] = []
     while len(objects) < num_objects:
         candidate = sample_object(rng, frames=frames)
