@@ -486,6 +486,50 @@ def test_training_cut_into_pieces_is_bit_identical(tmp_path):
         assert torch.equal(value, tensors_pieces[key]), key
 
 
+def test_training_continues_from_an_export(tmp_path):
+    """--init-from: phase 2 starts from an exported pipeline's weights at the given step, and trains on."""
+    from safetensors.torch import load_file
+
+    from diffusers_attn_ext.world import train_video
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    train_video.main([*_train_argv(first, 1e9), "--export", str(tmp_path / "export"), "--export-dtype", "float32"])
+    argv = [*_train_argv(second, 0), "--init-from", str(tmp_path / "export"), "--init-step", "1",
+            "--dit-object-weight", "4"]
+    train_video.main(argv)  # budget 0: one step (step 1 -> 2), then save
+    state = json.loads((second / "ckpt" / "state.json").read_text())
+    assert (state["phase"], state["step"], state["init_from"]) == ("dit", 2, str(tmp_path / "export"))
+    exported = load_file(str(tmp_path / "export" / "vae" / "diffusion_pytorch_model.safetensors"))
+    tensors = {}
+    for shard in (second / "ckpt").glob("ckpt-*.safetensors"):
+        tensors.update(load_file(str(shard)))
+    for key, value in exported.items():  # the VAE is frozen in phase 2: still the export's
+        assert torch.equal(tensors[f"vae.{key}"], value), key
+    first_state = json.loads((first / "ckpt" / "state.json").read_text())
+    assert state["latents_mean"] == pytest.approx(first_state["latents_mean"])
+    train_video.main(argv)
+    assert json.loads((second / "ckpt" / "state.json").read_text())["phase"] == "done"
+    with pytest.raises(ValueError, match="init-step"):
+        train_video.main([*_train_argv(tmp_path / "third", 0), "--init-from", str(tmp_path / "export"),
+                          "--init-step", "3"])
+    with pytest.raises(ValueError, match="model_index"):
+        train_video.main([*_train_argv(tmp_path / "fourth", 0), "--init-from", str(tmp_path)])
+
+
+def test_latent_object_weight_marks_the_cells_an_object_touches():
+    from diffusers_attn_ext.world.train_video import latent_object_weight
+
+    objects = torch.zeros(1, 2, 8, 8, dtype=torch.bool)
+    objects[0, 0, 1, 6] = True  # one pixel in latent cell (0, 1) of frame 0 at factor 4
+    weight = latent_object_weight(objects, torch.Size([1, 3, 2, 2, 2]), 4.0)
+    assert weight.shape == (1, 1, 2, 2, 2)
+    expected = torch.ones(1, 1, 2, 2, 2)
+    expected[0, 0, 0, 0, 1] = 5.0
+    assert torch.equal(weight, expected)
+    with pytest.raises(ValueError, match="tile"):
+        latent_object_weight(objects, torch.Size([1, 3, 2, 3, 3]), 4.0)
+
+
 def test_shipped_model_loads():
     from diffusers import WanPipeline
 

@@ -14,7 +14,14 @@ Two phases, one step counter each, both kept in ``--workdir``:
    as ``shift u / (1 + (shift - 1) u)`` with ``u`` uniform (the scheduler's shift, so training weights the noise
    levels as sampling visits them); captions are dropped to "" with probability ``--caption-dropout`` so that
    classifier-free guidance works; text is encoded exactly as ``WanPipeline._get_t5_prompt_embeds`` does (the
-   encoder's outputs at the prompt's tokens, zeros up to 512).
+   encoder's outputs at the prompt's tokens, zeros up to 512). With ``--dit-object-weight w`` the flow loss weighs
+   the latent positions an object covers (its mask max-pooled to the latent grid) ``1 + w`` times: objects are
+   a few percent of the positions, and an unweighted loss spends the model on backgrounds it already draws.
+
+``--init-from EXPORT --init-step N`` starts phase 2 from an exported pipeline (``save_pretrained`` folder, e.g. the
+shipped model) as if ``N`` transformer steps had been taken: its weights (in whatever dtype it was saved) become the
+float32 starting point, its VAE (and latent statistics) the frozen VAE, and the learning rate warms up again
+(there are no optimizer moments to resume). This is how a run continues from the shipped weights.
 
 Every batch is a function of the step alone: scenes from ``sample_scene`` with seeds ``phase_base + step * batch
 + i`` (training seeds are below ``EVAL_SEED_BASE``; evaluation uses seeds from there on), noise and timesteps from a
@@ -70,6 +77,7 @@ class TrainConfig:
     decoder_batch: int = 32
     decoder_lr: float = 3e-4
     object_weight: float = 20.0
+    dit_object_weight: float = 0.0
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -138,6 +146,37 @@ def _lr(step: int, steps: int, base: float, warmup: int) -> float:
     if step < decay_start:
         return base
     return base * max(0.0, (steps - step) / max(1.0, steps - decay_start))
+
+
+def latent_object_weight(objects: torch.Tensor, shape: torch.Size, weight: float) -> torch.Tensor:
+    """Loss weights (B, 1, T, h, w) on the latent grid ``shape`` (B, C, T, h, w): ``1 + weight`` where an object's
+    pixel mask (B, T, H, W) touches the latent cell (max-pooled by the VAE's spatial factor), 1 elsewhere."""
+    b, t, height, width = objects.shape
+    h, w = shape[-2:]
+    if height % h or width % w or height // h != width // w:
+        raise ValueError(f"latent_object_weight: masks {height}x{width} do not tile the latent grid {h}x{w}")
+    pooled = F.max_pool2d(objects.reshape(b * t, 1, height, width).float(), height // h)
+    return 1.0 + weight * pooled.reshape(b, t, 1, h, w).permute(0, 2, 1, 3, 4)
+
+
+def state_from_export(path: Path, step: int, cfg: TrainConfig, model_config: VideoModelConfig
+                      ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A phase-2 starting point (state, tensors) from an exported pipeline, as ``load_checkpoint`` returns one:
+    the export's weights in float32 and no optimizer moments, at transformer step ``step``."""
+    from diffusers import WanPipeline
+
+    if not (path / "model_index.json").exists():
+        raise ValueError(f"--init-from: {path} is not a save_pretrained pipeline folder (no model_index.json)")
+    if not 0 <= step < cfg.dit_steps:
+        raise ValueError(f"--init-step: {step} given, allowed 0 to dit_steps - 1 = {cfg.dit_steps - 1}")
+    source = WanPipeline.from_pretrained(str(path), dtype=torch.float32)
+    tensors = {f"{name}.{key}": value.float().clone() for name in ("vae", "transformer", "text_encoder")
+               for key, value in getattr(source, name).state_dict().items()}
+    state = {"phase": "dit", "step": step, "latents_mean": list(source.vae.config.latents_mean),
+             "latents_std": list(source.vae.config.latents_std), "train": dataclasses.asdict(cfg),
+             "model": dataclasses.asdict(model_config), "init_from": str(path)}
+    print(f"starting phase dit at step {step} from {path}", flush=True)
+    return state, tensors
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -261,6 +300,8 @@ def train(args: argparse.Namespace) -> dict:
     pipe.to(device)
     vae, transformer, text_encoder = pipe.vae, pipe.transformer, pipe.text_encoder
     loaded = load_checkpoint(workdir)
+    if loaded is None and args.init_from:
+        loaded = state_from_export(Path(args.init_from), args.init_step, cfg, model_config)
     state = {"phase": "vae", "step": 0, "latents_mean": None, "latents_std": None,
              "train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_config)}
     tensors = None
@@ -343,7 +384,7 @@ def train(args: argparse.Namespace) -> dict:
         data = _loader(_Batches(DIT_SEED_BASE, cfg.dit_batch, model_config, state["step"], cfg.dit_steps),
                        args.workers)
         losses = _LossLog(log_path, "dit", 100, cfg.dit_steps, started)
-        for step, frames, captions, _ in data:
+        for step, frames, captions, objects in data:
             rewarm = 1.0 if rewarm_from is None else min(1.0, (step - rewarm_from + 1) / REWARM_STEPS)
             _set_lr(optimizer, _lr(step, cfg.dit_steps, cfg.dit_lr, cfg.warmup) * rewarm)
             generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
@@ -362,7 +403,12 @@ def train(args: argparse.Namespace) -> dict:
                 text = encode_text(pipe, captions, device)
                 pred = transformer(hidden_states=noisy, timestep=sigma * 1000, encoder_hidden_states=text,
                                    return_dict=False)[0]
-            loss = F.mse_loss(pred.float(), noise - latents)
+            error = (pred.float() - (noise - latents)) ** 2
+            if cfg.dit_object_weight:
+                weight = latent_object_weight(objects.to(device), latents.shape, cfg.dit_object_weight)
+                loss = (error * weight).sum() / (weight.sum() * latents.shape[1])
+            else:
+                loss = error.mean()
             _step(optimizer, loss, trainable, cfg.grad_clip)
             state["step"] = step + 1
             losses.add(state["step"], loss)
@@ -485,6 +531,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--export", default=None, help="save_pretrained directory for the finished pipeline")
+    parser.add_argument("--init-from", default=None, help="exported pipeline to start phase 2 from (no checkpoint yet)")
+    parser.add_argument("--init-step", type=int, default=0, help="with --init-from: transformer steps already taken")
     parser.add_argument("--export-only", action="store_true", help="export what the checkpoint holds; no training")
     parser.add_argument("--vae-from", default=None, help="with --export-only: the VAE of this refinement workdir")
     parser.add_argument("--refine-decoder-of", default=None, help="workdir whose VAE's decoder to refine (phase 3)")
