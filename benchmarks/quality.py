@@ -2,6 +2,10 @@
 
     PYTHONPATH=. python benchmarks/quality.py --seeds 16 --results quality_results.json   # runs what is missing
     PYTHONPATH=. python benchmarks/quality.py --report --results quality_results.json      # markdown tables
+    PYTHONPATH=. python benchmarks/quality.py --device cuda --model runs/export               # on a GPU, another model
+
+Noise is drawn on the CPU from each video's seed whatever the device, so a GPU run makes the same videos as a CPU
+run up to floating-point differences (and on CUDA, sparse attention runs on our Triton block-sparse kernel).
 
 Sections (``diffusers_attn_ext.world.tasks`` defines each task and its scores):
 - ``sparse``: radial and adaptive (densities 0.5, 0.25, 0.1), each with no dense steps and with the first
@@ -101,16 +105,17 @@ def run_layers(pipe, seeds: list[int], results: dict, save) -> None:
         return
     transformer = pipe.transformer
     scenes = [sparse_scene(i) for i in seeds]
+    device = pipe.device
     with torch.no_grad():
-        video = torch.stack([ground_truth(s, 9) for s in scenes]).permute(0, 2, 1, 3, 4) * 2 - 1
+        video = torch.stack([ground_truth(s, 9) for s in scenes]).permute(0, 2, 1, 3, 4).to(device) * 2 - 1
         latents = from_frames(pipe.vae.encode(as_frames(video)).latent_dist.mode(), len(scenes))
-        mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1)
-        std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1)
+        mean = torch.tensor(pipe.vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(pipe.vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
         latents = (latents - mean) / std
-        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)).to(device)
         noisy = 0.5 * latents + 0.5 * noise
-        text = encode_text(pipe, [caption(s) for s in scenes], "cpu")
-        timestep = torch.full((len(scenes),), 500.0)
+        text = encode_text(pipe, [caption(s) for s in scenes], device)
+        timestep = torch.full((len(scenes),), 500.0, device=device)
     layers = [f"blocks.{i}.attn1" for i in range(len(transformer.blocks))]
 
     def outputs(selected: list[str]) -> dict[str, torch.Tensor]:
@@ -267,6 +272,8 @@ def main(argv=None) -> None:
     parser.add_argument("--lengths", default="1,2,3,4", help="ultravico: multiples of the trained length")
     parser.add_argument("--methods", default="stock,UltraViCo", help="ultravico: which videos")
     parser.add_argument("--report", action="store_true", help="print the tables of --results and stop")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default=None, help="save_pretrained folder (default: the shipped model)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     args = parser.parse_args(argv)
     path = Path(args.results)
@@ -276,14 +283,16 @@ def main(argv=None) -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    results.setdefault("_meta", {"seeds": args.seeds, "steps": args.steps, "device": "cpu",
+    results.setdefault("_meta", {"seeds": args.seeds, "steps": args.steps, "device": args.device,
                                  "torch": torch.__version__, "command": " ".join(sys.argv)})
 
     def save() -> None:
         path.write_text(json.dumps(results, indent=1))
         print(f"{time.strftime('%H:%M:%S')} saved {len(results) - 1} results", flush=True)
 
-    pipe = load_world_video_pipeline()
+    pipe = load_world_video_pipeline(args.model).to(args.device)
+    if args.device != "cpu":
+        results["_meta"]["gpu"] = torch.cuda.get_device_name()
     seeds = list(range(args.seeds))
     runners = {"sparse": lambda: run_sparse(pipe, seeds, args.steps, results, save),
                "layers": lambda: run_layers(pipe, seeds, results, save),

@@ -548,3 +548,19 @@ def test_shipped_model_loads():
     assert pipe.vae.config.scale_factor_temporal == 1
     assert wan_num_frames(TRAIN_FRAMES, pipe.vae) == TRAIN_FRAMES - 1
     assert pipe.transformer.dtype == torch.float32
+
+
+def test_fixed_path_and_size_keep_the_other_draws_and_a_straight_mover_in_frame():
+    from diffusers_attn_ext.world.render import object_centres
+
+    for seed in range(200):
+        free = sample_scene(seed, num_objects=1).objects[0]
+        fixed = sample_scene(seed, num_objects=1, path="straight", size="large").objects[0]
+        assert (fixed.path, fixed.size) == ("straight", "large")
+        assert (fixed.shape, fixed.colour, fixed.direction, fixed.speed) == (free.shape, free.colour, free.direction,
+                                                                              free.speed)
+        radius = SIZES["large"]
+        for x, y in object_centres(fixed, TRAIN_FRAMES, TRAIN_SIZE, TRAIN_SIZE):
+            assert radius - 1e-6 <= x <= TRAIN_SIZE - radius + 1e-6 and radius - 1e-6 <= y <= TRAIN_SIZE - radius + 1e-6
+    with pytest.raises(ValueError, match="path"):
+        sample_scene(0, path="zigzag")

@@ -11,7 +11,6 @@ direction is about 1/4. Writes ``eval.json`` and ``eval.png`` (first, middle and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -25,11 +24,7 @@ from .train_video import EVAL_SEED_BASE
 
 def evaluation_scenes(count: int, *, offset: int = 0) -> list[Scene]:
     """``count`` single-object, straight-path scenes from evaluation seeds."""
-    scenes = []
-    for i in range(count):
-        scene = sample_scene(EVAL_SEED_BASE + offset + i, num_objects=1)
-        scenes.append(dataclasses.replace(scene, objects=(dataclasses.replace(scene.objects[0], path="straight"),)))
-    return scenes
+    return [sample_scene(EVAL_SEED_BASE + offset + i, num_objects=1, path="straight") for i in range(count)]
 
 
 @torch.no_grad()

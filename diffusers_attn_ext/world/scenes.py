@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from ..validation import integer
+from ..validation import choice, integer
 from .vocabulary import (
     BACKGROUND_COLOURS,
     BACKGROUND_TEXTURES,
@@ -105,10 +105,16 @@ def _start_range(radius: float, step: float, frames: int) -> tuple[float, float]
     return low, high
 
 
-def sample_object(rng: random.Random, *, frames: int = TRAIN_FRAMES) -> WorldObject:
-    """One object with every attribute drawn uniformly; its start keeps a straight or curving path in frame."""
-    size = rng.choice(list(SIZES))
-    path = rng.choice(list(PATHS))
+def sample_object(rng: random.Random, *, frames: int = TRAIN_FRAMES, path: str | None = None,
+                  size: str | None = None) -> WorldObject:
+    """One object with every attribute drawn uniformly; its start keeps a straight or curving path in frame.
+
+    ``path`` and ``size`` fix those attributes (the draws are still made, so the other attributes are the ones
+    the same seed gives unfixed) and the start is drawn for them.
+    """
+    drawn_size, drawn_path = rng.choice(list(SIZES)), rng.choice(list(PATHS))
+    size = drawn_size if size is None else choice("sample_object size", size, list(SIZES))
+    path = drawn_path if path is None else choice("sample_object path", path, list(PATHS))
     direction = rng.choice(list(DIRECTIONS))
     speed = rng.choice(list(SPEEDS))
     radius = SIZES[size]
@@ -137,10 +143,12 @@ def sample_object(rng: random.Random, *, frames: int = TRAIN_FRAMES) -> WorldObj
     )
 
 
-def sample_scene(seed: int, *, frames: int = TRAIN_FRAMES, num_objects: int | None = None) -> Scene:
+def sample_scene(seed: int, *, frames: int = TRAIN_FRAMES, num_objects: int | None = None, path: str | None = None,
+                 size: str | None = None) -> Scene:
     """A scene drawn from ``seed`` alone (``random.Random(seed)``): the same seed gives the same scene.
 
-    Objects in one scene have distinct colours, so that each is found by its colour.
+    Objects in one scene have distinct colours, so that each is found by its colour. ``path`` and ``size`` fix
+    those attributes of every object (``sample_object``).
     """
     rng = random.Random(seed)
     if num_objects is None:
@@ -148,7 +156,7 @@ def sample_scene(seed: int, *, frames: int = TRAIN_FRAMES, num_objects: int | No
     num_objects = integer("sample_scene num_objects", num_objects, 1, MAX_OBJECTS)
     objects: list[WorldObject] = []
     while len(objects) < num_objects:
-        candidate = sample_object(rng, frames=frames)
+        candidate = sample_object(rng, frames=frames, path=path, size=size)
         if all(candidate.colour != o.colour for o in objects):
             objects.append(candidate)
     return Scene(

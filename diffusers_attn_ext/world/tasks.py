@@ -17,7 +17,6 @@ Sampling defaults (``STEPS``, ``GUIDANCE``) are the model's, chosen before any m
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -54,9 +53,9 @@ def sparse_scene(index: int) -> Scene:
     return sample_scene(EVAL_SEED_BASE + _SPARSE + index)
 
 
-def _single(seed: int, path: str, **attributes) -> Scene:
-    scene = sample_scene(seed, num_objects=1)
-    return dataclasses.replace(scene, objects=(dataclasses.replace(scene.objects[0], path=path, **attributes),))
+def _single(seed: int, path: str, size: str | None = None) -> Scene:
+    """One object whose start is drawn for ``path`` (and ``size``), so a straight mover stays in the frame."""
+    return sample_scene(seed, num_objects=1, path=path, size=size)
 
 
 def ultravico_scene(index: int) -> Scene:
