@@ -268,8 +268,9 @@ def _step(optimizer, loss: torch.Tensor, params, clip: float) -> None:
 class _LossLog:
     """The mean loss of every ``every`` steps (and of the last), appended to ``log.jsonl`` and printed."""
 
-    def __init__(self, path: Path, phase: str, every: int, last: int, started: float) -> None:
+    def __init__(self, path: Path, phase: str, every: int, last: int, started: float, loss: str = "") -> None:
         self.path, self.phase, self.every, self.last, self.started = path, phase, every, last, started
+        self.loss = loss  # which loss, when a phase can log more than one kind (the plot draws one line each)
         self.window: list[torch.Tensor] = []
 
     def add(self, steps_done: int, loss: torch.Tensor) -> None:
@@ -278,6 +279,8 @@ class _LossLog:
             return
         entry = {"phase": self.phase, "step": steps_done, "loss": torch.stack(self.window).mean().item(),
                  "elapsed": time.monotonic() - self.started}
+        if self.loss:
+            entry["kind"] = self.loss
         self.window = []
         with self.path.open("a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -383,7 +386,8 @@ def train(args: argparse.Namespace) -> dict:
         shift = model_config.flow_shift
         data = _loader(_Batches(DIT_SEED_BASE, cfg.dit_batch, model_config, state["step"], cfg.dit_steps),
                        args.workers)
-        losses = _LossLog(log_path, "dit", 100, cfg.dit_steps, started)
+        kind = f"object-weighted (1 + {cfg.dit_object_weight:g})" if cfg.dit_object_weight else ""
+        losses = _LossLog(log_path, "dit", 100, cfg.dit_steps, started, kind)
         for step, frames, captions, objects in data:
             rewarm = 1.0 if rewarm_from is None else min(1.0, (step - rewarm_from + 1) / REWARM_STEPS)
             _set_lr(optimizer, _lr(step, cfg.dit_steps, cfg.dit_lr, cfg.warmup) * rewarm)
@@ -516,8 +520,13 @@ def plot_loss(log_path: Path, png: Path) -> None:
     panels = [p for p in panels if any(e["phase"] == p[0] for e in entries)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
     for ax, (phase, title) in zip(axes[0], panels, strict=True):
-        points = sorted({e["step"]: e["loss"] for e in entries if e["phase"] == phase}.items())
-        ax.plot([p[0] for p in points], [p[1] for p in points])
+        kinds = sorted({e.get("kind", "") for e in entries if e["phase"] == phase})
+        for kind in kinds:
+            points = sorted({e["step"]: e["loss"] for e in entries
+                             if e["phase"] == phase and e.get("kind", "") == kind}.items())
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=kind or "unweighted")
+        if len(kinds) > 1:
+            ax.legend(fontsize=7)
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_title(title, fontsize=9)
