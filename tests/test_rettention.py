@@ -380,3 +380,25 @@ def test_carried_statistics_under_compile_are_refused(pipe_for, fresh_dynamo):
             pipe(**tiny_call_kwargs("wan", num_inference_steps=2))
     finally:
         pipe.transformer = transformer
+
+
+# ---- CUDA (the lead's GPU run): the Triton block-sparse kernel and compiled FlexAttention with log-sum-exp ------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton block-sparse kernel and compiled flex need CUDA")
+@torch.no_grad()
+def test_cuda_bf16_statistics_match_float64():
+    from diffusers_attn_ext.kernels import attend
+
+    q, k, v = random_qkv(8, b=1, n=2048, h=4, d=64)
+    kept = window_block_pattern(16, 0.125)[None, None]
+    call = call_of(*(x.cuda().bfloat16() for x in (q, k, v)), 128)
+    call.block_mask = kept.cuda()
+    sparse_out = attend(call)
+    ratio, residual, full = rettention_statistics(call, call.block_mask, None, sparse_out)
+    rho, r, o_full, o_sparse, _ = paper_statistics(q, k, v, kept, 128)
+
+    def rel(a, b):
+        return ((a.cpu().double() - b).norm() / b.norm()).item()
+
+    assert rho.mean() < 0.5  # the dropped blocks carry most of the mass: the statistics matter
+    assert rel(sparse_out, o_sparse) < 2e-2 and rel(ratio, rho) < 1e-2
+    assert rel(residual, r) < 2e-2 and rel(full, o_full) < 2e-2
