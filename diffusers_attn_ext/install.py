@@ -6,12 +6,19 @@ longer number ("blocks.1" selects blocks.1 but not blocks.10).
 
 Several processors given to one :func:`install` compose into one :class:`ComposedProcessor`; their stages
 run in the order given (positions, then scores, then outputs; see :mod:`diffusers_attn_ext.processors.base`).
+
+A pipeline target means every transformer of the pipeline (:data:`TRANSFORMER_COMPONENTS`): Wan 2.2 A14B
+pipelines run ``transformer`` on the high-noise steps and ``transformer_2`` on the low-noise steps (diffusers'
+``WanPipeline`` with ``boundary_ratio``), so :func:`install`, :func:`installed` and :func:`uninstall` act on both,
+each expert with its own context hook (:func:`attach_contexts`). The same processor object runs in both experts;
+per-generation state lives in each expert's context, so nothing is shared between them but the settings.
 """
 
 from __future__ import annotations
 
 import re
 import types
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,7 +27,7 @@ import torch
 
 from .context import (
     CONTEXT_HOOK_NAME,
-    _split_target,
+    AttnContext,
     _uncompiled,
     attach_context,
     detach_context,
@@ -33,6 +40,72 @@ SAVED_PROCESSORS_ATTR = "_attn_ext_saved_processors"
 # Transformer methods of diffusers that rebuild or replace every attention processor, guarded while methods of
 # this package are installed (see :func:`_guard_rebuilds`).
 GUARDED_METHODS = ("set_attn_processor", "fuse_qkv_projections", "_load_ip_adapter_weights")
+TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
+"""Pipeline components that are transformers: ``transformer_2`` is Wan 2.2 A14B's low-noise expert (None elsewhere)."""
+EXPERT_TARGETS_ATTR = "_attn_ext_expert_targets"
+
+
+class _ExpertTarget:
+    """A pipeline as seen from one of its other transformers, in the form the context functions take a target
+    (:func:`~diffusers_attn_ext.context.attach_context`): ``transformer`` is that expert, and every other
+    attribute (the scheduler and its timesteps, the pipeline's step counters) is read from the pipeline. It holds
+    the pipeline through a weak reference, as the context hook does, and lives on the pipeline
+    (:data:`EXPERT_TARGETS_ATTR`) as long as the pipeline does."""
+
+    def __init__(self, pipeline: Any, transformer: torch.nn.Module):
+        self._pipeline = weakref.ref(pipeline)
+        self.transformer = transformer
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_pipeline":  # copy and pickle probe a bare instance for these
+            raise AttributeError(name)
+        pipeline = self._pipeline()
+        if pipeline is None:
+            raise AttributeError(name)
+        return getattr(pipeline, name)
+
+
+def _context_targets(target: Any) -> list[tuple[torch.nn.Module, Any]]:
+    """(transformer, the target to give the context functions for it) for every transformer of ``target``: a
+    pipeline's :data:`TRANSFORMER_COMPONENTS` that are modules (one entry per distinct module), or a transformer."""
+    if not any(isinstance(getattr(target, name, None), torch.nn.Module) for name in TRANSFORMER_COMPONENTS):
+        if isinstance(target, torch.nn.Module):
+            return [(_uncompiled(target), target)]
+        raise ValueError(
+            f"target of type {type(target).__name__!r} is neither a diffusers pipeline with a transformer "
+            "nor a transformer module"
+        )
+    pairs: list[tuple[torch.nn.Module, Any]] = []
+    for name in TRANSFORMER_COMPONENTS:
+        module = getattr(target, name, None)
+        if not isinstance(module, torch.nn.Module):
+            continue
+        transformer = _uncompiled(module)
+        if any(transformer is seen for seen, _ in pairs):
+            continue
+        pairs.append((transformer, target if name == "transformer" else _expert_target(target, name, module)))
+    return pairs
+
+
+def _expert_target(pipeline: Any, name: str, module: torch.nn.Module) -> _ExpertTarget:
+    views = pipeline.__dict__.setdefault(EXPERT_TARGETS_ATTR, {})
+    view = views.get(name)
+    if view is None or view.transformer is not module:
+        view = views[name] = _ExpertTarget(pipeline, module)
+    return view
+
+
+def pipeline_transformers(target: Any) -> list[torch.nn.Module]:
+    """Every transformer of a pipeline (``transformer``, then ``transformer_2`` when it is not None; each module
+    once), or ``[target]`` for a transformer; ``torch.compile``d ones as the modules they wrap."""
+    return [transformer for transformer, _ in _context_targets(target)]
+
+
+def attach_contexts(target: Any) -> list[AttnContext]:
+    """:func:`~diffusers_attn_ext.context.attach_context` on every transformer of ``target`` (see
+    :func:`pipeline_transformers`): the contexts, in that order. Each expert of a Wan 2.2 pipeline has its own
+    context, which knows the pipeline (its scheduler and step counters) as the first one does."""
+    return [attach_context(context_target) for _, context_target in _context_targets(target)]
 
 
 def attention_modules(transformer: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -94,15 +167,17 @@ def check_methods(transformer: torch.nn.Module, modules: dict[str, torch.nn.Modu
             method.check_model(transformer, family, modules)
 
 
-def _prepare(target: Any, processors: tuple, layers) -> tuple[torch.nn.Module, dict[str, torch.nn.Module]]:
-    """Every check of an install, before any change: the processors, the layer patterns, the methods on the
-    model. Returns (transformer, selected modules)."""
+def _prepare(target: Any, processors: tuple, layers) -> list[tuple[torch.nn.Module, Any, dict[str, torch.nn.Module]]]:
+    """Every check of an install, before any change, on every transformer of the target: the processors, the
+    layer patterns, the methods on the model. Returns (transformer, context target, selected modules) for each."""
     _check_processors(processors)
-    transformer, _ = _split_target(target)
-    modules = select_modules(transformer, layers)
-    _check_no_ip_adapter(modules)
-    check_methods(transformer, modules, processors)
-    return transformer, modules
+    plan = []
+    for transformer, context_target in _context_targets(target):
+        modules = select_modules(transformer, layers)
+        _check_no_ip_adapter(modules)
+        check_methods(transformer, modules, processors)
+        plan.append((transformer, context_target, modules))
+    return plan
 
 
 def _inherit_runtime(new: AttnExtProcessor, old: Any) -> None:
@@ -201,58 +276,76 @@ def _check_no_ip_adapter(modules: dict[str, torch.nn.Module]) -> None:
 
 
 def install(target: Any, *processors: AttnExtProcessor, layers: str | list[str] | None = None) -> AttnExtProcessor:
-    """Install processors on a pipeline's transformer (or a transformer) and attach the context hook.
+    """Install processors on every transformer of a pipeline (or on a transformer) and attach the context hooks.
 
     Args:
-        target: a diffusers pipeline with a ``transformer``, or the transformer itself.
+        target: a diffusers pipeline with a ``transformer`` (and, for Wan 2.2 A14B, a ``transformer_2``: both
+            experts get the method), or a transformer.
         processors: one or more processors of this package; several compose in the order given.
-        layers: name patterns selecting attention modules (see module docstring); None for all.
+        layers: name patterns selecting attention modules (see module docstring), in each transformer; None for all.
 
-    Returns the installed processor (the composed one when several are given). :func:`uninstall`
-    restores the processors that were there before the first install. Every check (processors, layers, each
-    method's family, layers and heads) runs before anything changes: after a ValueError the target is as before.
+    Returns the installed processor (the composed one when several are given), the same object in every
+    transformer. :func:`uninstall` restores the processors that were there before the first install. Every check
+    (processors, layers, each method's family, layers and heads, in every transformer) runs before anything
+    changes: after a ValueError the target is as before.
     """
-    transformer, modules = _prepare(target, processors, layers)
+    plan = _prepare(target, processors, layers)
     processor = processors[0] if len(processors) == 1 else ComposedProcessor(*processors)
-    attach_context(target)
-    saved = transformer.__dict__.setdefault(SAVED_PROCESSORS_ATTR, {})
-    for name, module in modules.items():
-        saved.setdefault(name, module.processor)
-        _inherit_runtime(processor, module.processor)
-        module.set_processor(processor)
-    _guard_rebuilds(transformer)
+    for transformer, context_target, modules in plan:
+        attach_context(context_target)
+        saved = transformer.__dict__.setdefault(SAVED_PROCESSORS_ATTR, {})
+        for name, module in modules.items():
+            saved.setdefault(name, module.processor)
+            _inherit_runtime(processor, module.processor)
+            module.set_processor(processor)
+        _guard_rebuilds(transformer)
     return processor
 
 
 def uninstall(target: Any) -> None:
-    """Restore the processors that were there before :func:`install` and remove the context hook."""
-    transformer, _ = _split_target(target)
-    saved = transformer.__dict__.pop(SAVED_PROCESSORS_ATTR, {})
-    modules = attention_modules(transformer)
-    for name, processor in saved.items():
-        modules[name].set_processor(processor)
-    _unguard_rebuilds(transformer)
-    detach_context(target)
+    """Restore the processors that were there before :func:`install` and remove the context hooks, on every
+    transformer of the target."""
+    for transformer, context_target in _context_targets(target):
+        saved = transformer.__dict__.pop(SAVED_PROCESSORS_ATTR, {})
+        modules = attention_modules(transformer)
+        for name, processor in saved.items():
+            modules[name].set_processor(processor)
+        _unguard_rebuilds(transformer)
+        detach_context(context_target)
 
 
 @contextmanager
 def installed(target: Any, *processors: AttnExtProcessor, layers: str | list[str] | None = None) -> Iterator[None]:
     """Install ``processors`` for the duration of a ``with`` block, composed after any processor of this
-    package already on each module, and put back exactly what was there before on exit.
+    package already on each module, and put back exactly what was there before on exit (on every transformer
+    of the target, as :func:`install`).
 
     The ready-made pipelines use it, so that a method given to a pipeline call composes with methods the
     user installed (e.g. ``install(pipe, RadialSparseProcessor())`` then ``WanUltraViCoPipeline(...)``).
     Checks as :func:`install`, before anything changes.
     """
-    transformer, modules = _prepare(target, processors, layers)
+    plan = _prepare(target, processors, layers)
+    composed: dict[int, AttnExtProcessor] = {}
+    restores = []
+    try:
+        for transformer, context_target, modules in plan:
+            restores.append(_install_temporarily(transformer, context_target, modules, processors, composed))
+        yield
+    finally:
+        for restore in reversed(restores):
+            restore()
+
+
+def _install_temporarily(transformer: torch.nn.Module, context_target: Any, modules: dict[str, torch.nn.Module],
+                       processors: tuple, composed: dict[int, AttnExtProcessor]):
+    """:func:`installed`'s change to one transformer; returns the function that undoes it exactly."""
     before = {name: module.processor for name, module in modules.items()}
     had_context = _has_context_hook(transformer)
     saved_before = dict(transformer.__dict__.get(SAVED_PROCESSORS_ATTR, {}))
     had_saved = SAVED_PROCESSORS_ATTR in transformer.__dict__
     had_guards = "set_attn_processor" in transformer.__dict__
-    attach_context(target)
+    attach_context(context_target)
     _guard_rebuilds(transformer)
-    composed: dict[int, AttnExtProcessor] = {}
     for module in modules.values():
         current = module.processor
         if isinstance(current, AttnExtProcessor):
@@ -263,9 +356,8 @@ def installed(target: Any, *processors: AttnExtProcessor, layers: str | list[str
             replacement = processors[0] if len(processors) == 1 else ComposedProcessor(*processors)
         _inherit_runtime(replacement, current)
         module.set_processor(replacement)
-    try:
-        yield
-    finally:
+
+    def restore() -> None:
         for name, processor in before.items():
             modules[name].set_processor(processor)
         if had_saved:
@@ -273,7 +365,9 @@ def installed(target: Any, *processors: AttnExtProcessor, layers: str | list[str
         if not had_guards:
             _unguard_rebuilds(transformer)
         if not had_context:
-            detach_context(target)
+            detach_context(context_target)
+
+    return restore
 
 
 def _has_context_hook(transformer: torch.nn.Module) -> bool:

@@ -19,6 +19,11 @@ Typical use::
 
     pipe.save_pretrained(tmpdir)
     reloaded = load_tiny_pipeline("wan", tmpdir)    # from_pretrained with text_encoder=None, tokenizer=None
+
+Wan 2.2 layouts are variants of the "wan" family (:data:`WAN_VARIANTS`)::
+
+    pipe, kwargs = tiny_pipeline("wan", variant="2.2-a14b")     # two experts, boundary_ratio 0.875
+    pipe, kwargs = tiny_pipeline("wan", variant="2.2-ti2v-5b")  # 48-channel latents, 16x VAE, expanded timesteps
 """
 
 from typing import Any
@@ -43,6 +48,25 @@ from diffusers import (
 
 FAMILIES = ("sd3", "flux", "cogvideox", "wan")
 """Model families that :func:`tiny_pipeline` can build."""
+
+WAN_VARIANTS = ("2.1", "2.2-a14b", "2.2-ti2v-5b")
+"""Layouts of the "wan" family that :func:`tiny_pipeline` can build (``variant=``):
+
+- ``"2.1"`` (default): Wan2.1 text-to-video, one transformer, the 16-channel VAE with 8x spatial compression.
+- ``"2.2-a14b"``: Wan2.2-T2V-A14B, two experts of the same architecture with different weights, ``transformer``
+  for the high-noise steps (``t >= boundary_ratio * 1000``) and ``transformer_2`` for the low-noise steps,
+  ``boundary_ratio=0.875`` as the A14B text-to-video checkpoint, the Wan2.1 VAE. With the tiny scheduler (flow
+  shift 7) the two default steps are t = 1000 (``transformer``) and t = 47 (``transformer_2``); four steps are
+  1000, 934 (``transformer``), 781, 47 (``transformer_2``).
+- ``"2.2-ti2v-5b"``: Wan2.2-TI2V-5B, one transformer on 48 latent channels, ``expand_timesteps=True`` (a
+  timestep per token), and the Wan2.2 VAE as diffusers' config has it: ``z_dim=48``, a residual encoder and
+  decoder (``is_residual=True``) on 2x2-patchified pixels (``patch_size=2``, 12 channels), so
+  ``scale_factor_spatial=16`` (2 from the patches, 8 from three downsampling stages) and
+  ``scale_factor_temporal=4``. Its call kwargs are 64x64 (4x4 latents, 2x2 tokens a frame).
+"""
+
+WAN22_BOUNDARY_RATIO = 0.875
+"""``boundary_ratio`` of the tiny Wan2.2-A14B pipeline (Wan2.2-T2V-A14B's value)."""
 
 PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
     "sd3": StableDiffusion3Pipeline,
@@ -70,10 +94,17 @@ POOLED_DIM = 64
 """Width of the pooled prompt embeddings (SD3 and FLUX ``pooled_projection_dim``)."""
 
 
-def _check_family(family: str) -> None:
-    """Raise ``ValueError`` unless ``family`` is one of :data:`FAMILIES`."""
+def _check_family(family: str, variant: str | None = None) -> None:
+    """Raise ``ValueError`` unless ``family`` is one of :data:`FAMILIES` and ``variant`` is None or, for Wan, one
+    of :data:`WAN_VARIANTS`."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if variant is None:
+        return
+    if family != "wan":
+        raise ValueError(f"variant={variant!r} is not allowed for family {family!r}: only 'wan' has variants")
+    if variant not in WAN_VARIANTS:
+        raise ValueError(f"variant={variant!r} is not one of {WAN_VARIANTS}")
 
 
 def _tiny_autoencoder_kl() -> AutoencoderKL:
@@ -195,15 +226,15 @@ def _cogvideox_components(transformer_config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _wan_components(transformer_config: dict[str, Any]) -> dict[str, Any]:
-    """Components of a tiny Wan 2.1 text-to-video ``WanPipeline``: 2 blocks, patch (1, 2, 2), RoPE."""
-    transformer = WanTransformer3DModel(
+def _wan_transformer(transformer_config: dict[str, Any], channels: int = 16) -> WanTransformer3DModel:
+    """A tiny ``WanTransformer3DModel``: 2 blocks of 2 heads of width 16, patch (1, 2, 2), RoPE."""
+    return WanTransformer3DModel(
         **{
             "patch_size": (1, 2, 2),
             "num_attention_heads": 2,
             "attention_head_dim": 16,
-            "in_channels": 16,
-            "out_channels": 16,
+            "in_channels": channels,
+            "out_channels": channels,
             "text_dim": TEXT_DIM,
             "freq_dim": 32,
             "ffn_dim": 32,
@@ -214,19 +245,62 @@ def _wan_components(transformer_config: dict[str, Any]) -> dict[str, Any]:
             **transformer_config,
         }
     )
-    vae = AutoencoderKLWan(
+
+
+def _wan21_vae() -> AutoencoderKLWan:
+    """The Wan2.1 VAE layout (also Wan2.2-A14B's): 16 latent channels, 8x spatial and 4x temporal compression."""
+    return AutoencoderKLWan(
         base_dim=3,
         z_dim=16,
         dim_mult=[1, 1, 1, 1],
         num_res_blocks=1,
         temperal_downsample=[False, True, True],
     )
-    return {
-        "transformer": transformer,
+
+
+def _wan22_vae() -> AutoencoderKLWan:
+    """The Wan2.2 VAE layout (Wan2.2-TI2V-5B), diffusers' config with tiny widths: 48 latent channels, residual
+    blocks on 2x2-patchified pixels, 16x spatial and 4x temporal compression. Latent statistics are 0 and 1 (the
+    checkpoint's 48 means and deviations only rescale the latents)."""
+    return AutoencoderKLWan(
+        base_dim=4,
+        decoder_base_dim=4,
+        z_dim=48,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_spatial=16,
+        scale_factor_temporal=4,
+        latents_mean=[0.0] * 48,
+        latents_std=[1.0] * 48,
+    )
+
+
+def _wan_components(transformer_config: dict[str, Any], variant: str = "2.1") -> dict[str, Any]:
+    """Components of a tiny ``WanPipeline`` of ``variant`` (see :data:`WAN_VARIANTS`); ``transformer_config``
+    applies to every transformer."""
+    if variant == "2.2-ti2v-5b":
+        return {
+            "transformer": _wan_transformer(transformer_config, channels=48),
+            "transformer_2": None,
+            "vae": _wan22_vae(),
+            "scheduler": FlowMatchEulerDiscreteScheduler(shift=5.0),
+            "expand_timesteps": True,
+        }
+    components = {
+        "transformer": _wan_transformer(transformer_config),
         "transformer_2": None,
-        "vae": vae,
+        "vae": _wan21_vae(),
         "scheduler": FlowMatchEulerDiscreteScheduler(shift=7.0),
     }
+    if variant == "2.2-a14b":  # the second expert is built after the VAE, from the same seeded stream
+        components["transformer_2"] = _wan_transformer(transformer_config)
+        components["boundary_ratio"] = WAN22_BOUNDARY_RATIO
+    return components
 
 
 _COMPONENT_BUILDERS = {
@@ -242,6 +316,7 @@ def tiny_pipeline(
     *,
     seed: int = 0,
     transformer_config: dict[str, Any] | None = None,
+    variant: str | None = None,
     **overrides: Any,
 ) -> tuple[DiffusionPipeline, dict[str, Any]]:
     """Build a tiny random pipeline of ``family`` on CPU and return ``(pipe, call_kwargs)``.
@@ -253,29 +328,32 @@ def tiny_pipeline(
     Args:
         family: one of :data:`FAMILIES`.
         seed: seeds the weights and, through :func:`tiny_call_kwargs`, the embeddings and the generator.
-        transformer_config: keyword arguments merged over the tiny transformer's config, e.g.
-            ``{"use_rotary_positional_embeddings": False}`` for CogVideoX sin-cos positions. Keep the text
-            widths (:data:`TEXT_DIM`, :data:`POOLED_DIM`, :data:`TEXT_SEQ_LEN`) unchanged, or pass matching
-            embeddings in ``overrides``.
+        transformer_config: keyword arguments merged over the tiny transformer's config (every transformer's,
+            for two experts), e.g. ``{"use_rotary_positional_embeddings": False}`` for CogVideoX sin-cos
+            positions. Keep the text widths (:data:`TEXT_DIM`, :data:`POOLED_DIM`, :data:`TEXT_SEQ_LEN`)
+            unchanged, or pass matching embeddings in ``overrides``.
+        variant: for ``"wan"``, one of :data:`WAN_VARIANTS` (None: ``"2.1"``); None for other families.
         **overrides: passed to :func:`tiny_call_kwargs` (e.g. ``height``, ``num_frames``, ``batch_size``).
 
     Returns:
-        The pipeline and ``tiny_call_kwargs(family, seed=seed, **overrides)``; the kwargs hold a generator
-        and are good for one call only.
+        The pipeline and ``tiny_call_kwargs(family, seed=seed, variant=variant, **overrides)``; the kwargs hold
+        a generator and are good for one call only.
     """
-    _check_family(family)
+    _check_family(family, variant)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        components = _COMPONENT_BUILDERS[family](transformer_config or {})
+        builder = _COMPONENT_BUILDERS[family]
+        components = builder(transformer_config or {}, variant) if variant else builder(transformer_config or {})
     for component in components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()  # as from_pretrained leaves them: a loaded pipeline must compute the same
     pipe = PIPELINE_CLASSES[family](**components, **dict.fromkeys(TEXT_COMPONENTS[family]))
     pipe.set_progress_bar_config(disable=True)
-    return pipe, tiny_call_kwargs(family, seed=seed, **overrides)
+    return pipe, tiny_call_kwargs(family, seed=seed, variant=variant, **overrides)
 
 
-def tiny_call_kwargs(family: str, *, seed: int = 0, batch_size: int = 1, **overrides: Any) -> dict[str, Any]:
+def tiny_call_kwargs(family: str, *, seed: int = 0, batch_size: int = 1, variant: str | None = None,
+                     **overrides: Any) -> dict[str, Any]:
     """Return fresh call kwargs for a :func:`tiny_pipeline` of ``family``; rebuild them for every call.
 
     The kwargs hold random prompt embeddings (``batch_size`` prompts of :data:`TEXT_SEQ_LEN` tokens of width
@@ -287,32 +365,35 @@ def tiny_call_kwargs(family: str, *, seed: int = 0, batch_size: int = 1, **overr
     - ``flux``: 32x32 image, ``guidance_scale=3.5`` fed to the guidance embedder; no CFG by default, pass
       ``true_cfg_scale > 1`` to enable true CFG with the included negative embeddings.
     - ``cogvideox``: 9 frames of 32x32 (3 latent frames of 4x4), ``guidance_scale=6.0`` (CFG).
-    - ``wan``: 9 frames of 32x32 (3 latent frames of 4x4), ``guidance_scale=5.0`` (CFG).
+    - ``wan``: 9 frames of 32x32 (3 latent frames of 4x4), ``guidance_scale=5.0`` (CFG); for the
+      ``"2.2-ti2v-5b"`` variant 9 frames of 64x64 (its VAE compresses 16x: 3 latent frames of 4x4).
 
-    Sizes must stay valid: image sides a multiple of 4 pixels, video sides a multiple of 16. Wan takes
-    ``num_frames = 4k + 1``; CogVideoX returns ``num_frames`` frames only for ``num_frames = 8k + 1`` (its
-    VAE decodes latent frames in pairs, so e.g. 13 requested frames come back as 16).
+    Sizes must stay valid: image sides a multiple of 4 pixels, video sides a multiple of 16 (of 32 for
+    ``"2.2-ti2v-5b"``). Wan takes ``num_frames = 4k + 1``; CogVideoX returns ``num_frames`` frames only for
+    ``num_frames = 8k + 1`` (its VAE decodes latent frames in pairs, so e.g. 13 requested frames come back as 16).
 
     Args:
         family: one of :data:`FAMILIES`.
         seed: seeds the embeddings and the generator.
         batch_size: number of prompts. Use it rather than ``num_images_per_prompt`` /
             ``num_videos_per_prompt``, which the pipelines do not apply to precomputed embeddings.
+        variant: the :func:`tiny_pipeline` variant the kwargs are for (None: the family's default).
         **overrides: replace or add call kwargs (``height``, ``width``, ``num_frames``,
             ``num_inference_steps``, ``guidance_scale``, ``output_type``, ...).
     """
-    _check_family(family)
+    _check_family(family, variant)
     embed_generator = torch.Generator().manual_seed(seed)
 
     def embeds(*shape: int) -> torch.Tensor:
         """Draw a standard-normal tensor of ``shape`` from the embedding generator."""
         return torch.randn(shape, generator=embed_generator)
 
+    side = 64 if variant == "2.2-ti2v-5b" else 32
     kwargs: dict[str, Any] = {
         "prompt_embeds": embeds(batch_size, TEXT_SEQ_LEN, TEXT_DIM),
         "negative_prompt_embeds": embeds(batch_size, TEXT_SEQ_LEN, TEXT_DIM),
-        "height": 32,
-        "width": 32,
+        "height": side,
+        "width": side,
         "num_inference_steps": 2,
         "output_type": "pt",
     }

@@ -55,9 +55,9 @@ def test_processors_are_installed_for_the_call_only(pipe_for):
 def test_fg_bg_guidance_acts_on_its_steps_only(pipe_for):
     traj = trajectory_pipe(pipe_for("wan"))
     rope_only = call(traj, trajectory=MOVING)
-    assert torch.equal(call(traj, trajectory=MOVING, mask_steps=0, **split_embeds()), rope_only)
-    assert not torch.equal(call(traj, trajectory=MOVING, mask_steps=1, **split_embeds()), rope_only)
-    assert torch.equal(call(traj, trajectory=MOVING, rope_steps=0), call(traj))
+    assert torch.equal(call(traj, trajectory=MOVING, trajectory_mask_steps=0, **split_embeds()), rope_only)
+    assert not torch.equal(call(traj, trajectory=MOVING, trajectory_mask_steps=1, **split_embeds()), rope_only)
+    assert torch.equal(call(traj, trajectory=MOVING, trajectory_rope_steps=0), call(traj))
 
 
 def test_fg_bg_cross_attention_matches_float64_masked_reference():
@@ -140,14 +140,6 @@ def test_wan_num_frames_that_the_pipeline_would_round_raises(pipe_for):
     ten = Trajectory.static((0, 0, 32, 32), 10, 64, 64)
     with pytest.raises(ValueError, match=r"num_frames=10 with a trajectory must be 4k \+ 1"):
         traj(**tiny_call_kwargs("wan", **SIZE, num_frames=10), trajectory=ten)
-
-
-def test_second_expert_transformer_raises(pipe_for):
-    traj = trajectory_pipe(pipe_for("wan"))
-    traj.transformer_2 = traj.transformer
-    with pytest.raises(ValueError, match="transformer_2"):
-        traj(**tiny_call_kwargs("wan", **SIZE), trajectory=MOVING)
-    traj.transformer_2 = None
 
 
 def test_fg_bg_batch_is_checked_against_the_prompts_and_repeated_per_video(pipe_for):

@@ -52,6 +52,7 @@ from ..headset import HeadSet, as_headset
 from ..install import installed
 from ..processors.softpag import IDENTITY_MODES, SoftPAGProcessor
 from ..validation import boolean, choice, real
+from .arguments import pipeline_argument_errors
 
 PAG_HOOK_NAME = "diffusers_attn_ext.head_pag"
 AlphaSpec = float | Mapping[str, float | Sequence[float]]
@@ -60,6 +61,9 @@ AlphaSpec = float | Mapping[str, float | Sequence[float]]
 class HeadPAGMixin:
     """Default head set and alpha of a head-PAG pipeline (``pag_heads`` / ``pag_alpha`` of ``__init__``),
     overridable per call; diffusers' ``set_pag_applied_layers`` becomes :meth:`set_pag_heads`."""
+
+    method_prefix = "pag"
+    method_inputs = ()
 
     def set_pag_heads(self, pag_heads: HeadSet | Mapping | str | None, pag_alpha: AlphaSpec = 1.0) -> None:
         """Set the default head set (a HeadSet, ``{layer: [heads]}`` or a JSON path) and alpha; ValueError, before
@@ -93,13 +97,8 @@ class HeadPAGMixin:
 def softpag_with_pag_names(heads, alpha, identity: str = "image", dual_attention: bool = False) -> SoftPAGProcessor:
     """``SoftPAGProcessor(heads, alpha, identity, dual_attention)`` whose ValueErrors name the pipelines' arguments
     (``pag_alpha``, ``pag_identity``, ``pag_dual_attention``)."""
-    try:
+    with pipeline_argument_errors("pag", ("alpha", "identity", "dual_attention")):
         return SoftPAGProcessor(heads, alpha, identity, dual_attention)
-    except ValueError as error:
-        message = str(error)
-        if message.startswith(("alpha", "identity", "dual_attention")):
-            message = f"pag_{message}"
-        raise ValueError(message) from None
 
 
 def as_number_or_mapping(alpha) -> bool:

@@ -30,10 +30,14 @@ from ..install import installed
 from ..processors.isolation_reposition import IsolationRepositionProcessor
 from ..subjects import SubjectLayout
 from ..validation import integer, layer_patterns, schedule_length
+from .arguments import pipeline_argument_errors
 
 
 class MultiSubjectMixin:
     """Builds the IR-Diffusion processor of a call and runs the parent pipeline with it installed."""
+
+    method_prefix = "ir"
+    method_inputs = ("subject_boxes",)
 
     def multi_subject_processor(
         self, subject_boxes: Sequence[Mapping[str, object]], prompt=None, prompt_embeds=None,
@@ -58,13 +62,11 @@ class MultiSubjectMixin:
                 "reference first"
             )
         layout = SubjectLayout.from_boxes(subject_boxes, prompts)
-        try:
+        with pipeline_argument_errors(self.method_prefix):  # start_step=... -> ir_start_step=...
             return IsolationRepositionProcessor(
                 layout, start_step=ir_start_step, end_step=ir_end_step, interpolation=ir_interpolation,
                 reference_dropout=ir_reference_dropout, dropout_seed=ir_dropout_seed, dropout_mode=ir_dropout_mode,
             )
-        except ValueError as error:  # name the pipeline's argument: start_step=... -> ir_start_step=...
-            raise ValueError(f"ir_{error}") from None
 
     def __call__(self, prompt=None, *, subject_boxes=None, ir_start_step: int = 0, ir_end_step: int | None = None,
                  ir_layers: str | list[str] | None = None, ir_interpolation: str = "nearest",

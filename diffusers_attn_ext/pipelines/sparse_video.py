@@ -1,8 +1,9 @@
 """Ready-made pipelines with sparse video attention: Wan and CogVideoX with Radial or adaptive block sparsity.
 
 They are the diffusers pipelines (same components; ``from_pretrained`` and ``from_pipe`` work) whose
-``__call__`` also takes the sparse settings; the method is installed for the call only, composed after any
-method the user installed (e.g. UltraViCo), and the transformer's processors are restored afterwards.
+``__call__`` also takes the sparse settings; the method is installed for the call only, in every transformer of
+the pipeline (both experts of Wan 2.2 A14B), composed after any method the user installed (e.g. UltraViCo), and
+the processors are restored afterwards.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from ..validation import choice, integer, options, schedule_length
 class _SparseCall:
     """The shared ``__call__``: build the sparse processor, install it for the call, run the parent pipeline."""
 
+    method_prefix = "sparse"
+    method_inputs = ()
+
     def __call__(self, *args, sparse_method: str | None = "radial", sparse_density: float | None = None,
                  sparse_dense_steps: int = 0, sparse_dense_layers: int = 0,
                  sparse_options: dict[str, Any] | None = None, **kwargs):
@@ -27,7 +31,8 @@ class _SparseCall:
         Args:
             sparse_method: "radial", "adaptive", or None for the plain pipeline.
             sparse_density: kept fraction of key blocks (adaptive only).
-            sparse_dense_steps: first denoising steps run dense.
+            sparse_dense_steps: first denoising steps run dense (steps of the whole schedule: with two experts,
+                the low-noise expert's steps count from where the high-noise expert stopped).
             sparse_dense_layers: first transformer blocks run dense.
             sparse_options: the method's other arguments (e.g. ``{"decay_factor": 0.2}`` for radial,
                 ``{"cache_steps": 5}`` for adaptive); see :func:`diffusers_attn_ext.sparse.sparse_processor`.
@@ -53,7 +58,8 @@ class _SparseCall:
 
 
 class WanSparsePipeline(_SparseCall, WanPipeline):
-    """``WanPipeline`` with sparse video attention (default: Radial Attention with the authors' defaults).
+    """``WanPipeline`` with sparse video attention (default: Radial Attention with the authors' defaults); on a
+    Wan 2.2 A14B pipeline in both experts.
 
     Extra ``__call__`` arguments: ``sparse_method``, ``sparse_density``, ``sparse_dense_steps``,
     ``sparse_dense_layers``, ``sparse_options``. The authors' Wan2.1 script setting for 50 steps is

@@ -1,13 +1,13 @@
 """Ready-made pipelines for trajectory control (DiTraj, arXiv 2509.21839): Wan and 3D-RoPE CogVideoX.
 
 They are the diffusers pipelines (same components; ``from_pretrained`` and ``from_pipe`` work) whose
-``__call__`` also takes a ``trajectory`` and DiTraj's settings. For the call only, composed after any method
-the user installed:
+``__call__`` also takes a ``trajectory`` and DiTraj's settings. For the call only, in every transformer of the
+pipeline (both experts of Wan 2.2 A14B, each on the steps it runs), composed after any method the user installed:
 
 - :class:`~diffusers_attn_ext.processors.std_rope.STDRoPEProcessor` on the video self-attention of the
-  first ``rope_steps`` steps (both guidance branches, as the authors' code);
-- with a foreground and a background prompt (Wan): on the conditional forwards of the first ``mask_steps``
-  steps the text context becomes ``[background; foreground]`` (a transformer hook swaps it in, as the
+  first ``trajectory_rope_steps`` steps (both guidance branches, as the authors' code);
+- with a foreground and a background prompt (Wan): on the conditional forwards of the first
+  ``trajectory_mask_steps`` steps the text context becomes ``[background; foreground]`` (a transformer hook swaps it in, as the
   authors' loop does) and
   :class:`~diffusers_attn_ext.processors.fg_bg_guidance.ForegroundBackgroundCrossAttnProcessor` masks the
   cross-attention; the base prompt conditions the later steps.
@@ -25,11 +25,12 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import StateManager
 
 from ..context import _forward_kwargs
-from ..install import installed
+from ..install import installed, pipeline_transformers
 from ..processors.fg_bg_guidance import DEFAULT_MASK_STEPS, ForegroundBackgroundCrossAttnProcessor
 from ..processors.std_rope import DEFAULT_ROPE_STEPS, STDRoPEProcessor
 from ..trajectory import Trajectory
 from ..validation import boolean, integer, layer_patterns
+from .arguments import deprecated_aliases
 
 FG_BG_HOOK_NAME = "diffusers_attn_ext.fg_bg_prompts"
 
@@ -61,38 +62,47 @@ class _ForegroundBackgroundPromptHook(ModelHook):
 class _TrajectoryCall:
     """The shared ``__call__``: check the trajectory, install DiTraj's processors, run the parent pipeline."""
 
-    def __call__(self, *args, trajectory: Trajectory | None = None, rope_steps: int | None = DEFAULT_ROPE_STEPS,
-                 isolate_duplicates: bool = True, foreground_prompt: str | None = None,
-                 background_prompt: str | None = None, foreground_prompt_embeds: torch.Tensor | None = None,
-                 background_prompt_embeds: torch.Tensor | None = None, mask_steps: int = DEFAULT_MASK_STEPS,
-                 trajectory_layers: str | list[str] | None = None, **kwargs):
-        """The parent pipeline's call with DiTraj installed for it.
+    method_prefix = "trajectory"
+    method_inputs = ("trajectory", "foreground_prompt", "background_prompt", "foreground_prompt_embeds",
+                     "background_prompt_embeds")
+
+    @deprecated_aliases(rope_steps="trajectory_rope_steps", isolate_duplicates="trajectory_isolate_duplicates",
+                        mask_steps="trajectory_mask_steps")
+    def __call__(self, *args, trajectory: Trajectory | None = None,
+                 trajectory_rope_steps: int | None = DEFAULT_ROPE_STEPS, trajectory_isolate_duplicates: bool = True,
+                 foreground_prompt: str | None = None, background_prompt: str | None = None,
+                 foreground_prompt_embeds: torch.Tensor | None = None,
+                 background_prompt_embeds: torch.Tensor | None = None,
+                 trajectory_mask_steps: int = DEFAULT_MASK_STEPS, trajectory_layers: str | list[str] | None = None,
+                 **kwargs):
+        """The parent pipeline's call with DiTraj installed for it, in every transformer (both experts of a Wan 2.2
+        A14B pipeline, each on the steps it runs).
 
         Args:
             trajectory: a :class:`~diffusers_attn_ext.trajectory.Trajectory` with one box per frame of this
                 video (``num_frames`` boxes, drawn on ``width x height``); None: the plain pipeline.
-            rope_steps: STD-RoPE on steps ``0 .. rope_steps - 1`` (authors: 5); None for every step.
-            isolate_duplicates: the authors' self-attention mask on those steps (default on).
+            trajectory_rope_steps: STD-RoPE on steps ``0 .. trajectory_rope_steps - 1`` (authors: 5); None for
+                every step.
+            trajectory_isolate_duplicates: the authors' self-attention mask on those steps (default on).
             foreground_prompt, background_prompt (or ``*_prompt_embeds``): what is inside the box and what is
                 around it; both or neither (Wan only).
-            mask_steps: foreground/background guidance on steps ``0 .. mask_steps - 1`` (authors: 30).
+            trajectory_mask_steps: foreground/background guidance on steps ``0 .. trajectory_mask_steps - 1``
+                (authors: 30).
             trajectory_layers: attention modules to install on (``install``'s ``layers`` patterns); None:
                 every module, as the authors.
             everything else: the parent pipeline's arguments.
+
+        ``rope_steps``, ``isolate_duplicates`` and ``mask_steps`` are deprecated aliases of the ``trajectory_*``
+        settings.
         """
         if trajectory is None:
             return super().__call__(*args, **kwargs)
         if not isinstance(trajectory, Trajectory):
             raise ValueError(f"trajectory must be a Trajectory or None, got {type(trajectory).__name__!r}")
-        rope_steps = integer("rope_steps", rope_steps, 0, allow_none=True)
-        mask_steps = integer("mask_steps", mask_steps, 0)
-        isolate_duplicates = boolean("isolate_duplicates", isolate_duplicates)
+        rope_steps = integer("trajectory_rope_steps", trajectory_rope_steps, 0, allow_none=True)
+        mask_steps = integer("trajectory_mask_steps", trajectory_mask_steps, 0)
+        isolate_duplicates = boolean("trajectory_isolate_duplicates", trajectory_isolate_duplicates)
         layer_patterns("trajectory_layers", trajectory_layers)
-        if getattr(self, "transformer_2", None) is not None:
-            raise ValueError(
-                "this pipeline has a second expert transformer_2 (Wan 2.2), which trajectory control would leave "
-                "stock for the low-noise steps: load the pipeline with transformer_2=None"
-            )
         self.check_rope()
         # The parent's arguments by name, whether given by position or keyword.
         call_kwargs = inspect.signature(super().__call__).bind_partial(*args, **kwargs).arguments
@@ -100,7 +110,8 @@ class _TrajectoryCall:
         width = call_kwargs.get("width") or self.default_video_size()[1]
         num_frames = call_kwargs.get("num_frames") or self.default_num_frames()
         trajectory.check_video(self.check_num_frames(num_frames), height, width)
-        frame_stride = self.vae_scale_factor_temporal * (self.transformer.config.get("patch_size_t") or 1)
+        config = pipeline_transformers(self)[0].config  # the experts of a Wan 2.2 pipeline share their layout
+        frame_stride = self.vae_scale_factor_temporal * (config.get("patch_size_t") or 1)
         processors = [STDRoPEProcessor(trajectory, rope_steps, frame_stride, isolate_duplicates)]
         text = self.foreground_background_text(foreground_prompt, background_prompt, foreground_prompt_embeds,
                                                background_prompt_embeds, call_kwargs)
@@ -111,12 +122,16 @@ class _TrajectoryCall:
         with installed(self, *processors, layers=trajectory_layers):
             if text is None:
                 return super().__call__(*args, **kwargs)
-            registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
-            registry.register_hook(_ForegroundBackgroundPromptHook(torch.cat(text, dim=1), mask_steps), FG_BG_HOOK_NAME)
+            registries = [HookRegistry.check_if_exists_or_initialize(transformer)
+                          for transformer in pipeline_transformers(self)]
+            for registry in registries:  # each expert's conditional forwards of the first mask_steps steps
+                registry.register_hook(_ForegroundBackgroundPromptHook(torch.cat(text, dim=1), mask_steps),
+                                       FG_BG_HOOK_NAME)
             try:
                 return super().__call__(*args, **kwargs)
             finally:
-                registry.remove_hook(FG_BG_HOOK_NAME, recurse=False)
+                for registry in registries:
+                    registry.remove_hook(FG_BG_HOOK_NAME, recurse=False)
 
     def check_rope(self) -> None:
         """ValueError when the transformer has no 3D RoPE. Default: it has (Wan)."""
@@ -146,12 +161,12 @@ class _TrajectoryCall:
 
 
 class WanTrajectoryPipeline(_TrajectoryCall, WanPipeline):
-    """``WanPipeline`` (Wan2.1 text-to-video) with DiTraj trajectory control.
+    """``WanPipeline`` (Wan2.1 and Wan 2.2 text-to-video; on A14B both experts) with DiTraj trajectory control.
 
-    Extra ``__call__`` arguments: ``trajectory``, ``rope_steps`` (5), ``isolate_duplicates`` (True),
-    ``foreground_prompt`` / ``background_prompt`` or ``foreground_prompt_embeds`` / ``background_prompt_embeds``,
-    ``mask_steps`` (30), ``trajectory_layers`` (None: all). The authors run 50 steps, guidance 5, 81 frames of
-    832x480, UniPC with flow shift 3.
+    Extra ``__call__`` arguments: ``trajectory``, ``trajectory_rope_steps`` (5), ``trajectory_isolate_duplicates``
+    (True), ``foreground_prompt`` / ``background_prompt`` or ``foreground_prompt_embeds`` /
+    ``background_prompt_embeds``, ``trajectory_mask_steps`` (30), ``trajectory_layers`` (None: all). The authors
+    run Wan2.1 at 50 steps, guidance 5, 81 frames of 832x480, UniPC with flow shift 3.
     """
 
     def foreground_background_text(self, foreground_prompt, background_prompt, foreground_prompt_embeds,
@@ -171,10 +186,10 @@ class WanTrajectoryPipeline(_TrajectoryCall, WanPipeline):
             raise ValueError("give both a foreground and a background prompt (or prompt embeddings), or neither")
         if parts[0] is None:
             return None
+        text_dim = pipeline_transformers(self)[0].config.text_dim
         for name, embeds in zip(("background_prompt_embeds", "foreground_prompt_embeds"), parts, strict=True):
-            if embeds.dim() != 3 or embeds.shape[-1] != self.transformer.config.text_dim:
-                raise ValueError(f"{name} of shape {tuple(embeds.shape)} must be [batch, tokens, "
-                                 f"{self.transformer.config.text_dim}]")
+            if embeds.dim() != 3 or embeds.shape[-1] != text_dim:
+                raise ValueError(f"{name} of shape {tuple(embeds.shape)} must be [batch, tokens, {text_dim}]")
         if parts[0].shape[0] != parts[1].shape[0]:
             raise ValueError(f"background_prompt_embeds and foreground_prompt_embeds have batch sizes "
                              f"{parts[0].shape[0]} and {parts[1].shape[0]}")
@@ -213,8 +228,8 @@ class CogVideoXTrajectoryPipeline(_TrajectoryCall, CogVideoXPipeline):
     """``CogVideoXPipeline`` with DiTraj's STD-RoPE, for checkpoints with 3D RoPE
     (``use_rotary_positional_embeddings=True``: CogVideoX-5B, 1.5); others raise a ValueError.
 
-    Extra ``__call__`` arguments: ``trajectory``, ``rope_steps`` (5), ``isolate_duplicates`` (True),
-    ``trajectory_layers``. Foreground/background prompts are not supported on CogVideoX (its text and video
+    Extra ``__call__`` arguments: ``trajectory``, ``trajectory_rope_steps`` (5), ``trajectory_isolate_duplicates``
+    (True), ``trajectory_layers``. Foreground/background prompts are not supported on CogVideoX (its text and video
     share one joint attention; the authors' masking is defined for Wan's cross-attention).
     """
 
