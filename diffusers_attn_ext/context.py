@@ -5,25 +5,31 @@ reads the transformer's inputs and fills one :class:`AttnContext` object; every 
 transformer holds a reference to the same object, so a processor reaches it from the ``attn`` module it is
 called with. Nothing lives in globals.
 
-Per-generation state (``AttnContext.state``) is cleared when a generation ends: diffusers pipelines call
-``maybe_free_model_hooks()`` at the end of ``__call__``, which resets every stateful hook, ours included
-(for transformers with diffusers' ``CacheMixin``); and when the hook knows the pipeline, a new
-``scheduler.timesteps`` tensor (``set_timesteps`` runs once at the start of every pipeline call) starts a
-new generation too, so transformers without ``CacheMixin`` (SD3) reset at the start of each call.
+Per-generation state: each method keeps one state object per generation (:meth:`AttnContext.state_of`), all of
+them in ``AttnContext.state``, which one function clears: :meth:`AttnContext.new_generation`. It runs when a
+generation ends or the next begins, whichever the hook sees first: diffusers pipelines call
+``maybe_free_model_hooks()`` at the end of ``__call__``, which resets every stateful hook, ours included (for
+transformers with diffusers' ``CacheMixin``); and the per-forward bookkeeping (:meth:`ContextHook.begin_forward`)
+sees a new ``scheduler.timesteps`` tensor when the hook knows the pipeline (``set_timesteps`` runs once at the start
+of every pipeline call), so transformers without ``CacheMixin`` reset at the start of each call; by hand,
+:func:`reset_context`.
+
+What the context knows of a model comes from its family adapter (``diffusers_attn_ext.families``): the family name
+and how a forward lays out its tokens (:meth:`~diffusers_attn_ext.families.base.FamilyAdapter.forward_layout`).
 
 Compile-clean (see DESIGN.md): the Python bookkeeping (new generation, branch, step index, reading the timestep)
 runs outside any compiled region. Pipelines enter ``transformer.cache_context(name)`` around each forward, outside
 ``torch.compile`` (also of a whole ``OptimizedModule``): the hook's listener does the bookkeeping there. Inside the
 forward, which a whole-transformer ``torch.compile`` traces, the hook reads shapes only (token grid, text length,
 batch size), so one graph serves every step and branch. Transformers whose pipeline gives no cache context (SD3)
-do the bookkeeping in the hook when it runs eagerly (regional compile, or no compile); inside a compiled whole SD3
-transformer the step index is unknown and :attr:`AttnContext.step_index` raises for the methods that ask for it.
+do the bookkeeping in the hook when it runs eagerly (regional compile, or no compile); inside a compiled whole
+transformer without a cache context the step index is unknown and :attr:`AttnContext.step_index` raises for the
+methods that ask for it.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,13 +42,6 @@ CONTEXT_HOOK_NAME = "diffusers_attn_ext.context"
 CONTEXT_ATTR = "_attn_ext_context"
 MODULE_NAME_ATTR = "_attn_ext_module_name"
 
-# Transformer class name -> family name. Explicit, one line per supported model class.
-TRANSFORMER_FAMILIES = {
-    "SD3Transformer2DModel": "sd3",
-    "FluxTransformer2DModel": "flux",
-    "CogVideoXTransformer3DModel": "cogvideox",
-    "WanTransformer3DModel": "wan",
-}
 BRANCHES = ("uncond", "cond", "perturbed")
 
 
@@ -68,21 +67,22 @@ class AttnContext:
     """What one transformer forward looks like, as attention methods need to know it.
 
     Attributes:
-        family: "sd3", "flux", "cogvideox" or "wan".
+        family: the name of the transformer's family adapter.
         grid: visual token grid after patching (images have ``frames == 1``).
-        text_len: number of text tokens in the joint sequence (0 for Wan self-attention, whose text
-            enters through cross-attention only).
-        text_first: whether text tokens precede visual tokens in the joint sequence (FLUX, CogVideoX).
+        text_len: number of text tokens in the joint sequence (0 for a family whose text enters through
+            cross-attention only).
+        text_first: whether text tokens precede visual tokens in the joint sequence.
         batch_size: rows in this forward.
         branch: the diffusers cache-context name of this forward ("cond", "uncond", "cond_uncond"...)
             when the pipeline gives one.
         step_index: denoising step of this forward, counted from 0 within a generation.
         timestep: the timestep tensor given to the transformer.
         num_steps: steps of this generation when the pipeline tells it, else None.
-        generation: counts generations; processors key per-generation caches on it.
-        state: scratch space for per-generation state of processors, cleared at each generation.
+        generation: counts generations.
+        state: the per-generation state of every method (:meth:`state_of`), cleared at each generation.
         branch_labels: how the batch splits into guidance branches, when a pipeline declares it.
         config: the transformer's config (model facts such as its training length derive from it).
+        grid_of_tokens: token count -> grid seen eagerly, for families whose grid a compiled forward cannot read.
     """
 
     family: str
@@ -95,13 +95,13 @@ class AttnContext:
     timestep: torch.Tensor | None = None
     num_steps: int | None = None
     generation: int = 0
-    state: dict[str, Any] = field(default_factory=dict)
+    state: dict[Any, Any] = field(default_factory=dict)
     branch_labels: tuple[str, ...] | None = None
     config: Any = None
     _last_timestep: float | None = None
     _fresh: bool = True
     _stepped: bool = False  # the cache-context listener already advanced the step for the coming forward
-    _grid_of_tokens: dict = field(default_factory=dict)  # FLUX: token count -> grid seen eagerly (for compiled calls)
+    grid_of_tokens: dict = field(default_factory=dict)
 
     def set_branch_labels(self, labels: tuple[str, ...] | None) -> None:
         """Declare how the batch splits into guidance branches, in equal chunks: e.g.
@@ -129,6 +129,15 @@ class AttnContext:
             )
         chunk = self.batch_size // len(labels)
         return [i * chunk + r for i, label in enumerate(labels) if label == branch for r in range(chunk)]
+
+    def state_of(self, method: Any) -> Any:
+        """``method``'s state object of this generation: ``method.new_state()`` at the first ask of a generation,
+        the same object until :meth:`new_generation` clears them all. Eager bookkeeping: a method fills it outside
+        a compiled region (or only with what a compiled region may keep)."""
+        state = self.state.get(method)
+        if state is None:
+            state = self.state[method] = method.new_state()
+        return state
 
     def new_generation(self) -> None:
         """Forget everything that belongs to the generation that just ended (once: a second call before
@@ -194,47 +203,6 @@ class _CacheContextListener(StateManager):
             self._on_context(context)
 
 
-def _grid_and_text(family: str, module: torch.nn.Module, kwargs: dict[str, Any]) -> tuple[TokenGrid | None, int]:
-    """Token grid and text length of one forward, read from the transformer's inputs."""
-    hidden = kwargs["hidden_states"]
-    text = kwargs.get("encoder_hidden_states")
-    text_len = 0 if text is None else text.shape[1]
-    config = module.config
-    if family == "sd3":
-        p = config.patch_size
-        return TokenGrid(1, hidden.shape[-2] // p, hidden.shape[-1] // p), text_len
-    if family == "flux":
-        img_ids = kwargs.get("img_ids")
-        if img_ids is None:
-            return None, text_len
-        return _flux_grid(img_ids, hidden.shape[1], module), text_len
-    if family == "cogvideox":
-        p, p_t = config.patch_size, config.patch_size_t or 1
-        frames = hidden.shape[1] // p_t
-        return TokenGrid(frames, hidden.shape[-2] // p, hidden.shape[-1] // p), text_len
-    if family == "wan":
-        p_t, p_h, p_w = config.patch_size
-        return TokenGrid(hidden.shape[2] // p_t, hidden.shape[3] // p_h, hidden.shape[4] // p_w), 0
-    raise ValueError(f"family={family!r} is not one of {sorted(set(TRANSFORMER_FAMILIES.values()))}")
-
-
-def _flux_grid(img_ids: torch.Tensor, num_tokens: int, module: torch.nn.Module) -> TokenGrid | None:
-    """FLUX's token grid from its image ids (row, column in channels 1, 2). Reading them is a Python scalar from a
-    tensor, so it happens eagerly only; inside a compiled region the grid comes from the last eager forward with
-    as many tokens, else from a square grid, else None (methods that need it then say so)."""
-    context = getattr(module, CONTEXT_ATTR, None)
-    memo = context._grid_of_tokens if context is not None else {}
-    if torch.compiler.is_compiling():
-        side = math.isqrt(num_tokens)
-        return memo.get(num_tokens, TokenGrid(1, side, side) if side * side == num_tokens else None)
-    img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
-    height, width = int(img_ids[:, 1].max()) + 1, int(img_ids[:, 2].max()) + 1
-    grid = TokenGrid(1, height, width) if height * width == num_tokens else None
-    if grid is not None:
-        memo[num_tokens] = grid
-    return grid
-
-
 def _forward_kwargs(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The forward's arguments by name (pipelines pass keywords; positional ones are named here)."""
     if not args:
@@ -248,29 +216,39 @@ class ContextHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, context: AttnContext, pipeline: Any = None):
+    def __init__(self, context: AttnContext, forward_layout, pipeline: Any = None):
         super().__init__()
         self.context = context
+        self.forward_layout = forward_layout  # the family adapter's: (module, inputs, context) -> (grid, text length)
         self.cache_context = _CacheContextListener(self._on_cache_context)
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
         self._seen_timesteps = None
 
-    def _on_cache_context(self, cache) -> None:
-        """The pipeline is about to run a forward in cache context ``cache``: the per-forward bookkeeping, outside
-        any compiled region (the timestep comes from the pipeline's ``_current_timestep`` when it sets one)."""
+    def begin_forward(self, branch: str | None, timestep: Any, step_index: int | None, num_steps: int | None,
+                      count: bool = True) -> None:
+        """The per-forward bookkeeping, eagerly (never inside a compiled region), in one place for both callers (the
+        cache-context listener, else the hook before the forward): a new generation when the pipeline started a new
+        call, the forward's branch, and with ``count`` its step (:meth:`AttnContext.advance`)."""
         ctx = self.context
         if self._pipeline_started_new_call():
             ctx.new_generation()
-        ctx.branch = cache.name
+        ctx.branch = branch
+        if not count:
+            return
         pipeline = self._pipeline() if self._pipeline is not None else None
-        num_steps = cache.num_inference_steps
         if num_steps is None and pipeline is not None:
             num_steps = getattr(pipeline, "_num_timesteps", None)
+        ctx.advance(timestep, step_index, num_steps)
+
+    def _on_cache_context(self, cache) -> None:
+        """The pipeline is about to run a forward in cache context ``cache``, outside any compiled region (the
+        timestep comes from the pipeline's ``_current_timestep`` when it sets one). With nothing to count steps by
+        here, the hook counts them from the forward's timestep."""
+        pipeline = self._pipeline() if self._pipeline is not None else None
         timestep = cache.timestep if cache.timestep is not None else getattr(pipeline, "_current_timestep", None)
-        if cache.step_index is None and timestep is None:
-            return  # nothing to count steps by here: the hook counts them from the forward's timestep
-        ctx.advance(timestep, cache.step_index, num_steps)
-        ctx._stepped = True
+        counted = cache.step_index is not None or timestep is not None
+        self.begin_forward(cache.name, timestep, cache.step_index, cache.num_inference_steps, count=counted)
+        self.context._stepped = counted
 
     def _pipeline_started_new_call(self) -> bool:
         """Whether the pipeline's scheduler got new timesteps since the last forward."""
@@ -285,7 +263,7 @@ class ContextHook(ModelHook):
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         ctx = self.context
         named = _forward_kwargs(module, args, kwargs)
-        grid, text_len = _grid_and_text(ctx.family, module, named)
+        grid, text_len = self.forward_layout(module, named, ctx)
         batch_size = named["hidden_states"].shape[0]
         # plain assignments: comparing with the last forward's values would guard on them inside a compiled region
         ctx.grid, ctx.text_len, ctx.batch_size = grid, text_len, batch_size
@@ -299,12 +277,8 @@ class ContextHook(ModelHook):
         if ctx._stepped:
             ctx._stepped = False
             return args, kwargs
-        if self._pipeline_started_new_call():
-            ctx.new_generation()
-        if self.cache_context._context is None:
-            ctx.branch = None
-        ctx.advance(named.get("timestep"), None, getattr(self._pipeline(), "_num_timesteps", None)
-                    if self._pipeline is not None and self._pipeline() is not None else None)
+        branch = ctx.branch if self.cache_context._context is not None else None
+        self.begin_forward(branch, named.get("timestep"), None, None)
         return args, kwargs
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -312,14 +286,16 @@ class ContextHook(ModelHook):
         return module
 
 
+def _adapter_of(transformer: torch.nn.Module):
+    """The family adapter of a transformer (the families sit above the context: imported when asked)."""
+    from .families import adapter_for_transformer
+
+    return adapter_for_transformer(_uncompiled(transformer))
+
+
 def family_of_transformer(transformer: torch.nn.Module) -> str:
     """Family name of a transformer, from its class; ValueError for an unsupported class."""
-    name = type(_uncompiled(transformer)).__name__
-    if name not in TRANSFORMER_FAMILIES:
-        raise ValueError(
-            f"transformer class {name!r} is not supported; supported classes: {sorted(TRANSFORMER_FAMILIES)}"
-        )
-    return TRANSFORMER_FAMILIES[name]
+    return _adapter_of(transformer).family
 
 
 def attach_context(target: Any) -> AttnContext:
@@ -333,8 +309,9 @@ def attach_context(target: Any) -> AttnContext:
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     hook = registry.get_hook(CONTEXT_HOOK_NAME)
     if hook is None:
-        context = AttnContext(family=family_of_transformer(transformer), config=transformer.config)
-        hook = ContextHook(context, pipeline)
+        adapter = _adapter_of(transformer)
+        context = AttnContext(family=adapter.family, config=transformer.config)
+        hook = ContextHook(context, adapter.forward_layout, pipeline)
         registry.register_hook(hook, CONTEXT_HOOK_NAME)
     for name, module in transformer.named_modules():
         if hasattr(module, "processor") and hasattr(module, "set_processor"):

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .validation import choice, integer, real
+from .call import DecayRule
+from .validation import boolean, choice, integer, real
 
 # The authors' constant for "may not attend" (a logit of -1e4 in their Wan kernel); exp(-1e4) is 0.
 ULTRAVICO_BLOCKED_LOGIT = -1.0e4
@@ -24,7 +25,7 @@ class ExtrapolationWindow:
 
     Attributes:
         frame_tokens: tokens per latent frame (height x width after patching).
-        train_frames: latent frames the model was trained on (Wan2.1: 21; CogVideoX: 13).
+        train_frames: latent frames the model was trained on (the family adapter knows it per checkpoint).
         video_start: index of the first video token in the attention sequence (text tokens before it,
             as in CogVideoX, are left unchanged).
         video_tokens: number of video tokens.
@@ -65,6 +66,7 @@ def ultravico_score_mod(window: ExtrapolationWindow, alpha: float, restrict_firs
 
     Pairs involving text tokens are unchanged. One closure per parameter set (cached): compiled
     FlexAttention guards on the closure, and a new one per call would recompile until dynamo's limit.
+    :func:`ultravico_rule` is the same function as a rule the fused kernels compute.
     """
     start, end = window.video_start, window.video_start + window.video_tokens
     half, frame, train = window.half_window, window.frame_tokens, window.train_tokens
@@ -79,9 +81,19 @@ def ultravico_score_mod(window: ExtrapolationWindow, alpha: float, restrict_firs
             score = torch.where(blocked, torch.full_like(score, ULTRAVICO_BLOCKED_LOGIT), score)
         return score
 
-    # Lets the kernel layer run the fused CUDA kernel instead when this is the only score change.
-    ultravico.fused = ("ultravico", dict(window=window, alpha=alpha, restrict_first_frame=restrict_first_frame))
     return ultravico
+
+
+@functools.lru_cache(maxsize=64)
+def ultravico_rule(window: ExtrapolationWindow, alpha: float, restrict_first_frame: bool = True) -> DecayRule:
+    """:func:`ultravico_score_mod` as a :class:`~diffusers_attn_ext.call.DecayRule` (the fused kernels' request):
+    the span is the video, far pairs are those beyond W/2, and with ``restrict_first_frame`` the first frame's
+    queries have the training length as their horizon."""
+    return DecayRule(
+        start=window.video_start, length=window.video_tokens, far=window.half_window, alpha=alpha,
+        horizon_queries=window.frame_tokens if restrict_first_frame else 0, horizon_keys=window.train_tokens,
+        blocked=ULTRAVICO_BLOCKED_LOGIT,
+    )
 
 
 def ultravico_reference(
@@ -129,13 +141,29 @@ def ultravico_block_classes(window: ExtrapolationWindow, seq_len: int, block_siz
 # (i, j) only every int(128 / L) frames once its decay length L = 2^bitlen(tpf) / 2^bitlen(|i-j|) drops
 # below this constant, which the authors hard-code to 128 whatever the block size (``get_diagonal_split_mask``).
 RADIAL_SPLIT_THRESHOLD = 128
+# The authors' names of their two mask rules, after the models they wrote them for (``radial_attn/attn_mask.py``):
+# "wan" keeps key frame 0 for every query frame (an attention sink), "hunyuan" does not. Accepted as ``model`` for
+# ``sink_first_frame``.
 RADIAL_MODELS = ("wan", "hunyuan")
+NOT_GIVEN = object()  # the default of ``model``: None is not a rule name
 
 
-def radial_window(distance: int, tokens_per_frame: int, decay_factor: float, block_size: int, model: str) -> float:
+def radial_sink(model=NOT_GIVEN, sink_first_frame: bool | None = None) -> bool:
+    """Whether key frame 0 is an attention sink, from ``sink_first_frame`` (None: the default, a sink) or the
+    authors' rule name ``model`` (:data:`RADIAL_MODELS`); ValueError when both are given and disagree."""
+    sink = None if sink_first_frame is None else boolean("sink_first_frame", sink_first_frame)
+    if model is NOT_GIVEN:
+        return True if sink is None else sink
+    by_model = choice("model", model, RADIAL_MODELS) == RADIAL_MODELS[0]
+    if sink is not None and sink != by_model:
+        raise ValueError(f"model={model!r} and sink_first_frame={sink} disagree: give one of them")
+    return by_model
+
+
+def radial_window(distance: int, tokens_per_frame: int, decay_factor: float, block_size: int) -> float:
     """Band half-width w(d) of Radial Attention between frames ``distance`` apart, in tokens.
 
-    ``w(d) = tpf`` for d = 0 and d = 1 (Wan; Hunyuan: d <= 1), otherwise
+    ``w(d) = tpf`` for d = 0 and d = 1 (both of the authors' rules), otherwise
     ``w(d) = max(2^bitlen(tpf) / 2^bitlen(d) * decay_factor, block_size)``
     (``get_window_width`` in ``radial_attn/attn_mask.py``; adjacent Wan frames are dense since commit 72788d4).
     """
@@ -174,14 +202,16 @@ def _shrunk_band(tokens_per_frame: int, width: float, row_offset: int, col_offse
 
 
 def radial_block_mask(
-    num_frames: int, tokens_per_frame: int, block_size: int = 128, decay_factor: float = 1.0, model: str = "wan",
+    num_frames: int, tokens_per_frame: int, block_size: int = 128, decay_factor: float = 1.0,
+    model: str = NOT_GIVEN, sink_first_frame: bool | None = None,
 ) -> torch.Tensor:
     """Radial Attention's static block mask over video tokens (arXiv 2506.19852; code mit-han-lab/radial-attention).
 
     The rule of ``gen_log_mask_shrinked`` in ``radial_attn/attn_mask.py`` at commit 72788d4 (2025-11-11, HEAD),
     computed block by block without token-level masks. For query frame i and key frame j, d = |i - j|:
 
-    - key frame 0 is dense for every query frame (attention sink; Wan only);
+    - key frame 0 is dense for every query frame (attention sink) with ``sink_first_frame`` (default; the authors'
+      ``model="wan"`` rule, which is also accepted here: ``model="hunyuan"`` has no sink, see :func:`radial_sink`);
     - otherwise the frame pair's token mask is ``|c - r| <= w(d)`` (local token indices, see
       :func:`radial_window`) if the pair is kept by the diagonal split (:func:`radial_pair_kept`), else empty;
     - each pair's token mask is shrunk to blocks on the global block grid (the frame starts at token i * tpf,
@@ -199,7 +229,7 @@ def radial_block_mask(
     tokens_per_frame = integer("tokens_per_frame", tokens_per_frame, 1)
     block_size = integer("block_size", block_size, 1)
     decay_factor = real("decay_factor", decay_factor, 0.0, low_open=True)
-    model = choice("model", model, RADIAL_MODELS)
+    sink = radial_sink(model, sink_first_frame)
     tpf, bs = tokens_per_frame, block_size
     video = num_frames * tpf
     n_blocks = -(-video // bs)
@@ -210,10 +240,10 @@ def radial_block_mask(
     for i in range(num_frames):
         for j in range(num_frames):
             distance = abs(i - j)
-            if model == "wan" and j == 0:
+            if sink and j == 0:
                 width = float(tpf)  # the whole frame pair: a band at least as wide as the frame
             elif radial_pair_kept(distance, tpf):
-                width = radial_window(distance, tpf, decay_factor, bs, model)
+                width = radial_window(distance, tpf, decay_factor, bs)
             else:
                 continue
             blocks = _shrunk_band(tpf, width, (i * tpf) % bs, (j * tpf) % bs, bs)

@@ -220,11 +220,9 @@ def shifted_score_mod(score_mod: Callable, head_offset: int, query_offset: int) 
 
 
 def global_index_score_mod(score_mod: Callable, head_offset: int, query_offset: int) -> Callable:
-    """``score_mod`` at global indices; unchanged where the offsets are 0. A mod that carries a fused kernel
-    (``score_mod.fused``, UltraViCo) does not depend on the head, so a head offset alone keeps it as it is and
-    the fused kernel stays eligible."""
-    if hasattr(score_mod, "fused"):
-        head_offset = 0
+    """``score_mod`` at global indices; unchanged where the offsets are 0. (A call's fused rule, which the fused
+    kernels run instead of its only score_mod, is head-independent and travels beside it: a head offset leaves
+    the call eligible.)"""
     if not head_offset and not query_offset:
         return score_mod
     return shifted_score_mod(score_mod, head_offset, query_offset)

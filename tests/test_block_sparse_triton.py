@@ -18,7 +18,7 @@ CHECK = textwrap.dedent(
     """
     import torch, triton
     from diffusers_attn_ext.kernels import block_sparse_triton as bst
-    from diffusers_attn_ext.masks import ExtrapolationWindow, ultravico_score_mod
+    from diffusers_attn_ext.masks import ExtrapolationWindow, ultravico_rule, ultravico_score_mod
 
     def reference(q, k, v, blocks, window=None):
         n = q.shape[1]
@@ -41,8 +41,8 @@ CHECK = textwrap.dedent(
         blocks = torch.rand(1 if batch_wide else 2, heads, nb, nb, generator=g) < 0.5
         blocks[..., -1, -1] = True
         blocks[0, 0, 0] = False
-        ultravico = dict(window=window, alpha=0.7, restrict_first_frame=True) if window else None
-        out = bst.launch_block_sparse(q, k, v, blocks, ultravico=ultravico)
+        rule = ultravico_rule(window, 0.7, True) if window else None
+        out = bst.launch_block_sparse(q, k, v, blocks, rule=rule)
         ref = reference(q, k, v, blocks, window)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err < 1e-5, (n, heads, batch_wide, err)
@@ -79,8 +79,8 @@ def test_kernels_reject_bad_tables_and_shapes():
     import torch
 
     from diffusers_attn_ext.kernels.block_sparse_triton import launch_block_sparse
-    from diffusers_attn_ext.kernels.ultravico_triton import launch_ultravico
-    from diffusers_attn_ext.masks import ExtrapolationWindow
+    from diffusers_attn_ext.kernels.decay_triton import launch_decay
+    from diffusers_attn_ext.masks import ExtrapolationWindow, ultravico_rule
 
     q = torch.randn(2, 300, 4, 64)
     good = torch.ones(1, 4, 3, 3, dtype=torch.bool)
@@ -89,8 +89,8 @@ def test_kernels_reject_bad_tables_and_shapes():
             launch_block_sparse(q, q, q, bad)
     window = ExtrapolationWindow(30, 3, 0, 300)
     with pytest.raises(ValueError, match="alpha=1.5 is outside the allowed range"):
-        launch_block_sparse(q, q, q, good, ultravico=dict(window=window, alpha=1.5, restrict_first_frame=True))
+        launch_block_sparse(q, q, q, good, rule=ultravico_rule(window, 1.5, True))
     with pytest.raises(ValueError, match="one shape"):
-        launch_ultravico(q, q[:, :128], q[:, :128], window, 0.9)
+        launch_decay(q, q[:, :128], q[:, :128], ultravico_rule(window, 0.9))
     with pytest.raises(ValueError, match="alpha=0 is outside"):
-        launch_ultravico(q, q, q, window, 0)
+        launch_decay(q, q, q, ultravico_rule(window, 0))

@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from diffusers_attn_ext import install, uninstall
+from diffusers_attn_ext.families.flux import FluxAdapter
 from diffusers_attn_ext.processors.isolation_reposition import (
     IsolationRepositionProcessor,
     allowed_pairs,
@@ -100,7 +101,7 @@ def test_repositioned_rope_keys_carry_the_rope_of_their_new_position(mode):
     rotary = (angles.cos(), angles.sin())
     rotated = rope64(raw_key, *rotary)
     for tokens in subject_tokens(LAYOUT, 1, 2, 3, visual_start=1, seq_len=7, mode=mode):
-        ours, _ = repositioned_reference(rotated, raw_key, tokens, rotary)
+        ours, _ = repositioned_reference(rotated, raw_key, tokens, FluxAdapter().key_rotation(rotary))
         resampled = (raw_key[tokens.ref_sources] * tokens.ref_weights[..., None, None]).sum(1)
         at_new = tuple(r[tokens.ref_positions] for r in rotary)
         torch.testing.assert_close(ours, rope64(resampled, *at_new), rtol=1e-12, atol=1e-12)
@@ -123,8 +124,8 @@ def test_rope_and_dropped_keys_through_the_kernel_equal_the_float64_reference(mo
             for p, k in zip(plans, keep.values(), strict=True)]
     scores = torch.einsum("bqhd,bkhd->bhqk", query, rotated) * 8 ** -0.5
     stock = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), value)
-    ours = isolation_reposition_attention(query, rotated, value, stock.clone(), [plans], rotary, keep=keep,
-                                          max_chunk_bytes=1)
+    ours = isolation_reposition_attention(query, rotated, value, stock.clone(), [plans],
+                                          FluxAdapter().key_rotation(rotary), keep=keep, max_chunk_bytes=1)
     expected = reference_float64(query, raw_key, value, kept, allowed_pairs(kept, 7), rotary)
     torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
 
@@ -182,7 +183,7 @@ def test_working_memory_stays_under_the_budget_and_no_query_by_key_tensor_exists
     query, key, value = (torch.randn(3, 68, 8, 16, generator=g) for _ in range(3))
     ids = torch.cat([torch.zeros(4, 3), torch.stack(torch.meshgrid(
         torch.zeros(1), torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1).flatten(0, 2)])
-    rotary = FluxPosEmbed(theta=10000, axes_dim=[4, 6, 6])(ids)
+    rotation = FluxAdapter().key_rotation(FluxPosEmbed(theta=10000, axes_dim=[4, 6, 6])(ids))
     peaks = {}
     for dropout_mode in ("queries", "keys"):
         processor = IsolationRepositionProcessor(layout, interpolation=mode, reference_dropout=0.5,
@@ -191,7 +192,7 @@ def test_working_memory_stays_under_the_budget_and_no_query_by_key_tensor_exists
         for budget in (40_000, 80_000, 2**30):
             tracker, out = LiveTensors(), query.clone()
             with tracker:
-                isolation_reposition_attention(query, key, value, out, plans, rotary, max_chunk_bytes=budget)
+                isolation_reposition_attention(query, key, value, out, plans, rotation, max_chunk_bytes=budget)
             peaks[dropout_mode, budget] = tracker.peak
             # Index vectors and SDPA's log-sum-exp are outside the budget: O(tokens), not O(tokens x heads x dim).
             assert tracker.peak <= budget + 2048
@@ -223,7 +224,8 @@ def test_query_dropout_isolates_the_dropped_target_tokens_from_the_reference():
     processor = IsolationRepositionProcessor(LAYOUT, reference_dropout=0.5, dropout_seed=0)
     plans = processor.plans(2, 3, 1, 7, "cpu")
     masks = processor.keep_masks(plans, 0)
-    split = processor.step_plans(plans, 0)
+    state = processor.new_state()  # the per-generation state the processor keeps its step plans in
+    split = processor.step_plans(plans, 0, state)
     for s, tokens in enumerate(plans[0]):
         kept = masks[(1, s)]
         groups = [g for g in split[0] if set(g.queries.tolist()) <= set(tokens.queries.tolist())]
@@ -231,7 +233,7 @@ def test_query_dropout_isolates_the_dropped_target_tokens_from_the_reference():
         assert torch.equal(groups[0].ref_positions, tokens.ref_positions)  # every repositioned key
         if not kept.all():
             assert torch.equal(groups[1].queries, tokens.queries[~kept]) and groups[1].ref_positions.numel() == 0
-    assert processor.step_plans(plans, 0) is split  # one split per step, shared by the layers
+    assert processor.step_plans(plans, 0, state) is split  # one split per step, shared by the layers
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])

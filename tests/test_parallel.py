@@ -13,6 +13,7 @@ and the mesh is built on "cpu".
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import os
 import socket
@@ -25,10 +26,10 @@ import torch.multiprocessing as mp
 from torch.nn.attention.flex_attention import flex_attention
 
 from diffusers_attn_ext import install
+from diffusers_attn_ext.call import FUSED_RULE, AttentionCall
 from diffusers_attn_ext.context import get_context
-from diffusers_attn_ext.families.base import AttentionCall
 from diffusers_attn_ext.kernels.flex import flex_block_mask
-from diffusers_attn_ext.masks import ExtrapolationWindow, radial_block_mask, ultravico_score_mod
+from diffusers_attn_ext.masks import ExtrapolationWindow, radial_block_mask, ultravico_rule, ultravico_score_mod
 from diffusers_attn_ext.parallel import (
     ParallelLayout,
     global_index_score_mod,
@@ -40,6 +41,7 @@ from diffusers_attn_ext.parallel import (
 from diffusers_attn_ext.processors.adaptive_sparse import AdaptiveSparseProcessor
 from diffusers_attn_ext.processors.radial_sparse import RadialSparseProcessor
 from diffusers_attn_ext.processors.softpag import SoftPAGProcessor
+from diffusers_attn_ext.processors.std_rope import STDRoPEProcessor
 from diffusers_attn_ext.processors.ultravico import UltraViCoProcessor
 from diffusers_attn_ext.testing import tiny_pipeline
 
@@ -126,12 +128,12 @@ def test_grid_methods_check_the_rank_share_and_refuse_others():
         context=SimpleNamespace(grid=SimpleNamespace(num_tokens=128, frames=8, height=4, width=4)),
         parallel_config=_fake_config(ring=2, ring_rank=1),
     )
-    assert grid_call.require_grid("UltraViCoProcessor").num_tokens == 128
+    assert grid_call.require_grid(UltraViCoProcessor).num_tokens == 128
     with pytest.raises(ValueError, match="STDRoPEProcessor does not support diffusers' context parallelism"):
-        grid_call.require_grid("STDRoPEProcessor")
+        grid_call.require_grid(STDRoPEProcessor)
     grid_call.visual = slice(0, 60)
     with pytest.raises(ValueError, match="holds 60 visual tokens, but its share of the grid 8x4x4 is 64"):
-        grid_call.require_grid("RadialSparseProcessor")
+        grid_call.require_grid(RadialSparseProcessor)
 
 
 # ----- the ring path in one process: local queries at global indices vs the full sequence -----
@@ -163,8 +165,12 @@ def test_head_offset_reaches_head_dependent_mods_only():
     assert global_index_score_mod(by_head, 6, 0) is shifted  # one closure per layout (compiled Flex guards on it)
     assert global_index_score_mod(by_head, 0, 0) is by_head
     window = ExtrapolationWindow(frame_tokens=16, train_frames=4, video_start=0, video_tokens=128)
-    fused = ultravico_score_mod(window, 0.5, True)
-    assert global_index_score_mod(fused, 6, 0) is fused  # head-independent: the fused kernel stays eligible
+    call = AttentionCall(module=torch.nn.Identity(), family="wan", kind="self", query=torch.zeros(1, 128, 2, 4),
+                         key=torch.zeros(1, 128, 2, 4), value=torch.zeros(1, 128, 2, 4), text=None,
+                         visual=slice(0, 128), context=None)
+    call.add_score_mod(ultravico_score_mod(window, 0.5, True), rule=ultravico_rule(window, 0.5, True))
+    ulysses = dataclasses.replace(call, score_mods=[global_index_score_mod(m, 6, 0) for m in call.score_mods])
+    assert ulysses.kernel_request().kind == FUSED_RULE  # head-independent: the fused kernel stays eligible
 
 
 # ----- a real 2-process run: diffusers' enable_parallelism on gloo vs one process -----

@@ -107,7 +107,7 @@ def test_steps_and_kinds():
     assert not processor.applies_to(call)
     call.family = "sd3"
     with pytest.raises(ValueError, match="family='sd3'"):
-        processor.applies_to(call)
+        processor.check_family(call.family)  # the processor base checks it at every call, before applies_to
 
 
 def moving_right_groups(length: int = 48, start: int = 0) -> torch.Tensor:
@@ -226,7 +226,7 @@ def test_isolation_off_or_with_attention_mask():
     call = self_call(context, None, torch.Generator().manual_seed(0))
     query = call.query
     STDRoPEProcessor(moving_right(), isolate_duplicates=False).edit_attention(call)
-    assert call.query is query and not call.score_mods and not call.extras
+    assert call.query is query and not call.score_mods and call.query_rows is None and call.key_span is None
     call.attn_mask = torch.ones(48, 48, dtype=torch.bool)
     with pytest.raises(ValueError, match="attention_mask.*isolate_duplicates=False"):
         STDRoPEProcessor(moving_right()).edit_attention(call)

@@ -1,128 +1,92 @@
-"""The contract between family adapters, methods and kernels: one attention call, described.
+"""What a family adapter is: every fact of one model family, and how its stock processor runs attention.
 
 A family adapter turns the arguments diffusers hands an attention processor into an
-:class:`AttentionCall` (q, k, v projected and normalized, the RoPE still to apply, where text and visual
-tokens sit), applies RoPE when asked, and turns the attention output back into what the family's
-transformer block expects. Methods edit the call between those steps; they never see family code.
+:class:`~diffusers_attn_ext.call.AttentionCall` (q, k, v projected and normalized, the RoPE still to apply, where
+text and visual tokens sit), applies RoPE when asked, and turns the attention output back into what the family's
+transformer block expects. It also holds the family's facts that methods need without naming the family: what it
+generates (image or video), how one forward lays out its tokens, its rotary table layout and how a moved key is
+rotated, the lengths its checkpoints were trained on, and what context parallelism passes to its kernel. Methods
+edit the call between those steps; they never see family code, and adapters never see a method.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
+from ..call import SELF_ATTENTION_KINDS, AttentionCall
 from ..context import AttnContext, TokenGrid
 
-# Kinds of attention call. "joint": text and visual tokens attend to each other in one sequence (SD3,
-# FLUX double blocks, CogVideoX); "single": FLUX single blocks, the joint sequence arrives concatenated;
-# "self": visual tokens only (Wan attn1, SD3.5 attn2); "cross": visual queries, text keys (Wan attn2).
-SELF_ATTENTION_KINDS = ("joint", "single", "self")
-# Methods that ask for the token grid and compute on global token indices under context parallelism
-# (see diffusers_attn_ext.parallel); the others get a ValueError there.
-CONTEXT_PARALLEL_METHODS = frozenset({"UltraViCoProcessor", "RadialSparseProcessor", "AdaptiveSparseProcessor"})
+MEDIA = ("image", "video")
 
 
-@dataclass
-class AttentionCall:
-    """One attention call as methods see it. Tensors are ``[batch, tokens, heads, head_dim]``.
+class KeyRotation(Protocol):
+    """How a family's RoPE moves an already rotated key from its source position ``n`` to a target ``m``:
+    ``R(m) k = R(m - n) R(n) k`` (a rotation per frequency pair)."""
 
-    ``text`` and ``visual`` are slices of the query sequence (and, for self-attention kinds, of the key
-    sequence). ``rotary`` is the family's rotary embedding for the visual tokens, applied by the adapter
-    after methods have had the chance to change positions. ``score_mods`` (FlexAttention signature,
-    applied in order) and ``block_mask`` (boolean ``[B|1, H|1, q_blocks, kv_blocks]`` with ``block_size``)
-    are what methods add to the scores; with neither, the dense kernel of the stock processor runs.
-    """
+    def deltas(self, targets: torch.Tensor, sources: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The rotations ``R(m - n)`` for target sequence positions ``targets [M]`` and source taps ``sources [M, k]``,
+        ``[M, k, ...]`` each, in the accumulation dtype of ``key`` (float32; float64 for float64 keys)."""
 
-    module: torch.nn.Module
-    family: str
-    kind: str
-    query: torch.Tensor
-    key: torch.Tensor
-    value: torch.Tensor
-    text: slice | None
-    visual: slice
-    context: AttnContext | None
-    rotary: Any = None
-    attn_mask: torch.Tensor | None = None
-    scale: float | None = None
-    score_mods: list[Callable] = field(default_factory=list)
-    block_mask: torch.Tensor | None = None
-    block_size: int = 128
-    dense_via: str = "dispatch"
-    backend: Any = None
-    parallel_config: Any = None
-    extras: dict[str, Any] = field(default_factory=dict)
-    active_methods: tuple = ()  # the methods that act on this call, in stage order (set by the processor)
-
-    @property
-    def is_self_attention(self) -> bool:
-        return self.kind in SELF_ATTENTION_KINDS
-
-    @property
-    def heads(self) -> int:
-        return self.query.shape[2]
-
-    @property
-    def head_dim(self) -> int:
-        return self.query.shape[3]
-
-    @property
-    def module_name(self) -> str | None:
-        from ..context import MODULE_NAME_ATTR
-
-        return getattr(self.module, MODULE_NAME_ATTR, None)
-
-    @property
-    def parallel(self):
-        """This rank's :class:`~diffusers_attn_ext.parallel.ParallelLayout` under diffusers' context
-        parallelism, None on a single GPU."""
-        from ..parallel import ParallelLayout
-
-        return ParallelLayout.from_config(self.parallel_config)
-
-    def require_grid(self, method: str) -> TokenGrid:
-        """The visual token grid of this call; ValueError if the context cannot give it.
-
-        Under context parallelism the grid is the whole video and the call holds this rank's tokens of it;
-        only methods that compute on global token indices (:data:`CONTEXT_PARALLEL_METHODS`) may ask.
-        """
-        grid = self.context.grid if self.context is not None else None
-        if grid is None:
-            raise ValueError(
-                f"{method} needs the latent token grid, but no context is attached to module "
-                f"{type(self.module).__name__}: call diffusers_attn_ext.attach_context(pipe) or install()"
-            )
-        visual_tokens = self.visual.stop - self.visual.start
-        layout = self.parallel
-        if layout is not None:
-            if method not in CONTEXT_PARALLEL_METHODS or self.text is not None:
-                raise ValueError(
-                    f"{method} does not support diffusers' context parallelism on {self.family} "
-                    f"{self.kind} attention (ring_degree={layout.ring_degree}, ulysses_degree={layout.ulysses_degree}); "
-                    f"supported: {sorted(CONTEXT_PARALLEL_METHODS)} on video-only sequences (Wan)"
-                )
-            rank_tokens = layout.token_range(grid.num_tokens)
-            if len(rank_tokens) != visual_tokens:
-                raise ValueError(
-                    f"{method}: rank {layout.rank} of {layout.world_size} holds {visual_tokens} visual tokens, but "
-                    f"its share of the grid {grid.frames}x{grid.height}x{grid.width} is {len(rank_tokens)} tokens"
-                )
-            return grid
-        if grid.num_tokens != visual_tokens:
-            raise ValueError(
-                f"{method}: the grid {grid.frames}x{grid.height}x{grid.width} ({grid.num_tokens} tokens) does "
-                f"not match the {visual_tokens} visual tokens of this attention call"
-            )
-        return grid
+    def rotate_(self, x: torch.Tensor, deltas: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Rotate ``x [P, H, D]`` (accumulation dtype, owned by the caller) in place by ``deltas`` flattened to ``[P, ...]``."""
 
 
 class FamilyAdapter:
-    """How one model family runs attention. Subclasses replicate their stock processor step for step."""
+    """How one model family runs attention, and its facts. Subclasses replicate their stock processor step for step.
+
+    Class attributes (the family's facts that do not depend on a checkpoint):
+        family: the name in the registry and in messages.
+        media: ``"image"`` or ``"video"``.
+        transformer_classes: class names of the family's transformers (a transformer's class tells its family).
+        attention_classes: class names of attention modules that belong to this family alone.
+        rotary: whether the family's self-attention takes rotary positions (a checkpoint may still have none:
+            :meth:`rotary_missing`).
+        text_cross_attention: whether visual queries attend the text in separate cross-attention calls.
+    """
 
     family: str = ""
+    media: str = "image"
+    transformer_classes: tuple[str, ...] = ()
+    attention_classes: tuple[str, ...] = ()
+    rotary: bool = False
+    text_cross_attention: bool = False
+
+    # ----- facts of a checkpoint (``config``: the transformer's config, or None when unknown)
+
+    def rotary_missing(self, config: Any) -> str | None:
+        """Why a checkpoint of this family has no rotary positions (None: it has them)."""
+        return None if self.rotary else f"{self.family} models have no rotary positions"
+
+    def trained_latent_frames(self, config: Any) -> int | None:
+        """Latent frames (after temporal patching) the checkpoint was trained on; None if unknown or an image model."""
+        return None
+
+    def trained_image_tokens(self, config: Any) -> int | None:
+        """Image tokens at the checkpoint's trained resolution; None if unknown or a video model."""
+        return None
+
+    def forward_layout(self, module: torch.nn.Module, inputs: dict[str, Any],
+                       context: AttnContext) -> tuple[TokenGrid | None, int]:
+        """The visual token grid (None if the inputs do not tell it) and the text length of one transformer forward,
+        from the forward's arguments by name. Reads shapes only (it runs inside a compiled region too)."""
+        raise NotImplementedError
+
+    # ----- the rotary table
+
+    def gather_rotary(self, rotary: Any, index: torch.Tensor) -> Any:
+        """The rotary embedding in which visual token ``n`` takes the table row of visual token ``index[n]``: the stock
+        RoPE evaluated at moved positions (``index`` int64 on the table's device)."""
+        raise ValueError(f"{self.family} attention has no rotary table to re-index")
+
+    def key_rotation(self, rotary: Any) -> KeyRotation | None:
+        """How to move already rotated keys of this call to other positions (None when the call has no RoPE)."""
+        if rotary is None:
+            return None
+        raise ValueError(f"{self.family} attention does not say how its rotary positions move a key")
+
+    # ----- one attention call
 
     def project(
         self,
@@ -146,3 +110,6 @@ class FamilyAdapter:
     def finish(self, attn: torch.nn.Module, call: AttentionCall, out: torch.Tensor):
         """Turn the attention output ``[B, N, H, D]`` into what the family's block expects."""
         raise NotImplementedError
+
+
+__all__ = ["MEDIA", "SELF_ATTENTION_KINDS", "AttentionCall", "FamilyAdapter", "KeyRotation"]

@@ -1,17 +1,51 @@
-"""CogVideoX attention (``Attention`` with ``CogVideoXAttnProcessor2_0``): text tokens then video tokens
-in one sequence; 3D RoPE on the video tokens when the model config has ``use_rotary_positional_embeddings``.
-The stock processor calls ``F.scaled_dot_product_attention`` on ``[B, H, N, D]`` directly."""
+"""CogVideoX (``CogVideoXTransformer3DModel``; ``Attention`` with ``CogVideoXAttnProcessor2_0``): video. Text tokens
+then video tokens (frame-major after the ``patch_size_t`` x ``patch_size`` patching) in one sequence; 3D RoPE on
+the video tokens, ``(cos, sin)`` each ``[video tokens, head_dim]``, when the model config has
+``use_rotary_positional_embeddings``. The stock processor calls ``F.scaled_dot_product_attention`` on
+``[B, H, N, D]`` directly."""
 
 from __future__ import annotations
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
+from ..context import TokenGrid
 from .base import AttentionCall, FamilyAdapter
 
 
 class CogVideoXAdapter(FamilyAdapter):
     family = "cogvideox"
+    media = "video"
+    transformer_classes = ("CogVideoXTransformer3DModel",)
+    rotary = True
+
+    def rotary_missing(self, config):
+        if config is None or config.get("use_rotary_positional_embeddings", False):
+            return None
+        return ("this CogVideoX transformer has use_rotary_positional_embeddings=False (CogVideoX has 3D RoPE with "
+                "use_rotary_positional_embeddings=True)")
+
+    def trained_latent_frames(self, config):
+        """``sample_frames`` through the VAE's temporal compression and the temporal patch (1.5 pads latent frames to
+        a multiple of ``patch_size_t``): 49 frames -> 13 latent frames (1.0), 81 -> 21 -> 11 (1.5, ``patch_size_t`` 2)."""
+        if config is None:
+            return None
+        sample_frames, compression = config.get("sample_frames"), config.get("temporal_compression_ratio")
+        if sample_frames is None or compression is None:
+            return None
+        latent = (sample_frames - 1) // compression + 1
+        patch_t = config.get("patch_size_t") or 1
+        return -(-latent // patch_t)
+
+    def forward_layout(self, module, inputs, context):
+        hidden, text = inputs["hidden_states"], inputs.get("encoder_hidden_states")  # hidden: [B, F, C, H, W]
+        p, p_t = module.config.patch_size, module.config.patch_size_t or 1
+        grid = TokenGrid(hidden.shape[1] // p_t, hidden.shape[-2] // p, hidden.shape[-1] // p)
+        return grid, 0 if text is None else text.shape[1]
+
+    def gather_rotary(self, rotary, index):
+        # (cos, sin), each [N, head_dim] over the video tokens
+        return tuple(table.index_select(0, index) for table in rotary)
 
     def project(self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary, context):
         text_len = encoder_hidden_states.size(1)

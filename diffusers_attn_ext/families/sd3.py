@@ -1,12 +1,17 @@
-"""Stable Diffusion 3 / 3.5 attention (``Attention`` with ``JointAttnProcessor2_0``): joint attention with
-image tokens first and text tokens after; SD3.5's ``attn2`` is self-attention over image tokens only. No
-RoPE. The stock processor calls ``F.scaled_dot_product_attention`` on ``[B, H, N, D]`` directly."""
+"""Stable Diffusion 3 / 3.5 (``SD3Transformer2DModel``; ``Attention`` with ``JointAttnProcessor2_0``): images.
+Joint attention with image tokens first (row-major after ``patch_size`` patching) and text tokens after; SD3.5's
+``attn2`` is self-attention over image tokens only. No RoPE. The stock processor calls
+``F.scaled_dot_product_attention`` on ``[B, H, N, D]`` directly."""
 
 from __future__ import annotations
 
 import torch
 
+from ..context import TokenGrid
 from .base import AttentionCall, FamilyAdapter
+
+# Image tokens at SD3's default 1024x1024 (128x128 latents, 2x2 patches).
+TRAINED_IMAGE_TOKENS = 64 * 64
 
 
 def _heads_first(x, batch_size, heads, head_dim):
@@ -15,6 +20,16 @@ def _heads_first(x, batch_size, heads, head_dim):
 
 class SD3Adapter(FamilyAdapter):
     family = "sd3"
+    media = "image"
+    transformer_classes = ("SD3Transformer2DModel",)
+
+    def trained_image_tokens(self, config):
+        return TRAINED_IMAGE_TOKENS
+
+    def forward_layout(self, module, inputs, context):
+        hidden, text = inputs["hidden_states"], inputs.get("encoder_hidden_states")  # hidden: [B, C, height, width]
+        p = module.config.patch_size
+        return TokenGrid(1, hidden.shape[-2] // p, hidden.shape[-1] // p), 0 if text is None else text.shape[1]
 
     def project(self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary, context):
         batch_size, image_len = hidden_states.shape[0], hidden_states.shape[1]

@@ -1,114 +1,121 @@
-"""The attention math: one function, :func:`attend`, chooses the kernel for an attention call.
+"""The attention math: :func:`attend` runs the explicit request of an attention call
+(:meth:`~diffusers_attn_ext.call.AttentionCall.kernel_request`) on the kernel that computes it.
 
-- no score modification and no block mask: the dense kernel of the stock processor (bit-identical to it);
-- a block mask alone (no score mod), on CUDA inputs with 128-token blocks: the block-sparse Triton kernel;
-- a score_mod that carries a fused kernel (``score_mod.fused = (name, params)``), alone and on CUDA
-  inputs the fused kernel supports: that kernel (UltraViCo's Triton kernel; with a block mask too, the
-  block-sparse kernel with UltraViCo's rule inside);
-- otherwise FlexAttention with the composed ``score_mod`` and the block mask (compiled on CUDA, eager on
-  CPU, the same function either way).
+- ``dense`` (no score modification, no block mask): the dense kernel of the stock processor (bit-identical to it);
+- ``block_sparse`` (a block mask alone), on CUDA inputs with 128-token blocks: the block-sparse Triton kernel;
+- ``fused_rule`` (a :class:`~diffusers_attn_ext.call.DecayRule` as the only score change), on CUDA inputs the
+  fused kernel supports: the decay kernel (with a block mask too, the block-sparse kernel with the rule inside);
+- otherwise FlexAttention with the composed ``score_mod`` and the block mask (compiled on CUDA, eager on CPU, the
+  same function either way).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..families.base import AttentionCall
+from ..call import BLOCK_SPARSE, DENSE, FUSED_RULE, AttentionCall, KernelRequest
 from ..parallel import ParallelLayout, offset_block_mask, parallel_attention
 from .dense import dense_attention
 from .flex import compose_score_mods, flex_attention_bnhd, flex_block_mask
 from .xformers_backend import xformers_status
 
-DENSE, FLEX, FUSED, BLOCK_SPARSE = "dense", "flex", "fused", "block_sparse"
+FLEX, FUSED = "flex", "fused"  # kernels chosen besides DENSE and BLOCK_SPARSE
 
 
-def _fused_kernel(call: AttentionCall):
-    """The fused kernel that computes ``call`` exactly, or None."""
-    if len(call.score_mods) != 1 or not call.query.is_cuda:
+def _fused_kernel(request: KernelRequest):
+    """The fused kernel that computes a ``fused_rule`` request exactly, or None."""
+    if request.kind != FUSED_RULE or not request.query.is_cuda:
         return None
-    name, params = getattr(call.score_mods[0], "fused", (None, None))
-    if name != "ultravico":
-        return None
-    from . import block_sparse_triton, ultravico_triton
+    from . import block_sparse_triton, decay_triton
 
-    if not ultravico_triton.supports(call.query, params["window"]):
+    query, key, value, rule = request.query, request.key, request.value, request.rule
+    if not decay_triton.supports(query, rule):
         return None
-    if call.block_mask is None:
-        return lambda: ultravico_triton.ultravico_attention(call.query, call.key, call.value, scale=call.scale, **params)
-    if block_sparse_triton.supports(call.query, call.key, call.block_size):  # UltraViCo composed with a sparse method
+    if request.block_mask is None:
+        return lambda: decay_triton.decay_attention(query, key, value, rule, scale=request.scale)
+    if block_sparse_triton.supports(query, key, request.block_size):  # the rule inside the block-sparse kernel
         return lambda: block_sparse_triton.block_sparse_attention(
-            call.query, call.key, call.value, call.block_mask, scale=call.scale, ultravico=params
+            query, key, value, request.block_mask, scale=request.scale, rule=rule
         )
     return None
 
 
-def choose_kernel(call: AttentionCall) -> str:
-    """The kernel for ``call``: dense unless methods modified scores or gave a block mask."""
-    if not call.score_mods and call.block_mask is None:
+def choose_kernel(call: AttentionCall | KernelRequest) -> str:
+    """The kernel for a call (or its request): dense unless methods modified scores or gave a block mask."""
+    request = call.kernel_request() if isinstance(call, AttentionCall) else call
+    if request.kind == DENSE:
         return DENSE
-    if call.attn_mask is None and _fused_kernel(call) is not None:
+    if request.attn_mask is not None:
+        raise ValueError(
+            "attention_mask together with a score modification or block mask is not supported: the model passed a "
+            "mask to this attention call"
+        )
+    if _fused_kernel(request) is not None:
         return FUSED
-    if call.attn_mask is None and not call.score_mods and call.query.is_cuda:
+    if request.kind == BLOCK_SPARSE and request.query.is_cuda:
         from . import block_sparse_triton
 
-        if block_sparse_triton.supports(call.query, call.key, call.block_size):
+        if block_sparse_triton.supports(request.query, request.key, request.block_size):
             return BLOCK_SPARSE
-    if call.attn_mask is not None:
-        raise ValueError(
-            "attention_mask together with a score modification or block mask is not supported: the "
-            f"{call.family} model passed a mask to {type(call.module).__name__}"
-        )
     return FLEX
 
 
 def attend(call: AttentionCall) -> torch.Tensor:
-    """Run the attention of ``call``; returns ``[B, N, H, D]``.
+    """Run the attention of ``call``; returns ``[B, N, H, D]`` (the rows of ``call.query_rows`` when set).
 
     Under diffusers' context parallelism (``call.parallel_config``), dense calls go through diffusers' own
     Ulysses / ring attention as the stock processor's do; score-modified and block-sparse calls run our
     kernels on global indices through :func:`diffusers_attn_ext.parallel.parallel_attention`.
     """
-    kernel = choose_kernel(call)
-    if kernel == DENSE:
+    request = call.kernel_request()
+    if request.kind == DENSE:
         return dense_attention(
-            call.query, call.key, call.value, attn_mask=call.attn_mask, scale=call.scale, via=call.dense_via,
-            backend=call.backend, parallel_config=call.parallel_config,
+            request.query, request.key, request.value, attn_mask=request.attn_mask, scale=request.scale,
+            via=request.dense_via, backend=request.backend, parallel_config=request.parallel_config,
         )
-    layout = ParallelLayout.from_config(call.parallel_config)
+    layout = ParallelLayout.from_config(request.parallel_config)
     if layout is not None:
         return parallel_attention(call, layout, _local_attend, _offset_attend)
-    return _local_attend(call)
+    return _run(request)
 
 
 def _offset_attend(call: AttentionCall, query_offset: int) -> torch.Tensor:
     """FlexAttention for queries starting at global token ``query_offset`` (score_mods already shifted); the
     block mask's rows are read at the queries' global blocks."""
+    request = call.kernel_request()
     block_mask = None
-    if call.block_mask is not None:
+    if request.block_mask is not None:
         block_mask = offset_block_mask(
-            call.block_mask, call.block_size, query_offset, call.query.shape[1], call.key.shape[1]
+            request.block_mask, request.block_size, query_offset, request.query.shape[1], request.key.shape[1]
         )
     return flex_attention_bnhd(
-        call.query, call.key, call.value, score_mod=compose_score_mods(call.score_mods),
-        block_mask=block_mask, scale=call.scale,
+        request.query, request.key, request.value, score_mod=compose_score_mods(list(request.score_mods)),
+        block_mask=block_mask, scale=request.scale,
     )
 
 
 def _local_attend(call: AttentionCall) -> torch.Tensor:
     """Our kernel for a call whose queries and keys are the whole sequence."""
-    kernel = choose_kernel(call)
+    return _run(call.kernel_request())
+
+
+def _run(request: KernelRequest) -> torch.Tensor:
+    """The kernel :func:`choose_kernel` picks for a score-modified or block-sparse request."""
+    kernel = choose_kernel(request)
     if kernel == FUSED:
-        return _fused_kernel(call)()
+        return _fused_kernel(request)()
     if kernel == BLOCK_SPARSE:
         from .block_sparse_triton import block_sparse_attention
 
-        return block_sparse_attention(call.query, call.key, call.value, call.block_mask, scale=call.scale)
+        return block_sparse_attention(request.query, request.key, request.value, request.block_mask,
+                                      scale=request.scale)
     block_mask = None
-    if call.block_mask is not None:
-        block_mask = flex_block_mask(call.block_mask, call.block_size, call.query.shape[1], call.key.shape[1])
+    if request.block_mask is not None:
+        block_mask = flex_block_mask(request.block_mask, request.block_size, request.query.shape[1],
+                                     request.key.shape[1])
     return flex_attention_bnhd(
-        call.query, call.key, call.value, score_mod=compose_score_mods(call.score_mods),
-        block_mask=block_mask, scale=call.scale,
+        request.query, request.key, request.value, score_mod=compose_score_mods(list(request.score_mods)),
+        block_mask=block_mask, scale=request.scale,
     )
 
 
@@ -142,7 +149,7 @@ def kernel_report() -> dict[str, str]:
             ) if on
         )
     triton_reason = _triton_status(cuda)
-    report["ultravico"] = f"fused Triton kernel ({triton_reason})" if triton_reason == "available" else (
+    report["decay_rule"] = f"fused Triton kernel ({triton_reason})" if triton_reason == "available" else (
         f"FlexAttention score_mod (fused Triton kernel: {triton_reason})"
     )
     report["block_sparse"] = f"Triton block-sparse kernel ({triton_reason})" if triton_reason == "available" else (

@@ -21,8 +21,8 @@ STATIC_ATTR = "_attn_ext_static_table"
 
 
 def mark_static(blocks: torch.Tensor) -> torch.Tensor:
-    """Declare that ``blocks`` will not change while it is used (the sparse processors' cached masks: radial per
-    grid, adaptive per cache window), so the kernel compresses it once and keeps the result on the tensor.
+    """Declare that ``blocks`` will not change while it is used (a method's cached mask: per grid, or per window
+    of steps), so the kernel compresses it once and keeps the result on the tensor.
     Unmarked tables are compressed at every call. Returns ``blocks``."""
     setattr(blocks, STATIC_ATTR, None)
     return blocks

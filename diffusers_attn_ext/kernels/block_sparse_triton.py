@@ -18,25 +18,25 @@ import torch
 import triton
 import triton.language as tl
 
-from ..masks import ULTRAVICO_BLOCKED_LOGIT, ExtrapolationWindow
+from ..call import DecayRule
 from ..validation import real
 from .block_sparse_table import BLOCK, check_block_table, compressed_table
-from .flash_triton import load_rows, online_softmax_step, store_rows, tensor_descriptor, ultravico_rule
+from .flash_triton import decay_rule, load_rows, online_softmax_step, store_rows, tensor_descriptor
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
 def _sparse_block(acc, l_i, m_i, q, k_desc, v_desc, z, h, start_n, offs_m, offs_n, N, qk_scale,
-                  alpha, half, frame_tokens, train_tokens, blocked_logit,
+                  alpha, far, horizon_queries, horizon_keys, blocked_logit,
                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  BOUNDS: tl.constexpr, ULTRAVICO: tl.constexpr, RESTRICT: tl.constexpr):
+                  BOUNDS: tl.constexpr, RULE: tl.constexpr, HORIZON: tl.constexpr):
     offs_kv = start_n + offs_n
     k = load_rows(k_desc, z, h, start_n, BLOCK_N, HEAD_DIM)
     v = load_rows(v_desc, z, h, start_n, BLOCK_N, HEAD_DIM)
     qk = tl.dot(q, k.T) * qk_scale
-    if ULTRAVICO:
-        qk = ultravico_rule(qk, offs_m, offs_kv, alpha, half, frame_tokens, train_tokens, blocked_logit, RESTRICT)
+    if RULE:
+        qk = decay_rule(qk, offs_m, offs_kv, alpha, far, horizon_queries, horizon_keys, blocked_logit, HORIZON)
     if BOUNDS:
         qk = tl.where((offs_kv < N)[None, :], qk, float("-inf"))
     return online_softmax_step(acc, l_i, m_i, qk, v)
@@ -46,8 +46,8 @@ def _sparse_block(acc, l_i, m_i, q, k_desc, v_desc, z, h, start_n, offs_m, offs_
 def _block_sparse_forward(
     q_desc, k_desc, v_desc, o_desc, Counts, Indices, Order,
     stride_cz, stride_ch, stride_cm, stride_iz, stride_ih, stride_im,
-    H, N, qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit,
-    ULTRAVICO: tl.constexpr, RESTRICT: tl.constexpr,
+    H, N, qk_scale, alpha, far, horizon_queries, horizon_keys, blocked_logit,
+    RULE: tl.constexpr, HORIZON: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     off_hz = tl.program_id(1)
@@ -75,13 +75,13 @@ def _block_sparse_forward(
         start_n = following * BLOCK_N
         following = tl.load(Indices + tl.minimum(i + 1, n_unmasked - 1))
         acc, l_i, m_i = _sparse_block(acc, l_i, m_i, q, k_desc, v_desc, z, h, start_n, offs_m, offs_n, N, qk_scale,
-                                      alpha, half, frame_tokens, train_tokens, blocked_logit, BLOCK_N=BLOCK_N,
-                                      HEAD_DIM=HEAD_DIM, BOUNDS=False, ULTRAVICO=ULTRAVICO, RESTRICT=RESTRICT)
+                                      alpha, far, horizon_queries, horizon_keys, blocked_logit, BLOCK_N=BLOCK_N,
+                                      HEAD_DIM=HEAD_DIM, BOUNDS=False, RULE=RULE, HORIZON=HORIZON)
     if has_partial:
         acc, l_i, m_i = _sparse_block(acc, l_i, m_i, q, k_desc, v_desc, z, h, last * BLOCK_N, offs_m, offs_n, N,
-                                      qk_scale, alpha, half, frame_tokens, train_tokens, blocked_logit,
-                                      BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, BOUNDS=True, ULTRAVICO=ULTRAVICO,
-                                      RESTRICT=RESTRICT)
+                                      qk_scale, alpha, far, horizon_queries, horizon_keys, blocked_logit,
+                                      BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, BOUNDS=True, RULE=RULE,
+                                      HORIZON=HORIZON)
 
     acc = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
     store_rows(o_desc, z, h, start_m * BLOCK_M, acc, BLOCK_M, HEAD_DIM)
@@ -103,29 +103,29 @@ DEFAULT_CONFIG = dict(num_warps=8, num_stages=3)
 
 def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor,
                            scale: float | None = None, config: dict | None = None,
-                           ultravico: dict | None = None) -> torch.Tensor:
+                           rule: DecayRule | None = None) -> torch.Tensor:
     """Block-sparse attention on ``[B, N, H, D]`` CUDA tensors with a bool table ``[B|1, H|1, q_blocks, kv_blocks]``
-    of 128x128 blocks; returns ``[B, N, H, D]``. ``ultravico`` (``window``, ``alpha``, ``restrict_first_frame``,
-    as the UltraViCo score_mod carries them) applies UltraViCo's rule inside the kept blocks: the two methods
-    composed in one kernel. The window must cover the whole sequence (video only)."""
+    of 128x128 blocks; returns ``[B, N, H, D]``. ``rule`` (a :class:`~diffusers_attn_ext.call.DecayRule`) is
+    applied inside the kept blocks: a score rule and a block mask in one kernel. The rule must span the whole
+    sequence."""
     if not supports(query, key, BLOCK) or value.shape != query.shape:
         raise ValueError("block_sparse_attention needs CUDA fp16/bf16 [B, N, H, 64|128] self-attention tensors "
                          "(query, key and value of one shape)")
-    return launch_block_sparse(query, key, value, blocks, scale, config, ultravico)
+    return launch_block_sparse(query, key, value, blocks, scale, config, rule)
 
 
 def launch_block_sparse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor,
                         scale: float | None = None, config: dict | None = None,
-                        ultravico: dict | None = None) -> torch.Tensor:
+                        rule: DecayRule | None = None) -> torch.Tensor:
     """:func:`block_sparse_attention` without the device check (Triton's CPU interpreter runs it in the tests)."""
     batch, n, heads, head_dim = query.shape
     q_blocks = triton.cdiv(n, BLOCK)
     check_block_table(blocks, batch, heads, n)
-    window: ExtrapolationWindow | None = ultravico["window"] if ultravico else None
-    if window is not None and (window.video_start != 0 or window.video_tokens != n):
-        raise ValueError("the fused UltraViCo rule needs a video-only sequence (video_start 0, all tokens video)")
-    if window is not None:
-        real("alpha", ultravico["alpha"], 0.0, 1.0, low_open=True)
+    if rule is not None and (rule.start != 0 or rule.length != n):
+        raise ValueError(f"the fused rule spans tokens {rule.start}..{rule.start + rule.length - 1}: it must span the "
+                         f"whole sequence of {n} tokens")
+    if rule is not None:
+        real("alpha", rule.alpha, 0.0, 1.0, low_open=True)
     counts, indices, order = compressed_table(blocks)
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # contiguous: the descriptor writes it
     scale = head_dim**-0.5 if scale is None else scale
@@ -139,9 +139,9 @@ def launch_block_sparse(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         broadcast_stride(counts, 0), broadcast_stride(counts, 1), counts.stride(2),
         broadcast_stride(indices, 0), broadcast_stride(indices, 1), indices.stride(2),
         heads, n, scale * LOG2E,
-        ultravico["alpha"] if window else 1.0, window.half_window if window else 0,
-        window.frame_tokens if window else 0, window.train_tokens if window else 0, ULTRAVICO_BLOCKED_LOGIT * LOG2E,
-        ULTRAVICO=window is not None, RESTRICT=bool(ultravico and ultravico["restrict_first_frame"]),
+        rule.alpha if rule else 1.0, rule.far if rule else 0, rule.horizon_queries if rule else 0,
+        rule.horizon_keys if rule else 0, (rule.blocked if rule else 0.0) * LOG2E,
+        RULE=rule is not None, HORIZON=bool(rule and rule.has_horizon),
         BLOCK_M=BLOCK, BLOCK_N=BLOCK, HEAD_DIM=head_dim, **{**DEFAULT_CONFIG, **(config or {})},
     )
     return out

@@ -46,14 +46,15 @@ def online_softmax_step(acc, l_i, m_i, qk, v):
 
 
 @triton.jit
-def ultravico_rule(qk, offs_m, offs_kv, alpha, half, frame_tokens, train_tokens, blocked_logit,
-                   RESTRICT: tl.constexpr):
-    """UltraViCo's rule per element on log2-domain scores: far pairs (|i - j| > half) take min(s, alpha * s),
-    i.e. alpha * s for s > 0 (alpha <= 1); first-frame queries get ``blocked_logit`` for keys beyond the
-    training length. Indices are positions in the video sequence."""
-    far = tl.abs(offs_m[:, None] - offs_kv[None, :]) > half
-    qk = tl.where(far, tl.minimum(qk, qk * alpha), qk)
-    if RESTRICT:
-        blocked = (offs_m[:, None] < frame_tokens) & (offs_kv[None, :] >= train_tokens)
+def decay_rule(qk, offs_m, offs_kv, alpha, far, horizon_queries, horizon_keys, blocked_logit,
+               HORIZON: tl.constexpr):
+    """A :class:`~diffusers_attn_ext.call.DecayRule` per element on log2-domain scores: far pairs
+    (``|i - j| > far``) take ``min(s, alpha * s)``, i.e. ``alpha * s`` for ``s > 0`` (alpha <= 1); with a horizon,
+    queries ``i < horizon_queries`` get ``blocked_logit`` for keys ``j >= horizon_keys``. Indices are positions in
+    the rule's span."""
+    is_far = tl.abs(offs_m[:, None] - offs_kv[None, :]) > far
+    qk = tl.where(is_far, tl.minimum(qk, qk * alpha), qk)
+    if HORIZON:
+        blocked = (offs_m[:, None] < horizon_queries) & (offs_kv[None, :] >= horizon_keys)
         qk = tl.where(blocked, blocked_logit, qk)
     return qk

@@ -5,8 +5,8 @@ runs, which computes the same function with the explicit score matrix: that is t
 tests and small inputs, never a default at video lengths on GPU.
 
 Compiled FlexAttention guards on the score_mod closure: methods build one closure per parameter set and
-reuse it (see ``masks.ultravico_score_mod``), else every call recompiles until dynamo's recompile limit and
-then falls back to the eager path, which materialises the score matrix.
+reuse it (the score mod generators of ``masks.py`` are cached), else every call recompiles until dynamo's
+recompile limit and then falls back to the eager path, which materialises the score matrix.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Training-free and dynamic, after DraftAttention (shawnricecake/draft-attention; 
    block b, so a block counts as n_b tokens of its mean key);
 2. keep, per query block a, the ``ceil(density * kv_blocks)`` key blocks of largest P[a, b], or with ``mass``
    the fewest blocks whose P sums to at least ``mass``; the diagonal block is always kept and blocks holding
-   text tokens (CogVideoX) are dense in rows and columns;
+   text tokens (of a joint sequence) are dense in rows and columns;
 3. reuse the pattern for ``cache_steps`` denoising steps (AdaSpa: patterns are stable across steps), and run
    dense attention for the first ``dense_steps`` steps and ``dense_layers`` blocks.
 
@@ -20,14 +20,15 @@ which matches the kernel's block grid. AdaSpa's exact LSE-based search is replac
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
-from ..families.base import AttentionCall
+from ..call import AttentionCall
 from ..kernels.block_sparse_table import mark_static
 from ..parallel import ParallelLayout, sequence_sum
 from ..validation import integer, real
-from .radial_sparse import SparseVideoProcessor, dense_text_blocks, set_block_mask
+from .radial_sparse import SparseVideoProcessor, dense_text_blocks
 
 DEFAULT_DENSITY = 0.25
 
@@ -105,6 +106,13 @@ def draft_block_pattern(
     return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted) | diagonal
 
 
+@dataclass
+class PatternState:
+    """Per generation: ``(module, branch, shapes) -> (cache window, pattern)``, the patterns searched."""
+
+    patterns: dict = field(default_factory=dict)
+
+
 class AdaptiveSparseProcessor(SparseVideoProcessor):
     """Dynamic block-sparse attention from a draft attention map, searched once per cache window.
 
@@ -116,11 +124,9 @@ class AdaptiveSparseProcessor(SparseVideoProcessor):
             ``dense_steps + k * cache_steps``.
         dense_steps, dense_layers, block_size: see :class:`SparseVideoProcessor`.
 
-    Patterns live in the context's per-generation state, one per attention module, guidance branch (Wan's
-    separate cond / uncond forwards) and input shape.
+    Patterns live in the per-generation state (:class:`PatternState`), one per attention module, guidance branch
+    (separate cond / uncond forwards) and input shape.
     """
-
-    method = "AdaptiveSparseProcessor"
 
     def __init__(
         self, density: float | None = None, mass: float | None = None, cache_steps: int = 5, dense_steps: int = 0,
@@ -134,6 +140,9 @@ class AdaptiveSparseProcessor(SparseVideoProcessor):
         self.density = real("density", density, 0.0, 1.0, low_open=True, allow_none=True)
         self.cache_steps = integer("cache_steps", cache_steps, 1)
 
+    def new_state(self) -> PatternState:
+        return PatternState()
+
     def pattern(self, call: AttentionCall) -> torch.Tensor:
         """This call's block pattern: searched at the first step of each cache window, else reused."""
         if torch.compiler.is_compiling():
@@ -146,7 +155,7 @@ class AdaptiveSparseProcessor(SparseVideoProcessor):
             return self._search(call)  # no cache filled while tracing
         window = (call.context.step_index - self.dense_steps) // self.cache_steps
         key = (id(call.module), call.context.branch, tuple(call.query.shape), tuple(call.key.shape))
-        cache = call.context.state.setdefault(("adaptive_sparse", id(self)), {})
+        cache = call.context.state_of(self).patterns
         if key not in cache or cache[key][0] != window:
             cache[key] = (window, mark_static(self._search(call)))
         return cache[key][1]
@@ -155,12 +164,12 @@ class AdaptiveSparseProcessor(SparseVideoProcessor):
         """A fresh block pattern for ``call``: the searched video blocks, and the text blocks dense."""
         pattern = draft_block_pattern(
             call.query, call.key, self.block_size, self.density, self.mass, call.scale, call.parallel,
-            call.require_grid(self.method).num_tokens,
+            call.require_grid(self).num_tokens,
         )
         return pattern | dense_text_blocks(call, pattern.shape[-1], self.block_size, pattern.device)
 
     def edit_attention(self, call: AttentionCall) -> None:
-        set_block_mask(call, self.pattern(call), self.block_size)
+        call.add_block_mask(self.pattern(call), self.block_size)
 
     def __repr__(self) -> str:
         target = f"mass={self.mass}" if self.mass is not None else f"density={self.density}"

@@ -6,22 +6,18 @@ the trained one the logits are rescaled to keep it level:
 
     softmax(lambda * q k^T / sqrt(d)),   lambda = sqrt(log N / log n)
 
-with N the keys of this self-attention and n those at the trained size. In joint attention (SD3, FLUX)
-N counts image and text tokens, and n the trained image tokens plus the same text tokens, so lambda is 1
-exactly at the trained size. A pure logit scale: it runs on the dense kernel through SDPA's ``scale``.
+with N the keys of this self-attention and n those at the trained size. In joint attention N counts image
+and text tokens, and n the trained image tokens plus the same text tokens, so lambda is 1 exactly at the
+trained size. A pure logit scale: it runs on the dense kernel through SDPA's ``scale``.
 """
 
 from __future__ import annotations
 
 import math
 
-from ..families.base import AttentionCall
+from ..call import AttentionCall
 from ..validation import integer
 from .base import AttnExtProcessor
-
-IMAGE_FAMILIES = ("sd3", "flux")
-# Image tokens at the default 1024x1024 resolution of SD3 and FLUX.1 (64x64 latent tokens after patching).
-TRAINED_IMAGE_TOKENS = {"sd3": 4096, "flux": 4096}
 
 
 def entropy_scale(num_keys: int, trained_keys: int) -> float:
@@ -30,36 +26,42 @@ def entropy_scale(num_keys: int, trained_keys: int) -> float:
 
 
 class EntropyScalingProcessor(AttnExtProcessor):
-    """Scale self-attention logits by sqrt(log N / log n) (Jin et al. 2023) for SD3 and FLUX.
+    """Scale self-attention logits by sqrt(log N / log n) (Jin et al. 2023) in image models.
 
     Args:
-        train_tokens: image tokens at the trained resolution; None takes the family default (4096 for
-            SD3 and FLUX.1 at 1024x1024).
+        train_tokens: image tokens at the trained resolution; None takes the checkpoint's from its family adapter
+            (:meth:`~diffusers_attn_ext.families.base.FamilyAdapter.trained_image_tokens`).
+
+    Not under diffusers' context parallelism: the scale needs the global key count, which a rank's shard does not
+    show (refused rather than scaled by a rank's share).
     """
 
-    families = IMAGE_FAMILIES
+    media = ("image",)
+    context_parallel = None
+    kernel = ()
 
     def __init__(self, train_tokens: int | None = None):
         self.train_tokens = integer("train_tokens", train_tokens, 2, allow_none=True)
 
     def applies_to(self, call: AttentionCall) -> bool:
-        self.check_family(call.family)
         return call.is_self_attention
 
+    def trained_tokens(self, call: AttentionCall) -> int:
+        """n of the formula's image part: ``train_tokens``, else the checkpoint's."""
+        trained = self.train_tokens
+        if trained is None:
+            trained = call.adapter.trained_image_tokens(None if call.context is None else call.context.config)
+        if trained is None:
+            raise ValueError("train_tokens=None and the trained image tokens of this checkpoint are unknown: pass "
+                             "EntropyScalingProcessor(train_tokens=...) (an integer >= 2)")
+        return trained
+
     def edit_attention(self, call: AttentionCall) -> None:
-        if call.parallel is not None:
-            # The scale needs the global key count, which this rank's shard does not show; refuse rather than
-            # silently scale by a rank's share.
-            raise ValueError(
-                "EntropyScalingProcessor does not support diffusers' context parallelism (parallel_config with "
-                f"world size {call.parallel.world_size}); run it on one GPU"
-            )
         image_tokens = call.visual.stop - call.visual.start
         text_tokens = call.key.shape[1] - image_tokens
-        trained = self.train_tokens or TRAINED_IMAGE_TOKENS[call.family]
-        scale = entropy_scale(call.key.shape[1], trained + text_tokens)
+        scale = entropy_scale(call.key.shape[1], self.trained_tokens(call) + text_tokens)
         if scale != 1.0:
-            call.scale = scale / math.sqrt(call.head_dim) if call.scale is None else call.scale * scale
+            call.scale_logits(scale)
 
     def __repr__(self) -> str:
         return f"EntropyScalingProcessor(train_tokens={self.train_tokens})"

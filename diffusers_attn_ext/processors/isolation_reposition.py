@@ -1,9 +1,9 @@
 """Isolation and Reposition Attention (IR-Diffusion, He et al., arXiv 2411.19261, Sec. 3.2-3.3; authors' code
-``hehuiguo/DreamStory``, ``DreamStoryScaledAttnProcessor``) for the joint attention of SD3 and FLUX.
+``hehuiguo/DreamStory``, ``DreamStoryScaledAttnProcessor``) for the joint attention of image models.
 
 The batch holds groups of ``n`` images (``n`` = images of the :class:`~diffusers_attn_ext.subjects.SubjectLayout`),
 image 0 of each group being the reference; classifier-free guidance batches ``[uncond x n, cond x n]`` are two
-groups. In every self-attention call (SD3 joint blocks, FLUX double and single blocks, SD3.5 ``attn2``):
+groups. In every self-attention call (joint, single-stream and image-only self-attention):
 
 - the reference row, and every target token outside the subjects (text, background), attend as stock;
 - a token of subject ``s`` in a target attends its own image and text except the tokens of the other subjects
@@ -15,12 +15,12 @@ groups. In every self-attention call (SD3 joint blocks, FLUX double and single b
   where ``k~_m, v~_m`` are the reference keys and values resampled (nearest by default, as the authors; or
   bilinear) from the reference box onto target position ``m``.
 
-Positions: FLUX rotates keys with RoPE before attention. A repositioned key must carry the RoPE of its new
+Positions: a model with RoPE rotates keys before attention. A repositioned key must carry the RoPE of its new
 position ``m``, not of its source ``n``: since RoPE is a rotation per frequency pair, ``R(m) k_raw =
-R(m - n) R(n) k_raw``, so the already rotated reference key is rotated by the difference ``m - n`` (cos and
-sin of the difference from those of ``m`` and ``n``); for bilinear blends each neighbour is rotated by its own
-difference before blending, which equals blending the raw keys and rotating by ``m``. SD3 has no RoPE (its
-positions are in the hidden states), so its keys are resampled as they are.
+R(m - n) R(n) k_raw``, so the already rotated reference key is rotated by the difference ``m - n``, which the
+family adapter computes from its rotary table (:meth:`~diffusers_attn_ext.families.base.FamilyAdapter.key_rotation`);
+for bilinear blends each neighbour is rotated by its own difference before blending, which equals blending the
+raw keys and rotating by ``m``. Without RoPE (positions in the hidden states) keys are resampled as they are.
 
 Kernel: the stock kernel runs first on every row (it is exact for all rows and tokens but the target subject
 tokens); :meth:`IsolationRepositionProcessor.edit_output` then recomputes the target subject queries with
@@ -42,12 +42,13 @@ drops repositioned reference keys for all of the subject's queries instead (this
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
 
-from ..families.base import AttentionCall
+from ..call import AttentionCall, accumulation_dtype
+from ..families.base import KeyRotation
 from ..subjects import INTERPOLATIONS, SubjectLayout, SubjectTokens, subject_tokens
 from ..validation import choice, integer, real
 from .base import AttnExtProcessor, require
@@ -56,35 +57,9 @@ DEFAULT_CHUNK_BYTES = 16 * 2**20
 DROPOUT_MODES = ("queries", "keys")
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """FLUX's real RoPE (diffusers ``apply_rotary_emb``, ``use_real_unbind_dim=-1``) applied in place to an
-    accumulation-dtype ``[M, H, D]`` the caller owns, with per-token ``cos, sin`` of shape ``[M, D]``: ``x cos + rot(x) sin``
-    (the same operations as diffusers', so the same rounding)."""
-    real, imag = x.unflatten(-1, (-1, 2)).unbind(-1)
-    rotated = torch.stack([-imag, real], -1).flatten(-2)
-    return x.mul_(cos[:, None]).add_(rotated.mul_(sin[:, None]))
-
-
-def _rope_deltas(rotary, tokens: SubjectTokens, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of ``m - n`` for every repositioned key (target position m) and source tap n: ``[M, k, D]``
-    in the accumulation dtype of ``key`` (float32; float64 for float64 keys), from FLUX's ``(cos, sin)`` over
-    the sequence. ``R(m - n) R(n) k = R(m) k`` moves a key rotated at its source n to the RoPE of its new
-    position m."""
-    if not (isinstance(rotary, tuple) and len(rotary) == 2 and rotary[0].shape[0] == key.shape[0]):
-        raise ValueError(
-            "IsolationRepositionProcessor repositions RoPE keys given as FLUX's (cos, sin) over the whole sequence; "
-            f"got {type(rotary).__name__}"
-        )
-    cos, sin = (r.to(key.device, _accumulation_dtype(key.dtype)) for r in rotary)
-    cos_m, sin_m = cos[tokens.ref_positions][:, None], sin[tokens.ref_positions][:, None]
-    cos_n, sin_n = cos[tokens.ref_sources], sin[tokens.ref_sources]
-    # cos(m - n) = cos m cos n + sin m sin n, sin(m - n) = sin m cos n - cos m sin n; in place, so that the
-    # temporaries stay at twice the result.
-    return (cos_m * cos_n).addcmul_(sin_m, sin_n), (sin_m * cos_n).addcmul_(cos_m, sin_n, value=-1)
+def _deltas(rotation: KeyRotation | None, tokens: SubjectTokens, key: torch.Tensor):
+    """The rotations ``R(m - n)`` of every repositioned key (target position m) and source tap n, or None."""
+    return None if rotation is None else rotation.deltas(tokens.ref_positions, tokens.ref_sources, key)
 
 
 def _kept(tokens: SubjectTokens, keep: torch.Tensor | None) -> SubjectTokens:
@@ -106,16 +81,17 @@ def split_queries(tokens: SubjectTokens, attending: torch.Tensor, isolated: torc
     return groups
 
 
-def _resample_into(key: torch.Tensor, value: torch.Tensor, tokens: SubjectTokens, deltas, k_out: torch.Tensor,
-                   v_out: torch.Tensor) -> None:
+def _resample_into(key: torch.Tensor, value: torch.Tensor, tokens: SubjectTokens, rotation: KeyRotation | None, deltas,
+                   k_out: torch.Tensor, v_out: torch.Tensor) -> None:
     """Write the repositioned reference keys and values ``[M, H, D]`` into ``k_out``, ``v_out``.
 
     Nearest without RoPE is a plain gather. Otherwise the temporaries are float32 (float64 for float64
     input): about 3 accumulation-dtype elements per (key, tap, head, channel), the ``RESAMPLE_TEMPORARIES``
-    of :func:`heads_per_chunk`. Keys are rotated in that dtype by ``deltas`` (:func:`_rope_deltas`), then blended.
+    of :func:`heads_per_chunk`. Keys are rotated in that dtype by ``rotation`` with ``deltas`` (:func:`_deltas`), then
+    blended.
     """
     sources, taps = tokens.ref_sources, tokens.ref_sources.shape[1]
-    acc = _accumulation_dtype(key.dtype)
+    acc = accumulation_dtype(key.dtype)
     if taps == 1:  # nearest: weights are exactly 1
         torch.index_select(value, 0, sources[:, 0], out=v_out)
         if deltas is None:
@@ -126,24 +102,26 @@ def _resample_into(key: torch.Tensor, value: torch.Tensor, tokens: SubjectTokens
         v_out.copy_((value[sources].to(acc) * weights).sum(1))
     gathered = key[sources]  # [M, taps, H, D]
     if deltas is not None:
-        rotated = _rotate_(gathered.flatten(0, 1).to(acc), *(d.flatten(0, 1) for d in deltas))
+        rotated = rotation.rotate_(gathered.flatten(0, 1).to(acc), tuple(d.flatten(0, 1) for d in deltas))
         gathered = rotated.unflatten(0, sources.shape)
     k_out.copy_(gathered[:, 0] if taps == 1 else (gathered.to(acc) * weights).sum(1))
 
 
 def repositioned_reference(
-    key: torch.Tensor, value: torch.Tensor, tokens: SubjectTokens, rotary=None, keep: torch.Tensor | None = None,
+    key: torch.Tensor, value: torch.Tensor, tokens: SubjectTokens, rotation: KeyRotation | None = None,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference subject's keys and values resampled into the target box: ``[M, H, D]`` each.
 
-    ``key``/``value`` are one reference row ``[S, H, D]`` (keys already rotated when ``rotary`` is given);
-    ``rotary`` is FLUX's ``(cos, sin)``, each ``[S, D]``, or None; ``keep`` selects repositioned keys (dropout).
+    ``key``/``value`` are one reference row ``[S, H, D]`` (keys already rotated when ``rotation`` is given);
+    ``rotation`` is the family adapter's :class:`~diffusers_attn_ext.families.base.KeyRotation` of the call's rotary
+    embedding, or None without RoPE; ``keep`` selects repositioned keys (dropout).
     """
     tokens = _kept(tokens, keep)
-    deltas = None if rotary is None else _rope_deltas(rotary, tokens, key)
+    deltas = _deltas(rotation, tokens, key)
     count = tokens.ref_positions.numel()
     k_new, v_new = key.new_empty(count, *key.shape[1:]), value.new_empty(count, *value.shape[1:])
-    _resample_into(key, value, tokens, deltas, k_new, v_new)
+    _resample_into(key, value, tokens, rotation, deltas, k_new, v_new)
     return k_new, v_new
 
 
@@ -171,7 +149,7 @@ def heads_per_chunk(heads: int, head_dim: int, keys: int, queries: int, resample
     return -(-heads // chunks)
 
 
-def _head_chunk(query, key, value, ref_key, ref_value, tokens: SubjectTokens, deltas, scale, out) -> None:
+def _head_chunk(query, key, value, ref_key, ref_value, tokens: SubjectTokens, rotation, deltas, scale, out) -> None:
     """Attention of one subject's queries over its gathered keys, for the heads of these ``[S, h, D]`` slices;
     results overwrite the subject's tokens of ``out``. Buffers die on return, before the next chunk."""
     own = tokens.own_keys.numel()
@@ -180,7 +158,7 @@ def _head_chunk(query, key, value, ref_key, ref_value, tokens: SubjectTokens, de
     v = value.new_empty(count, *value.shape[1:])
     torch.index_select(key, 0, tokens.own_keys, out=k[:own])
     torch.index_select(value, 0, tokens.own_keys, out=v[:own])
-    _resample_into(ref_key, ref_value, tokens, deltas, k[own:], v[own:])
+    _resample_into(ref_key, ref_value, tokens, rotation, deltas, k[own:], v[own:])
     q = query.index_select(0, tokens.queries)
     o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                        scale=scale)
@@ -189,7 +167,7 @@ def _head_chunk(query, key, value, ref_key, ref_value, tokens: SubjectTokens, de
 
 def subject_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ref_key: torch.Tensor, ref_value: torch.Tensor,
-    tokens: SubjectTokens, out: torch.Tensor, rotary=None, scale: float | None = None,
+    tokens: SubjectTokens, out: torch.Tensor, rotation: KeyRotation | None = None, scale: float | None = None,
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> None:
     """Isolation + Reposition attention of one target subject: the queries ``tokens.queries`` of the target row
@@ -198,24 +176,25 @@ def subject_attention(
 
     Heads run in chunks of :func:`heads_per_chunk`, one unmasked SDPA call each.
     """
-    deltas = None if rotary is None else _rope_deltas(rotary, tokens, key)
+    deltas = _deltas(rotation, tokens, key)
     heads, head_dim = query.shape[1], query.shape[2]
     taps = tokens.ref_sources.shape[1]
     resampled = 0 if taps == 1 and deltas is None else tokens.ref_sources.numel()
     fixed = 0 if deltas is None else sum(d.numel() * d.element_size() for d in deltas)
     step = heads_per_chunk(
         heads, head_dim, tokens.own_keys.numel() + tokens.ref_positions.numel(), tokens.queries.numel(), resampled,
-        key.element_size(), torch.finfo(_accumulation_dtype(key.dtype)).bits // 8, max_chunk_bytes, fixed,
+        key.element_size(), torch.finfo(accumulation_dtype(key.dtype)).bits // 8, max_chunk_bytes, fixed,
     )
     for start in range(0, heads, step):
         part = slice(start, start + step)
         _head_chunk(query[:, part], key[:, part], value[:, part], ref_key[:, part], ref_value[:, part], tokens,
-                    deltas, scale, out[:, part])
+                    rotation, deltas, scale, out[:, part])
 
 
 def isolation_reposition_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, plans: list[list[SubjectTokens]],
-    rotary=None, scale: float | None = None, keep: dict | None = None, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    rotation: KeyRotation | None = None, scale: float | None = None, keep: dict | None = None,
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> torch.Tensor:
     """Overwrite, in ``out [B, S, H, D]`` (the stock attention of every row), the target subject queries with
     Isolation + Reposition attention. ``plans[i - 1]`` are the :class:`SubjectTokens` of target image ``i``
@@ -235,7 +214,7 @@ def isolation_reposition_attention(
             for s, tokens in enumerate(image_plans):
                 subject_attention(
                     query[row], key[row], value[row], key[reference], value[reference],
-                    _kept(tokens, None if keep is None else keep[(image, s)]), out[row], rotary, scale,
+                    _kept(tokens, None if keep is None else keep[(image, s)]), out[row], rotation, scale,
                     max_chunk_bytes,
                 )
     return out
@@ -257,6 +236,14 @@ def allowed_pairs(plans: list[SubjectTokens], seq_len: int) -> torch.Tensor:
     return table
 
 
+@dataclass
+class SubjectState:
+    """Per generation: the plans of each token layout, and the last step's plans with its dropout applied."""
+
+    plans: dict[tuple, list[list[SubjectTokens]]] = field(default_factory=dict)
+    step_plans: tuple[tuple, list[list[SubjectTokens]]] | None = None
+
+
 class IsolationRepositionProcessor(AttnExtProcessor):
     """IR-Diffusion's Isolation and Reposition Attention; see the module docstring.
 
@@ -275,10 +262,13 @@ class IsolationRepositionProcessor(AttnExtProcessor):
         max_chunk_bytes: working memory of the subject queries' attention: one chunk of heads' gathered keys,
             values, queries and output (:func:`heads_per_chunk`; at least one head per chunk).
 
-    One image, or a layout without subjects, is the stock processor.
+    One image, or a layout without subjects, is the stock processor. Image models only; not under diffusers'
+    context parallelism; it does not compose with methods that change the scores of the same call.
     """
 
-    families = ("sd3", "flux")
+    media = ("image",)
+    context_parallel = None
+    kernel = ("rows",)
 
     def __init__(self, layout: SubjectLayout | None = None, start_step: int = 0, end_step: int | None = None,
                  interpolation: str = "nearest", reference_dropout: float = 0.0, dropout_seed: int = 0,
@@ -294,26 +284,28 @@ class IsolationRepositionProcessor(AttnExtProcessor):
         self.dropout_seed = integer("dropout_seed", dropout_seed, 0)
         self.dropout_mode = choice("dropout_mode", dropout_mode, DROPOUT_MODES)
         self.max_chunk_bytes = integer("max_chunk_bytes", max_chunk_bytes, 1)
-        self._plans: dict[tuple, list[list[SubjectTokens]]] = {}
-        self._step_plans: tuple[tuple, list[list[SubjectTokens]]] | None = None
+
+    def new_state(self) -> SubjectState:
+        return SubjectState()
 
     def applies_to(self, call: AttentionCall) -> bool:
-        self.check_family(call.family)
         if not call.is_self_attention or self.layout.num_images < 2 or not self.layout.names:
             return False
         step = call.context.step_index if call.context is not None else 0
         return step >= self.start_step and (self.end_step is None or step < self.end_step)
 
-    def plans(self, height: int, width: int, visual_start: int, seq_len: int, device) -> list[list[SubjectTokens]]:
-        """:class:`SubjectTokens` per target image and subject for one token layout (cached)."""
+    def plans(self, height: int, width: int, visual_start: int, seq_len: int, device,
+              state: SubjectState | None = None) -> list[list[SubjectTokens]]:
+        """:class:`SubjectTokens` per target image and subject for one token layout (kept in ``state`` when given)."""
+        cache = {} if state is None else state.plans
         cache_key = (height, width, visual_start, seq_len, str(device))
-        if cache_key not in self._plans:
-            self._plans[cache_key] = [
+        if cache_key not in cache:
+            cache[cache_key] = [
                 [SubjectTokens(**{f.name: getattr(p, f.name).to(device) for f in fields(SubjectTokens)})
                  for p in subject_tokens(self.layout, image, height, width, visual_start, seq_len, self.interpolation)]
                 for image in range(1, self.layout.num_images)
             ]
-        return self._plans[cache_key]
+        return cache[cache_key]
 
     def keep_masks(self, plans: list[list[SubjectTokens]], step: int) -> dict | None:
         """Reference dropout of one step: ``{(image, subject): bool}`` on the CPU, where they are drawn, over the
@@ -330,13 +322,16 @@ class IsolationRepositionProcessor(AttnExtProcessor):
                 keep[(image, s)] = mask | ~mask.any()
         return keep
 
-    def step_plans(self, plans: list[list[SubjectTokens]], step: int) -> list[list[SubjectTokens]]:
+    def step_plans(self, plans: list[list[SubjectTokens]], step: int,
+                   state: SubjectState | None = None) -> list[list[SubjectTokens]]:
         """``plans`` with the step's reference dropout applied (:meth:`keep_masks`), made once per step and
-        layout and reused by every layer of the step. ``"keys"``: each subject keeps its kept repositioned keys;
-        ``"queries"``: each subject splits into its attending and its isolated queries (:func:`split_queries`).
-        Masks become indices on the plans' device here, so no attention call synchronises the device."""
+        layout (kept in ``state`` when given) and reused by every layer of the step. ``"keys"``: each subject keeps
+        its kept repositioned keys; ``"queries"``: each subject splits into its attending and its isolated queries
+        (:func:`split_queries`). Masks become indices on the plans' device here, so no attention call synchronises
+        the device."""
+        state = SubjectState() if state is None else state
         cache_key = (id(plans), step)
-        if self._step_plans is None or self._step_plans[0] != cache_key:
+        if state.step_plans is None or state.step_plans[0] != cache_key:
             masks = self.keep_masks(plans, step)
             result = plans
             if masks is not None:
@@ -351,21 +346,17 @@ class IsolationRepositionProcessor(AttnExtProcessor):
                             entries.extend(split_queries(tokens, mask.nonzero().flatten().to(device),
                                                          (~mask).nonzero().flatten().to(device)))
                     result.append(entries)
-            self._step_plans = (cache_key, result)
-        return self._step_plans[1]
+            state.step_plans = (cache_key, result)
+        return state.step_plans[1]
 
     def edit_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
-        if call.score_mods or call.block_mask is not None or call.attn_mask is not None:
-            raise ValueError(
-                "IsolationRepositionProcessor recomputes subject queries with plain softmax attention; it does not "
-                "compose with score modifications, block masks or an attention_mask"
-            )
-        grid = call.require_grid("IsolationRepositionProcessor")
-        plans = self.plans(grid.height, grid.width, call.visual.start, call.query.shape[1], call.query.device)
-        step = call.context.step_index if call.context is not None else 0
+        """Recompute the target subject queries of ``out`` (the stock attention of every row)."""
+        grid = call.require_grid(self)
+        state = call.context.state_of(self)
+        plans = self.plans(grid.height, grid.width, call.visual.start, call.query.shape[1], call.query.device, state)
         return isolation_reposition_attention(
-            call.query, call.key, call.value, out, self.step_plans(plans, step), call.rotary, call.scale,
-            max_chunk_bytes=self.max_chunk_bytes,
+            call.query, call.key, call.value, out, self.step_plans(plans, call.context.step_index, state),
+            call.adapter.key_rotation(call.rotary), call.scale, max_chunk_bytes=self.max_chunk_bytes,
         )
 
     def __repr__(self) -> str:

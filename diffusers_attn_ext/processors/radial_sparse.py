@@ -3,8 +3,8 @@
 Paper: "Radial Attention: O(n log n) Sparse Attention with Energy Decay for Long Video Generation"
 (arXiv 2506.19852, NeurIPS 2025); code mit-han-lab/radial-attention. The mask is
 :func:`diffusers_attn_ext.masks.radial_block_mask` over the video tokens, one table shared by every batch row,
-head and layer, built once per grid and generation. Text tokens (CogVideoX's joint sequence) attend and are
-attended densely; Wan's cross-attention is dense. As in the authors' ``WanSparseAttnProcessor``
+head and layer, built once per grid and generation. Text tokens of a joint sequence attend and are attended
+densely; cross-attention is dense. As in the authors' attention processor
 (``radial_attn/models/wan/attention.py``), denoising steps with index < ``dense_steps`` and blocks with index
 < ``dense_layers`` run dense attention.
 """
@@ -12,16 +12,16 @@ attended densely; Wan's cross-attention is dense. As in the authors' ``WanSparse
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
 import torch
 
-from ..families.base import AttentionCall
+from ..call import AttentionCall
 from ..kernels.block_sparse_table import mark_static
-from ..masks import RADIAL_MODELS, radial_block_mask
-from ..validation import choice, integer, real
+from ..masks import NOT_GIVEN, radial_block_mask, radial_sink
+from ..validation import integer, real
 from .base import AttnExtProcessor
 
-VIDEO_FAMILIES = ("wan", "cogvideox")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)\.")
 
 
@@ -54,7 +54,7 @@ def joint_block_mask(video_mask: torch.Tensor, call: AttentionCall, block_size: 
 
 
 def dense_text_blocks(call: AttentionCall, blocks: int, block_size: int, device) -> torch.Tensor:
-    """``[blocks, blocks]`` table of the rows and columns of blocks that hold text tokens (none for Wan)."""
+    """``[blocks, blocks]`` table of the rows and columns of blocks that hold text tokens (none without text)."""
     text = torch.zeros(blocks, dtype=torch.bool, device=device)
     if call.text is not None and call.text.stop > call.text.start:
         text[call.text.start // block_size:-(-call.text.stop // block_size)] = True
@@ -62,16 +62,15 @@ def dense_text_blocks(call: AttentionCall, blocks: int, block_size: int, device)
 
 
 def set_block_mask(call: AttentionCall, blocks: torch.Tensor, block_size: int) -> None:
-    """Put ``blocks`` on the call, intersected with a block mask an earlier method set (same block size)."""
-    if call.block_mask is None:
-        call.block_mask, call.block_size = blocks, block_size
-        return
-    if call.block_size != block_size:
-        raise ValueError(
-            f"block_size={block_size} differs from the block_size={call.block_size} of a block mask set by an "
-            "earlier method: composed sparse methods need one block size"
-        )
-    call.block_mask = call.block_mask & blocks
+    """TEMPORARY (processors/rettention.py): :meth:`AttentionCall.add_block_mask`."""
+    call.add_block_mask(blocks, block_size)
+
+
+@dataclass
+class BlockMaskState:
+    """Per generation: the block tables built, by grid and layout."""
+
+    masks: dict = field(default_factory=dict)
 
 
 class SparseVideoProcessor(AttnExtProcessor):
@@ -83,9 +82,9 @@ class SparseVideoProcessor(AttnExtProcessor):
         block_size: tokens per block of the block-sparse kernel.
     """
 
-    method = "SparseVideoProcessor"
-    families = VIDEO_FAMILIES
-    families_description = "video families"
+    media = ("video",)
+    context_parallel = "global"
+    kernel = ("block_sparse",)
 
     def __init__(self, dense_steps: int = 0, dense_layers: int = 0, block_size: int = 128):
         self.dense_steps = integer("dense_steps", dense_steps, 0)
@@ -93,10 +92,9 @@ class SparseVideoProcessor(AttnExtProcessor):
         self.block_size = integer("block_size", block_size, 1)
 
     def applies_to(self, call: AttentionCall) -> bool:
-        self.check_family(call.family)
         if not call.is_self_attention:
             return False
-        call.require_grid(self.method)
+        call.require_grid(self)
         # the module name and the step are read only when they matter: under torch.compile each read is a guard,
         # and a guard on the block's name or on the step makes every block or step compile its own graph
         if self.dense_layers:
@@ -107,50 +105,55 @@ class SparseVideoProcessor(AttnExtProcessor):
 
 
 class RadialSparseProcessor(SparseVideoProcessor):
-    """Radial Attention's static block-sparse mask on video self-attention (Wan, CogVideoX).
+    """Radial Attention's static block-sparse mask on video self-attention.
 
     Args:
         decay_factor: scales the window beyond adjacent frames, ``w(d) = max(2^bitlen(tpf) / 2^bitlen(d) *
-            decay_factor, block_size)``; > 0. Default 1.0, as the authors' ``wan_t2v_inference.py`` argparse
-            and processor class; their shell scripts use 0.2 with ``dense_steps=12, dense_layers=1`` of 50 steps.
+            decay_factor, block_size)``; > 0. Default 1.0, as the authors' inference script
+            (``radial-attention/wan_t2v_inference.py``) argparse and processor class; their shell scripts use 0.2
+            with ``dense_steps=12, dense_layers=1`` of 50 steps.
         dense_steps, dense_layers: dense attention for the first steps / blocks (authors' defaults 0, 0).
-        block_size: 128 as the authors' Wan2.1 path (their Wan2.2 path uses 64).
-        model: "wan" (key frame 0 is an attention sink) or "hunyuan" (no sink); the Wan rule suits CogVideoX.
+        block_size: 128 as the authors' first model's path (their second model's path uses 64).
+        sink_first_frame: key frame 0 is an attention sink, dense for every query frame (default; None is the
+            default). Without it, the authors' rule without a sink.
+        model: instead of ``sink_first_frame``, the authors' name of the rule, one of
+            :data:`~diffusers_attn_ext.masks.RADIAL_MODELS` (named after the models they wrote each rule for: the
+            first is the sink rule, the second has none; see :func:`~diffusers_attn_ext.masks.radial_sink`).
     """
-
-    method = "RadialSparseProcessor"
 
     def __init__(
         self, decay_factor: float = 1.0, dense_steps: int = 0, dense_layers: int = 0, block_size: int = 128,
-        model: str = "wan",
+        model: str = NOT_GIVEN, sink_first_frame: bool | None = None,
     ):
         super().__init__(dense_steps, dense_layers, block_size)
         self.decay_factor = real("decay_factor", decay_factor, 0.0, low_open=True)
-        self.model = choice("model", model, RADIAL_MODELS)
+        self.sink_first_frame = radial_sink(model, sink_first_frame)
+
+    def new_state(self) -> BlockMaskState:
+        return BlockMaskState()
 
     def block_mask(self, call: AttentionCall) -> torch.Tensor:
-        """The call's block table, cached in the context's per-generation state per grid and layout."""
-        grid = call.require_grid(self.method)
-        key = (
-            self.decay_factor, self.block_size, self.model, grid, call.visual.start, call.query.shape[1],
-            call.query.device,
-        )
+        """The call's block table, cached in the per-generation state per grid and layout."""
+        grid = call.require_grid(self)
         if torch.compiler.is_compiling():  # no cache filled while tracing: the mask is built into the graph
             return self._build_block_mask(call, grid)
-        cache = call.context.state.setdefault("radial_sparse_masks", {})
+        cache = call.context.state_of(self).masks
+        key = (grid, call.visual.start, call.query.shape[1], call.query.device)
         if key not in cache:
             cache[key] = mark_static(self._build_block_mask(call, grid))
         return cache[key]
 
     def _build_block_mask(self, call: AttentionCall, grid) -> torch.Tensor:
-        video = radial_block_mask(grid.frames, grid.tokens_per_frame, self.block_size, self.decay_factor, self.model)
+        video = radial_block_mask(grid.frames, grid.tokens_per_frame, self.block_size, self.decay_factor,
+                                  sink_first_frame=self.sink_first_frame)
         return joint_block_mask(video, call, self.block_size).to(call.query.device)
 
     def edit_attention(self, call: AttentionCall) -> None:
-        set_block_mask(call, self.block_mask(call), self.block_size)
+        call.add_block_mask(self.block_mask(call), self.block_size)
 
     def __repr__(self) -> str:
         return (
             f"RadialSparseProcessor(decay_factor={self.decay_factor}, dense_steps={self.dense_steps}, "
-            f"dense_layers={self.dense_layers}, block_size={self.block_size}, model={self.model!r})"
+            f"dense_layers={self.dense_layers}, block_size={self.block_size}, "
+            f"sink_first_frame={self.sink_first_frame})"
         )

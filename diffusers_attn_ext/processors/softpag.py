@@ -10,24 +10,25 @@ Both terms are attention outputs, so no attention map is materialized: the dense
 output is blended per head with the output of the perturbed map. alpha = 0 is no perturbation, alpha = 1 is
 PAG's identity perturbation restricted to the selected heads. ``A^PAG`` depends on ``identity``:
 
-- ``"image"`` (default): diffusers' ``PAGJointAttnProcessor2_0``. The image-image block of the joint map is
+- ``"image"`` (default): diffusers' PAG processor for joint attention. The image-image block of the joint map is
   the identity; an image query still attends to itself and to every text key (its scores keep those
   entries), and text queries are unchanged. For an image query i: ``softmax([s_ii, s_it for text t])``.
-  At alpha = 1 on every head of a layer this equals diffusers' SD3 PAG pipeline.
+  At alpha = 1 on every head of a layer this equals diffusers' PAG pipeline of that model.
 - ``"all"``: the authors' code (``[PROB_PERTURB]attention_identity``): the whole joint map is the identity,
   so every token, text tokens included, outputs its own value: ``A^PAG V = V``.
 
-In self-attention without text tokens (SD3.5 ``attn2``) both are ``A^PAG V = V``.
+In self-attention without text tokens (an image-only self-attention beside a joint one) both are
+``A^PAG V = V``.
 
 Modules of a layer, as the authors' code (cvlab-kaist/HeadHunter, ``JointTransformerBlock.forward``): a head
-set names blocks; the perturbation goes to the block's joint attention only, never to SD3.5's second
-self-attention ``attn2`` (image tokens only, beside the joint attention) unless the head set names that module
+set names blocks; the perturbation goes to the block's joint attention only, never to a second, image-only
+self-attention of the block (``attn2``, beside the joint attention) unless the head set names that module
 itself or ``dual_attention=True``.
 
-Projections and norms are the stock model's, ``norm_added_q`` / ``norm_added_k`` included. The authors'
-``JointAttnProcessor2_0`` has those two lines commented out, in every forward, perturbed or not: on SD3.5
-(QK-normed) their unperturbed passes are therefore not SD3.5's, while on the SD3-medium they ran (no QK norm)
-the lines do nothing. We keep the norms (docs/softpag.md: a defect of their code, with the evidence).
+Projections and norms are the stock model's (the family adapter's), added-token QK norms included. The authors'
+joint attention processor has the added-token QK norm lines commented out, in every forward, perturbed or not:
+on a QK-normed model their unperturbed passes are therefore not the stock model's, while on the model they ran
+(no QK norm) the lines do nothing. We keep the norms (docs/softpag.md: a defect of their code, with the evidence).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..families.base import AttentionCall
+from ..call import AttentionCall
 from ..headset import HeadSet, as_headset
 from ..validation import as_number, boolean, choice, real
 from .base import AttnExtProcessor, require
@@ -75,7 +76,8 @@ def identity_target(call: AttentionCall, query, key, value, out, identity: str) 
 
 def is_dual_attention(call: AttentionCall) -> bool:
     """Whether ``call`` is an image-only self-attention beside a joint one: a call without text tokens in a
-    model whose sequences carry text (``context.text_len > 0``), i.e. SD3.5's ``attn2``. Python ints only."""
+    model whose sequences carry text (``context.text_len > 0``), e.g. a block's second self-attention ``attn2``.
+    Python ints only."""
     return call.text is None and call.context is not None and call.context.text_len > 0
 
 
@@ -120,10 +122,12 @@ class SoftPAGProcessor(AttnExtProcessor):
         alpha: interpolation weight u of Eq. 7 in [0, 1]: a scalar, or ``{layer: alpha or [alpha per head]}``.
         identity: ``"image"`` (diffusers' PAG treatment of text tokens) or ``"all"`` (the authors' code).
         dual_attention: a layer that names a block also perturbs the block's image-only self-attention beside
-            its joint attention (SD3.5's ``attn2``). Default False, as the authors' block forward, which passes
+            its joint attention (``attn2``). Default False, as the authors' block forward, which passes
             the perturbation to ``attn`` only; a head set entry that names the ``attn2`` module itself is
             perturbed either way.
     """
+
+    kernel = ()  # it changes outputs only
 
     def __init__(self, heads=None, alpha: float | Mapping[str, float | Sequence[float]] = 1.0, identity: str = "image",
                  dual_attention: bool = False):
@@ -182,7 +186,7 @@ class SoftPAGProcessor(AttnExtProcessor):
             raise ValueError(
                 f"SoftPAGProcessor(identity='image') on {call.family} {call.kind} attention under diffusers' context "
                 "parallelism is not supported (the image queries' identity map needs every rank's text keys); "
-                "allowed there: identity='all', or video-only sequences (Wan)"
+                "allowed there: identity='all', or sequences without text tokens"
             )
         rows = torch.tensor(call.context.rows("perturbed"), device=out.device)
         index = torch.tensor(heads, device=out.device)

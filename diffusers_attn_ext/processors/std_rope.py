@@ -9,8 +9,8 @@ On the first ``steps`` denoising steps, in every video self-attention:
 1. positions: each foreground token ``(t, h, w)`` of its frame's box takes the spatial position of the
    reference box, ``(t, h', w')`` (:func:`diffusers_attn_ext.trajectory.std_rope_positions`); the RoPE
    table rows are gathered from the stock table, ``cos'[n] = cos[src(n)]``, ``src(n) = (t H + h') W + w'``,
-   which is the stock RoPE evaluated at the new positions (diffusers' ``WanRotaryPosEmbed`` or CogVideoX's
-   ``get_3d_rotary_pos_embed``);
+   which is the stock RoPE evaluated at the new positions (the family adapter re-indexes its table:
+   :meth:`~diffusers_attn_ext.families.base.FamilyAdapter.gather_rotary`);
 2. scores (``isolate_duplicates``): with ``F`` the foreground tokens (every frame's box) and ``D`` the
    background tokens whose position a foreground token took (the authors' ``redundant_token``), the
    authors' ``fixrope_self_attention_mask`` sets ``s_ij = -inf`` for ``i in F, j in D`` and ``i in D, j in F``.
@@ -20,7 +20,8 @@ On the first ``steps`` denoising steps, in every video self-attention:
        out_i = softmax over keys not in D                  for i in F
        out_i = softmax over keys not in F                  for i in D
 
-   Kernel (:func:`isolated_attention`): the stock dense kernel runs on the ``O`` queries only; the ``F`` and
+   Kernel (:func:`isolated_attention`): the stock dense kernel runs on the ``O`` queries only (``attend_rows``); the
+   ``F`` and
    ``D`` queries then run the same dense kernel, with no mask, over one per-row copy of the keys and values
    reordered ``[F, O, D]``, of which "not in D" is the prefix ``[F, O]`` and "not in F" the suffix ``[O, D]``
    (contiguous slices). The work is ``|O| N + |F| (N - |D|) + |D| (N - |F|) <= N^2`` query-key pairs, about
@@ -29,19 +30,21 @@ On the first ``steps`` denoising steps, in every video self-attention:
    score_mod instead (:func:`duplicate_isolation_score_mod`, the same function, composable, slower).
 
 The per-generation work (positions, gather index, token groups, row indices) and the per-forward work (the
-gathered table, shared by every block of a forward) are cached in ``context.state``; the isolation score_mod
-is cached per token layout across generations, so compiled FlexAttention does not recompile per call.
+gathered table, shared by every block of a forward) live in the method's per-generation state
+(:class:`STDRoPEState`); the isolation score_mod is cached per token layout across generations, so compiled
+FlexAttention does not recompile per call.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from ..call import AttentionCall
 from ..context import TokenGrid
-from ..families.base import AttentionCall
 from ..kernels.dense import dense_attention
 from ..trajectory import (
     Trajectory,
@@ -54,12 +57,8 @@ from ..trajectory import (
 from ..validation import boolean, integer
 from .base import AttnExtProcessor, require
 
-ROPE_FAMILIES = ("wan", "cogvideox")
-# Token axis of each family's RoPE table: Wan (cos, sin) are [1, N, 1, D], CogVideoX's [N, D].
-ROPE_TOKEN_DIM = {"wan": 1, "cogvideox": 0}
 DEFAULT_ROPE_STEPS = 5  # the authors' fixRope_step
 OTHER, FOREGROUND, DUPLICATE = 0, 1, 2
-ISOLATION_EXTRA = "std_rope.isolation"  # call.extras: (full query, IsolationRows) between the two stages
 
 
 def duplicate_isolation_score_mod(groups: torch.Tensor):
@@ -174,27 +173,37 @@ class STDRoPEPlan:
         return self._on_device[key]
 
 
+@dataclass
+class STDRoPEState:
+    """Per generation: the plan of each grid, and the last forward's stock rotary embedding and its gathered one."""
+
+    plans: dict[TokenGrid, STDRoPEPlan] = field(default_factory=dict)
+    stock_rotary: Any = None
+    moved_rotary: Any = None
+
+
 class STDRoPEProcessor(AttnExtProcessor):
-    """DiTraj's STD-RoPE on video self-attention (Wan attn1, CogVideoX joint attention).
+    """DiTraj's STD-RoPE on video self-attention (the joint or self-attention of a 3D-RoPE video model).
 
     Args:
         trajectory: the foreground box of every video frame (:class:`~diffusers_attn_ext.trajectory.Trajectory`).
         steps: STD-RoPE acts on denoising steps ``0 .. steps - 1`` (the authors' ``fixRope_step``, 5 of
             50); None for every step. An integer >= 0.
         frame_stride: video frames per latent token frame: the VAE's temporal compression times the temporal
-            patch (Wan 4, CogVideoX 1.0 4, CogVideoX 1.5 8). An integer >= 1.
+            patch (4 or 8 in the supported models). An integer >= 1.
         isolate_duplicates: block attention between foreground tokens and background tokens holding a
             position a foreground token took (the authors' self-attention mask on these steps). Default on.
             Alone on a call it costs about a dense attention (:func:`isolated_attention`); composed with other
             methods acting on the same call it is a FlexAttention score_mod. Not with an ``attention_mask``.
 
     A trajectory that moves no position (e.g. a full-frame box) leaves the stock RoPE and kernel: the
-    output equals stock. Models without 3D RoPE (CogVideoX with ``use_rotary_positional_embeddings=False``)
-    raise a ValueError.
+    output equals stock. Checkpoints without rotary positions raise a ValueError (their family adapter says why).
     """
 
-    families = ROPE_FAMILIES
-    families_description = "3D-RoPE video families"
+    media = ("video",)
+    needs_rotary = True
+    context_parallel = None
+    kernel = ("rows", "score_mod")
 
     def __init__(self, trajectory: Trajectory | None = None, steps: int | None = DEFAULT_ROPE_STEPS, frame_stride: int = 4,
                  isolate_duplicates: bool = True):
@@ -204,58 +213,54 @@ class STDRoPEProcessor(AttnExtProcessor):
         self.steps = integer("steps", steps, 0, allow_none=True)
         self.isolate_duplicates = boolean("isolate_duplicates", isolate_duplicates)
 
-    def check_model(self, transformer, family: str, modules) -> None:
-        """At install: a 3D-RoPE video family (a CogVideoX checkpoint needs ``use_rotary_positional_embeddings``)."""
-        super().check_model(transformer, family, modules)
-        if family == "cogvideox" and not transformer.config.get("use_rotary_positional_embeddings", False):
-            raise ValueError(
-                "STDRoPEProcessor needs 3D RoPE, but this CogVideoX transformer has "
-                "use_rotary_positional_embeddings=False (supported: Wan, CogVideoX with "
-                "use_rotary_positional_embeddings=True)"
-            )
+    def new_state(self) -> STDRoPEState:
+        return STDRoPEState()
 
     def applies_to(self, call: AttentionCall) -> bool:
-        self.check_family(call.family)
         if not call.is_self_attention:
             return False
         return self.steps is None or call.context is None or call.context.step_index < self.steps
 
     def plan(self, call: AttentionCall) -> STDRoPEPlan:
         """The plan of this call's grid, built once per generation."""
-        grid = call.require_grid("STDRoPEProcessor")
-        plans = call.context.state.setdefault(("std_rope.plans", id(self)), {})
+        grid = call.require_grid(self)
+        plans = call.context.state_of(self).plans
         if grid not in plans:
             plans[grid] = STDRoPEPlan(self.trajectory, grid, self.frame_stride)
         return plans[grid]
 
     def edit_positions(self, call: AttentionCall) -> None:
-        if call.rotary is None:
-            raise ValueError(
-                f"STDRoPEProcessor needs 3D RoPE, but module {call.module_name or type(call.module).__name__} "
-                "gets no rotary embedding: a CogVideoX checkpoint with use_rotary_positional_embeddings=False "
-                "has none (supported: Wan, CogVideoX with use_rotary_positional_embeddings=True)"
-            )
+        """The rotary table re-indexed by the adapter at the STD-RoPE positions, once per forward (the blocks of
+        a forward share the stock table object)."""
         plan = self.plan(call)
         if plan.source_index is None:
             return
-        cached = call.context.state.get(("std_rope.rotary", id(self)))
-        if cached is not None and all(a is b for a, b in zip(cached[0], call.rotary, strict=True)):
-            call.rotary = cached[1]
+        state = call.context.state_of(self)
+        if state.stock_rotary is not None and state.stock_rotary is call.rotary:
+            call.rotary = state.moved_rotary
             return
-        index = plan.on("source_index", call.rotary[0].device)
-        dim = ROPE_TOKEN_DIM[call.family]
-        moved = tuple(table.index_select(dim, index) for table in call.rotary)
-        call.context.state[("std_rope.rotary", id(self))] = (tuple(call.rotary), moved)
-        call.rotary = moved
+        index = plan.on("source_index", call.query.device)
+        state.stock_rotary, state.moved_rotary = call.rotary, call.adapter.gather_rotary(call.rotary, index)
+        call.rotary = state.moved_rotary
 
     def acts_alone(self, call: AttentionCall) -> bool:
         """Whether no other method acts on ``call``: then nothing else reads the query or adds to the scores
         between this method's ``edit_attention`` and ``edit_output``."""
         return all(method is self for method in call.active_methods)
 
+    def isolation_rows(self, call: AttentionCall) -> IsolationRows | None:
+        """The rows of the row-recompute path when it runs on ``call`` (isolation on, some duplicates, no other
+        method acting), else None; the same answer in both stages."""
+        if not self.isolate_duplicates or not self.acts_alone(call):
+            return None
+        plan = self.plan(call)
+        if plan.groups is None:
+            return None
+        return plan.isolation_rows(call.visual.start, call.query.shape[1], call.query.device)
+
     def edit_attention(self, call: AttentionCall) -> None:
-        """Isolation: alone, the kernel runs on the other queries only (:meth:`edit_output` adds the isolated
-        rows); composed with other methods, the isolation score_mod (FlexAttention)."""
+        """Isolation: alone, the kernel runs on the other queries only (``attend_rows``; :meth:`edit_output` adds the
+        isolated rows); composed with other methods, the isolation score_mod (FlexAttention)."""
         if not self.isolate_duplicates:
             return
         plan = self.plan(call)
@@ -267,19 +272,16 @@ class STDRoPEProcessor(AttnExtProcessor):
                 f"passed to {call.module_name or type(call.module).__name__}: use isolate_duplicates=False"
             )
         if not self.acts_alone(call):
-            call.score_mods.append(_isolation_score_mod_for(
+            call.add_score_mod(_isolation_score_mod_for(
                 plan.groups_bytes, call.visual.start, call.key.shape[1], str(call.query.device)))
             return
-        rows = plan.isolation_rows(call.visual.start, call.query.shape[1], call.query.device)
-        call.extras[ISOLATION_EXTRA] = (call.query, rows)
-        call.query = call.query.index_select(1, rows.others)
+        call.attend_rows(self.isolation_rows(call).others)
 
     def edit_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
-        """Restore the full query and add the foreground and duplicate rows (:func:`isolated_attention`)."""
-        stashed = call.extras.pop(ISOLATION_EXTRA, None)
-        if stashed is None:
+        """Add the foreground and duplicate rows to the kernel's other rows (:func:`isolated_attention`)."""
+        rows = self.isolation_rows(call) if self.isolate_duplicates else None
+        if rows is None:
             return out
-        call.query, rows = stashed
         return isolated_attention(call.query, call.key, call.value, out, rows, scale=call.scale, via=call.dense_via,
                                   backend=call.backend)
 

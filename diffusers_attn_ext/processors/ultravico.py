@@ -1,45 +1,31 @@
 """UltraViCo: video length extrapolation by damping attention beyond the training window.
 
 Paper: "UltraViCo: Breaking Extrapolation Limits in Video Diffusion Transformers" (arXiv 2511.20123);
-the authors' Wan kernel (thu-ml/DiT-Extrapolation). In every video self-attention, on the scaled logits
+the authors' attention kernel (thu-ml/DiT-Extrapolation). In every video self-attention, on the scaled logits
 s = q.k / sqrt(d), a positive logit of a pair farther apart than half the training window is multiplied by
 alpha, and first-frame queries do not attend to keys beyond the training length (see
 :func:`diffusers_attn_ext.masks.ultravico_score_mod` for the exact rule). As in the authors' kernel, the rule
 acts whatever the video length: a video at or below the training length still has pairs farther apart than
 half the window (only the first-frame rule needs a longer video).
+
+The rule reaches the kernel layer twice: as a FlexAttention score_mod and as the same function in the fused
+kernels' form (:func:`~diffusers_attn_ext.masks.ultravico_rule`), which they run when it is the only score change.
 """
 
 from __future__ import annotations
 
-from ..families.base import AttentionCall
-from ..masks import ExtrapolationWindow, ultravico_score_mod
+from ..call import AttentionCall
+from ..families import adapter_named
+from ..masks import ExtrapolationWindow, ultravico_rule, ultravico_score_mod
 from ..parallel import sequence_mean
 from ..validation import boolean, integer, real
 from .base import AttnExtProcessor
 
-VIDEO_FAMILIES = ("wan", "cogvideox")
-
 
 def default_train_frames(family: str, config) -> int | None:
-    """Latent frames a checkpoint was trained on, from its transformer config (None if unknown).
-
-    - Wan2.1 and Wan2.2-A14B: 81 frames, temporal compression 4 -> 21 latent frames; Wan2.2-TI2V-5B (48
-      latent channels): 121 frames -> 31 latent frames.
-    - CogVideoX: ``sample_frames`` (49, or 81 for 1.5) through the VAE's temporal compression and the
-      temporal patch (1.5 pads latent frames to a multiple of ``patch_size_t``).
-    """
-    if config is None:
-        return None
-    if family == "wan":
-        return 31 if config.get("in_channels") == 48 else 21
-    if family == "cogvideox":
-        sample_frames, compression = config.get("sample_frames"), config.get("temporal_compression_ratio")
-        if sample_frames is None or compression is None:
-            return None
-        latent = (sample_frames - 1) // compression + 1
-        patch_t = config.get("patch_size_t") or 1
-        return -(-latent // patch_t)
-    return None
+    """Latent frames a checkpoint of ``family`` was trained on, from its transformer config (None if unknown):
+    the family adapter's fact (:meth:`~diffusers_attn_ext.families.base.FamilyAdapter.trained_latent_frames`)."""
+    return adapter_named(family).trained_latent_frames(config)
 
 
 class UltraViCoProcessor(AttnExtProcessor):
@@ -48,7 +34,7 @@ class UltraViCoProcessor(AttnExtProcessor):
     Args:
         alpha: factor on positive logits of far pairs, in (0, 1]; the authors' default 0.9.
         train_frames: latent frames of the training window (after temporal patching); None takes the
-            family default from the transformer config (Wan2.1: 21, CogVideoX: 13).
+            checkpoint's from its family adapter (:func:`default_train_frames`).
         restrict_first_frame: first-frame queries attend only inside the training length (authors: on).
         center_keys: apply the rule to logits against mean-centred keys, q.(k - mean k) / sqrt(d), as the
             authors' kernel does (SageAttention smooths K by its mean over the sequence before the logits,
@@ -57,17 +43,18 @@ class UltraViCoProcessor(AttnExtProcessor):
             formula reads. Default on, matching the released code.
         stock_within_training: at or below the training length, run stock attention instead of the rule.
             Default off, as the authors' kernel, whose far-pair test has no length condition: installed, it
-            damps every pair farther than W/2 apart, so a 21-frame Wan video (W/2 = 16380 tokens of 32760)
-            is changed too. On, the method acts only when the video is longer than trained (the
-            behaviour of this package before; not the authors').
+            damps every pair farther than W/2 apart, so a video at the trained length (W/2 tokens of W) is
+            changed too. On, the method acts only when the video is longer than trained (the behaviour of this
+            package before; not the authors').
 
     The processor is the identity (stock attention, stock kernel) where no pair is far (a video of at
     most W/2 + 1 tokens), with ``stock_within_training=True`` at or below the training length, and at
     ``alpha=1`` with ``restrict_first_frame=False``.
     """
 
-    families = VIDEO_FAMILIES
-    families_description = "video families"
+    media = ("video",)
+    context_parallel = "global"
+    kernel = ("score_mod",)
 
     def __init__(
         self, alpha: float = 0.9, train_frames: int | None = None, restrict_first_frame: bool = True,
@@ -89,12 +76,11 @@ class UltraViCoProcessor(AttnExtProcessor):
             )
 
     def applies_to(self, call: AttentionCall) -> bool:
-        self.check_family(call.family)
         return call.is_self_attention and not (self.alpha == 1.0 and not self.restrict_first_frame)
 
     def window(self, call: AttentionCall) -> ExtrapolationWindow:
         """The training window of this call, from the context's grid and the training length."""
-        grid = call.require_grid("UltraViCoProcessor")
+        grid = call.require_grid(self)
         train_frames = self.train_frames
         if train_frames is None:
             train_frames = default_train_frames(call.family, call.context.config)
@@ -116,7 +102,8 @@ class UltraViCoProcessor(AttnExtProcessor):
         if self.center_keys:  # the mean over the whole sequence, all ranks' keys under context parallelism
             mean = sequence_mean(call.key, call.parallel, window.video_tokens)
             call.key = call.key - mean.to(call.key.dtype)
-        call.score_mods.append(ultravico_score_mod(window, self.alpha, self.restrict_first_frame))
+        call.add_score_mod(ultravico_score_mod(window, self.alpha, self.restrict_first_frame),
+                           rule=ultravico_rule(window, self.alpha, self.restrict_first_frame))
 
     def __repr__(self) -> str:
         return (
