@@ -3,8 +3,9 @@
 IR-Diffusion (He et al., arXiv 2411.19261; authors' code ``hehuiguo/DreamStory``,
 ``DreamStoryScaledAttnProcessor``) needs, for every image of a batch and every shared subject, the region the
 subject occupies. Image 0 is the reference; images 1.. are targets. Regions are boxes ``(x0, y0, x1, y1)``
-in fractions of the image width and height (resolution-free, so one layout serves every latent size), or
-boolean masks of any resolution (resized to the token grid by nearest neighbour).
+in fractions of the image width and height (:class:`~diffusers_attn_ext.boxes.Box`; resolution-free, so one
+layout serves every latent size), or boolean masks of any resolution (resized to the token grid by nearest
+neighbour).
 
 On a token grid of ``H x W`` a box covers rows ``round(y0 H) .. round(y1 H) - 1`` and columns
 ``round(x0 W) .. round(x1 W) - 1`` (at least one token each way). Reposition Attention (Sec. 3.3) moves the
@@ -28,25 +29,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .boxes import Box
 from .validation import as_number
 
 INTERPOLATIONS = ("nearest", "bilinear")
-
-
-@dataclass(frozen=True)
-class Box:
-    """A subject box in fractions of the image: ``0 <= x0 < x1 <= 1`` and ``0 <= y0 < y1 <= 1``."""
-
-    x0: float
-    y0: float
-    x1: float
-    y1: float
-
-    def area_overlap(self, other: Box) -> float:
-        """Area (in image fractions) shared with ``other``; 0 for boxes that only touch."""
-        width = min(self.x1, other.x1) - max(self.x0, other.x0)
-        height = min(self.y1, other.y1) - max(self.y0, other.y0)
-        return max(width, 0.0) * max(height, 0.0)
 
 
 @dataclass(frozen=True)
@@ -71,7 +57,8 @@ Region = Box | torch.Tensor
 
 
 def _as_box(value, subject: str, image: int) -> Box:
-    """A :class:`Box` from a Box or 4 numbers; ValueError naming the subject when it is outside the image."""
+    """A :class:`~diffusers_attn_ext.boxes.Box` in fractions of the image (``0 <= x0 < x1 <= 1``, ``0 <= y0 < y1 <=
+    1``) from a Box or 4 numbers; ValueError naming the subject when it is outside the image."""
     if not isinstance(value, Box) and (isinstance(value, (str, bytes)) or not isinstance(value, Sequence)
                                        or len(value) != 4):
         shown = tuple(value) if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) else value
@@ -90,7 +77,7 @@ def _as_box(value, subject: str, image: int) -> Box:
     inside = 0.0 <= box.x0 < box.x1 <= 1.0 and 0.0 <= box.y0 < box.y1 <= 1.0
     if not inside:
         raise ValueError(
-            f"box of subject {subject!r} in image {image} is {tuple(box.__dict__.values())}: it must lie inside the "
+            f"box of subject {subject!r} in image {image} is {tuple(box)}: it must lie inside the "
             "image, (x0, y0, x1, y1) with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 (fractions of width and height)"
         )
     return box

@@ -4,8 +4,8 @@ Paper: "DiTraj: training-free trajectory control for video diffusion transformer
 Sec. 3.2 (foreground-background separation) and Sec. 3.3 (STD-RoPE); the authors' code
 (HaofeiDing/DiTraj: ``run.py``, ``utils.plan_path``, ``module/transformer_wan.py``, ``module/pipe.py``).
 
-- Boxes are ``(left, top, right, bottom)`` in pixels of the generated video, one per frame; key boxes are
-  interpolated linearly per frame (``utils.plan_path``).
+- Boxes are :class:`~diffusers_attn_ext.boxes.Box` ``(left, top, right, bottom)`` in pixels of the generated
+  video, one per frame; key boxes are interpolated linearly per frame (``utils.plan_path``).
 - Token frame ``t`` shows pixel frame ``t * frame_stride`` (``PATHS[::4]`` in ``run.py``; the stride is the
   VAE's temporal compression times the temporal patch: 4 for Wan and CogVideoX 1.0).
 - A box covers the tokens ``[int(top_f * H), int(bottom_f * H))`` x ``[int(left_f * W), int(right_f * W))`` of
@@ -29,15 +29,16 @@ from dataclasses import dataclass
 
 import torch
 
+from .boxes import Box
 from .context import TokenGrid
 from .validation import as_number, choice, integer
 
-Box = tuple[float, float, float, float]
 BOX_ARITHMETIC = ("authors", "exact")
 
 
 def _check_box(box: Sequence[float], name: str, height: int, width: int) -> Box:
-    """The box as 4 floats; ValueError naming it (e.g. ``boxes[3]``) when it is malformed, outside or empty."""
+    """The box as a :class:`Box` of 4 floats (pixels); ValueError naming it (e.g. ``boxes[3]``) when it is malformed,
+    outside or empty."""
     if isinstance(box, (str, bytes)) or not isinstance(box, Sequence) or len(box) != 4:
         shown = tuple(box) if isinstance(box, Sequence) and not isinstance(box, (str, bytes)) else box
         raise ValueError(f"{name}={shown!r} must be (left, top, right, bottom) in pixels")
@@ -52,7 +53,7 @@ def _check_box(box: Sequence[float], name: str, height: int, width: int) -> Box:
         )
     if right <= left or bottom <= top:
         raise ValueError(f"{name}={tuple(box)!r} is empty: need right > left and bottom > top")
-    return left, top, right, bottom
+    return Box(left, top, right, bottom)
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class Trajectory:
         object.__setattr__(self, "boxes", checked)
         sizes = (self.width, self.height, self.width, self.height)
         if self.fractions is None:
-            fractions = tuple(tuple(v / size for v, size in zip(box, sizes, strict=True)) for box in checked)
+            fractions = tuple(box.fractions_of(self.width, self.height) for box in checked)
         else:
             fractions = tuple(tuple(float(v) for v in f) for f in self.fractions)
             if len(fractions) != len(checked):
@@ -116,10 +117,10 @@ class Trajectory:
                     not abs(f * size - v) <= 1e-9 * size for f, v, size in zip(fraction, box, sizes, strict=True)
                 ):
                     raise ValueError(
-                        f"fractions[{i}]={fraction!r} is not boxes[{i}]={box!r} over the frame size "
+                        f"fractions[{i}]={fraction!r} is not boxes[{i}]={tuple(box)!r} over the frame size "
                         f"({self.width}x{self.height}): allowed within 1e-9 of pixels / size"
                     )
-        object.__setattr__(self, "fractions", fractions)
+        object.__setattr__(self, "fractions", tuple(Box(*f) for f in fractions))
 
     @property
     def num_frames(self) -> int:
@@ -162,8 +163,7 @@ class Trajectory:
         if outside:
             raise ValueError(f"key_boxes frames {outside} are outside the allowed range [0, {num_frames - 1}]")
         key_boxes = {f: _check_box(indexed[f], f"key_boxes[{f}]", height, width) for f in frames}
-        sizes = (width, height, width, height)
-        key_fractions = {f: tuple(v / size for v, size in zip(box, sizes, strict=True)) for f, box in key_boxes.items()}
+        key_fractions = {f: box.fractions_of(width, height) for f, box in key_boxes.items()}
         boxes, fractions = [], []
         for frame in range(num_frames):
             if frame <= frames[0] or frame > frames[-1]:  # the first key, or held outside the keys
@@ -175,9 +175,9 @@ class Trajectory:
             start = max(f for f in frames if f < frame)
             step, span = frame - start, end - start
             a, b = key_boxes[start], key_boxes[end]
-            boxes.append(b if frame == end else tuple(step * (e - s) / span + s for s, e in zip(a, b, strict=True)))
+            boxes.append(b if frame == end else Box(*(step * (e - s) / span + s for s, e in zip(a, b, strict=True))))
             a, b = key_fractions[start], key_fractions[end]
-            fractions.append(tuple(step * ((e - s) / span) + s for s, e in zip(a, b, strict=True)))
+            fractions.append(Box(*(step * ((e - s) / span) + s for s, e in zip(a, b, strict=True))))
         return cls(tuple(boxes), height, width, box_arithmetic, tuple(fractions))
 
     @classmethod
@@ -226,7 +226,7 @@ class Trajectory:
                 )
             if box.bottom <= box.top or box.right <= box.left:
                 raise ValueError(
-                    f"trajectory box {self.boxes[t * frame_stride]} of frame {t * frame_stride} covers no latent "
+                    f"trajectory box {tuple(self.boxes[t * frame_stride])} of frame {t * frame_stride} covers no latent "
                     f"token of the {grid.width}x{grid.height} grid: a token is {self.width / grid.width:g}x"
                     f"{self.height / grid.height:g} pixels"
                 )
