@@ -41,7 +41,7 @@ print(best['batch'])" 2>/dev/null || echo 64)
   . runs/video/hparams.env
   echo "phase 2 from ${INIT_FROM} at step ${INIT_STEP:-0}: batch $BATCH lr $LR"
   EXTRA=(--init-from "$INIT_FROM" --init-step "${INIT_STEP:-0}" --dit-batch "$BATCH" --dit-lr "$LR"
-         --dit-object-weight "${DIT_OBJECT_WEIGHT:-0}")
+         --dit-object-weight "${DIT_OBJECT_WEIGHT:-0}" --dit-straight-fraction "${DIT_STRAIGHT_FRACTION:-0}")
 elif [ "$(phase runs/video)" != none ] && [ "$(phase runs/video)" != vae ] && [ "$(phase runs/decoder)" != done ]; then
   $T -m $M --workdir runs/decoder --refine-decoder-of runs/video --decoder-steps "${DECODER_STEPS:-4000}" \
     --time-budget "$B" --workers 5 --moment-dtype "$MOM" > runs/decoder/stdout.log 2>&1 &

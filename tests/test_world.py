@@ -495,7 +495,7 @@ def test_training_continues_from_an_export(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     train_video.main([*_train_argv(first, 1e9), "--export", str(tmp_path / "export"), "--export-dtype", "float32"])
     argv = [*_train_argv(second, 0), "--init-from", str(tmp_path / "export"), "--init-step", "1",
-            "--dit-object-weight", "4"]
+            "--dit-object-weight", "4", "--dit-straight-fraction", "0.5"]
     train_video.main(argv)  # budget 0: one step (step 1 -> 2), then save
     state = json.loads((second / "ckpt" / "state.json").read_text())
     assert (state["phase"], state["step"], state["init_from"]) == ("dit", 2, str(tmp_path / "export"))
@@ -514,6 +514,19 @@ def test_training_continues_from_an_export(tmp_path):
                           "--init-step", "3"])
     with pytest.raises(ValueError, match="model_index"):
         train_video.main([*_train_argv(tmp_path / "fourth", 0), "--init-from", str(tmp_path)])
+    with pytest.raises(ValueError, match="straight-fraction"):
+        train_video.main([*_train_argv(tmp_path / "fifth", 0), "--dit-straight-fraction", "1.5"])
+
+
+def test_a_straight_fraction_of_the_batch_is_single_straight_movers():
+    from diffusers_attn_ext.world.models import VideoModelConfig
+    from diffusers_attn_ext.world.train_video import _Batches
+
+    config = VideoModelConfig(frames=3, height=16, width=16)
+    _, _, captions, _ = _Batches(0, 8, config, 0, 1, straight_fraction=0.5)[0]
+    _, _, free, _ = _Batches(0, 8, config, 0, 1)[0]
+    assert all(" and " not in c and " moves " in c for c in captions[:4])
+    assert captions[4:] == free[4:]
 
 
 def test_latent_object_weight_marks_the_cells_an_object_touches():

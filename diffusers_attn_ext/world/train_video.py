@@ -16,7 +16,9 @@ Two phases, one step counter each, both kept in ``--workdir``:
    classifier-free guidance works; text is encoded exactly as ``WanPipeline._get_t5_prompt_embeds`` does (the
    encoder's outputs at the prompt's tokens, zeros up to 512). With ``--dit-object-weight w`` the flow loss weighs
    the latent positions an object covers (its mask max-pooled to the latent grid) ``1 + w`` times: objects are
-   a few percent of the positions, and an unweighted loss spends the model on backgrounds it already draws.
+   a few percent of the positions, and an unweighted loss spends the model on backgrounds it already draws. With
+   ``--dit-straight-fraction f`` a fraction ``f`` of every batch is single objects on straight paths, the scenes
+   whose caption fixes the motion exactly (a bouncing or curving object's direction word names only its start).
 
 ``--init-from EXPORT --init-step N`` starts phase 2 from an exported pipeline (``save_pretrained`` folder, e.g. the
 shipped model) as if ``N`` transformer steps had been taken: its weights (in whatever dtype it was saved) become the
@@ -46,6 +48,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..validation import real
 from .models import VideoModelConfig, build_video_pipeline
 from .render import render_scenes
 from .scenes import caption, sample_scene
@@ -78,13 +81,20 @@ class TrainConfig:
     decoder_lr: float = 3e-4
     object_weight: float = 20.0
     dit_object_weight: float = 0.0
+    dit_straight_fraction: float = 0.0
 
 
 class _Batches(torch.utils.data.Dataset):
-    """Rendered batches indexed by step: (frames uint8 (B, T, 3, H, W), captions)."""
+    """Rendered batches indexed by step: (step, frames uint8 (B, T, 3, H, W), captions, object masks (B, T, H, W)).
 
-    def __init__(self, base: int, batch: int, model: VideoModelConfig, start: int, stop: int) -> None:
+    The first ``round(straight_fraction * batch)`` scenes of every batch are single objects on straight paths
+    (``sample_scene(seed, num_objects=1, path="straight")``), the rest any scene of the world.
+    """
+
+    def __init__(self, base: int, batch: int, model: VideoModelConfig, start: int, stop: int,
+                 straight_fraction: float = 0.0) -> None:
         self.base, self.batch, self.model, self.start, self.stop = base, batch, model, start, stop
+        self.straight = round(straight_fraction * batch)
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -92,7 +102,9 @@ class _Batches(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         step = self.start + index
         seeds = range(self.base + step * self.batch, self.base + (step + 1) * self.batch)
-        scenes = [sample_scene(s, frames=self.model.frames) for s in seeds]
+        scenes = [sample_scene(s, frames=self.model.frames, **({"num_objects": 1, "path": "straight"}
+                                                               if i < self.straight else {}))
+                  for i, s in enumerate(seeds)]
         video = render_scenes(scenes, self.model.frames, self.model.height, self.model.width)
         frames = (video.frames * 255).round().to(torch.uint8)
         return step, frames, [caption(s) for s in scenes], video.masks.any(1)
@@ -298,6 +310,8 @@ def train(args: argparse.Namespace) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     model_config = VideoModelConfig(**json.loads(args.model_config)) if args.model_config else VideoModelConfig()
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    real("--dit-straight-fraction", cfg.dit_straight_fraction, 0.0, 1.0)
+    real("--dit-object-weight", cfg.dit_object_weight, 0.0)
     torch.manual_seed(cfg.seed)
     pipe = build_video_pipeline(model_config)
     pipe.to(device)
@@ -384,8 +398,8 @@ def train(args: argparse.Namespace) -> dict:
         mean = torch.tensor(state["latents_mean"], device=device).view(1, -1, 1, 1, 1)
         std = torch.tensor(state["latents_std"], device=device).view(1, -1, 1, 1, 1)
         shift = model_config.flow_shift
-        data = _loader(_Batches(DIT_SEED_BASE, cfg.dit_batch, model_config, state["step"], cfg.dit_steps),
-                       args.workers)
+        data = _loader(_Batches(DIT_SEED_BASE, cfg.dit_batch, model_config, state["step"], cfg.dit_steps,
+                                cfg.dit_straight_fraction), args.workers)
         kind = f"object-weighted (1 + {cfg.dit_object_weight:g})" if cfg.dit_object_weight else ""
         losses = _LossLog(log_path, "dit", 100, cfg.dit_steps, started, kind)
         for step, frames, captions, objects in data:
