@@ -114,7 +114,9 @@ class AttentionCall:
     ``query_rows`` and ``key_span`` (the rows and keys the kernel attends; the method that restricts them computes
     the rest in its ``edit_output`` from the call's full ``query``, ``key``, ``value``).
 
-    Set by the processor base: ``backend``, ``parallel_config``, ``active_methods``.
+    Set by the processor base: ``backend``, ``parallel_config``, ``active_methods``. ``carried`` holds, per method
+    object, what its ``edit_attention`` computed for its own ``edit_output`` on this call (:meth:`carry`); no other
+    method reads it.
     """
 
     module: torch.nn.Module
@@ -141,7 +143,7 @@ class AttentionCall:
     backend: Any = None
     parallel_config: Any = None
     active_methods: tuple = ()  # the methods that act on this call, in stage order
-    extras: dict = field(default_factory=dict)  # TEMPORARY: until processors/rettention.py moves to the typed fields
+    carried: dict = field(default_factory=dict)  # method -> what its edit_attention left for its edit_output
 
     # ----- what the call is
 
@@ -213,6 +215,14 @@ class AttentionCall:
                 f"not match the {visual_tokens} visual tokens of this attention call"
             )
         return grid
+
+    def carry(self, method: Any, value: Any) -> None:
+        """Keep ``value`` for ``method``'s own ``edit_output`` on this call (read with :meth:`carried_by`)."""
+        self.carried[method] = value
+
+    def carried_by(self, method: Any) -> Any:
+        """What ``method`` kept with :meth:`carry` on this call."""
+        return self.carried[method]
 
     # ----- what methods ask of the kernel
 

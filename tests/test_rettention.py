@@ -277,7 +277,7 @@ def test_wan_pipeline_runs_with_the_schedule(pipe_for, captured, stock_outputs, 
     stored = {}
 
     def on_step_end(pipe, step, timestep, tensors):
-        cache = get_context(pipe.transformer.blocks[0].attn1).state.get(("rettention", id(processor)), {})
+        cache = get_context(pipe.transformer.blocks[0].attn1).state_of(processor).statistics
         stored[step] = sorted((key[1], entry.step) for key, entry in cache.items())
         return tensors
 

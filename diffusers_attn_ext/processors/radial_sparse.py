@@ -61,11 +61,6 @@ def dense_text_blocks(call: AttentionCall, blocks: int, block_size: int, device)
     return text[:, None] | text[None, :]
 
 
-def set_block_mask(call: AttentionCall, blocks: torch.Tensor, block_size: int) -> None:
-    """TEMPORARY (processors/rettention.py): :meth:`AttentionCall.add_block_mask`."""
-    call.add_block_mask(blocks, block_size)
-
-
 @dataclass
 class BlockMaskState:
     """Per generation: the block tables built, by grid and layout."""

@@ -2,8 +2,8 @@
 
 Paper: R. Chen, K. G. Mills, L. Jiang, C. Gao, D. Niu, "Re-ttention: Ultra Sparse Visual Generation via Attention
 Statistical Reshape", NeurIPS 2025 (arXiv 2505.22918), Section 4.2. Code: cccrrrccc/Re-ttention at bbec1f5,
-``module/Cog_processor.py`` (CogVideoX; ``module/pixart_processor.py`` and ``module/hunyuan_processor.py`` do the
-same arithmetic for images), with the settings of ``scripts/Vbench_category.py``.
+``module/Cog_processor.py`` (their video model; ``module/pixart_processor.py`` and ``module/hunyuan_processor.py``
+do the same arithmetic for images), with the settings of ``scripts/Vbench_category.py``.
 
 For query i with scores ``s_ij = scale * q_i . k_j`` and the kept keys ``S_i`` (the mask M):
 
@@ -37,23 +37,24 @@ Deviations from the authors, each a documented option or rule (docs/rettention.m
   sparsity). ``pattern="window"`` keeps ``ceil(density * blocks)`` consecutive key blocks centred on the diagonal,
   moved inward at the edges so that every row keeps as many (their ``create_local_attention_mask_old`` at
   token level; their image processors use the unclamped band ``|i - j| <= int(N * sparsity) // 2`` and their
-  CogVideoX script a per-frame 42-token window repeated in every frame, which at 128-token blocks would keep far
+  video script a per-frame 42-token window repeated in every frame, which at 128-token blocks would keep far
   more than 3% of the blocks). ``pattern="adaptive"`` keeps the blocks of the draft attention map
   (:func:`~diffusers_attn_ext.processors.adaptive_sparse.draft_block_pattern`), searched at each refresh step and
   reused until the next, so that the statistics always belong to the pattern they were measured with (the
-  paper's Section 6 leaves dynamic masks open). Blocks holding text (CogVideoX) are dense, as in their mask;
+  paper's Section 6 leaves dynamic masks open). Blocks holding text (of a joint sequence) are dense, as in their
+  mask;
 - the refresh steps are ``dense_steps + k * refresh_steps``; equal to their ``stepi % 5 == 0`` after
-  ``stepi < 15`` (CogVideoX), ``< 10`` (Hunyuan-DiT) and ``< 5`` (PixArt) since those are multiples of 5;
-- state per attention module *and guidance branch*: Wan runs cond and uncond as separate forwards (their
-  CogVideoX batches both in one call), so one state per module would mix the branches' statistics and ramp twice
-  per step;
+  ``stepi < 15`` (their video model), ``< 10`` and ``< 5`` (their two image models) since those are multiples of 5;
+- state per attention module *and guidance branch*: a pipeline may run cond and uncond as separate forwards (their
+  video model batches both in one call), so one state per module would mix the branches' statistics and ramp
+  twice per step;
 - the ramp is computed from the step offset instead of accumulated in place (the same values);
 - the reference "full" attention includes the score modifications and block mask of methods composed before
   this one (install(pipe, other, RettentionProcessor()): the reshape restores *their* attention). A method
   composed after it must not change the block mask (ValueError).
 
-All state lives in the context's per-generation state (cleared at every pipeline call), per processor, module,
-branch and shape. ``rho + lambda * k`` is not clamped to 1, as the authors' code. Identity: ``density=1`` with
+All state lives in the method's per-generation state (:class:`RettentionState`, cleared at every pipeline call), per
+module, branch and shape. ``rho + lambda * k`` is not clamped to 1, as the authors' code. Identity: ``density=1`` with
 ``ratio_ramp=0`` (or ``use_ratio=False``) is full attention at every step.
 
 Compile: the statistics are carried across steps in a per-generation cache, which a torch.compile'd region cannot
@@ -65,21 +66,25 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
-from ..families.base import AttentionCall
+try:  # torch >= 2.9 asks for the log-sum-exp through ``return_aux``; ``return_lse`` is deprecated there
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:  # pragma: no cover - older torch
+    AuxRequest = None
+
+from ..call import AttentionCall
 from ..kernels.block_sparse_table import mark_static
 from ..kernels.flex import _compiled_flex, compose_score_mods, flex_block_mask
 from ..validation import boolean, choice, integer, real
 from .adaptive_sparse import draft_block_pattern
-from .radial_sparse import SparseVideoProcessor, dense_text_blocks, set_block_mask
+from .radial_sparse import SparseVideoProcessor, dense_text_blocks
 
 PATTERNS = ("window", "adaptive")
 DEFAULT_DENSITY = 0.03125  # the authors' scripts: ``sparsity = 0.03125``
-_EXTRAS_KEY = "rettention"
 
 
 def window_block_pattern(blocks: int, density: float, device=None) -> torch.Tensor:
@@ -98,16 +103,20 @@ def _flex_with_lse(call: AttentionCall, blocks: torch.Tensor) -> tuple[torch.Ten
     the natural log-sum-exp of the kept scores ``[B, N, H]`` (-inf, output 0, for a row that keeps no block)."""
     q, k, v = (x.transpose(1, 2) for x in (call.query, call.key, call.value))
     block_mask = flex_block_mask(blocks, call.block_size, q.shape[2], k.shape[2])
-    kwargs = dict(score_mod=compose_score_mods(call.score_mods), block_mask=block_mask, scale=call.scale,
-                  return_lse=True)
+    kwargs = dict(score_mod=compose_score_mods(call.score_mods), block_mask=block_mask, scale=call.scale)
+    if AuxRequest is None:
+        kwargs["return_lse"] = True
+    else:
+        kwargs["return_aux"] = AuxRequest(lse=True)
     if torch.compiler.is_compiling():
-        out, lse = flex_attention(q, k, v, **kwargs)
+        out, aux = flex_attention(q, k, v, **kwargs)
     elif q.is_cuda:
-        out, lse = _compiled_flex()(q, k, v, **kwargs)
+        out, aux = _compiled_flex()(q, k, v, **kwargs)
     else:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-            out, lse = flex_attention(q, k, v, **kwargs)
+            out, aux = flex_attention(q, k, v, **kwargs)
+    lse = aux if AuxRequest is None else aux.lse
     return out.transpose(1, 2), lse.transpose(1, 2)
 
 
@@ -152,15 +161,33 @@ class _Statistics:
     pattern: torch.Tensor
 
 
+@dataclass
+class RettentionState:
+    """Per generation: the window tables built, and the statistics of each module, branch and shape."""
+
+    windows: dict = field(default_factory=dict)
+    statistics: dict[tuple, _Statistics] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Carried:
+    """What ``edit_attention`` leaves for ``edit_output`` on one call."""
+
+    stored: _Statistics | None  # the statistics reused, None at a refresh step
+    kept: torch.Tensor  # the blocks this method keeps
+    reference: torch.Tensor | None  # the block mask of earlier methods (None: every block)
+    applied: torch.Tensor  # the call's block mask after this method
+
+
 class RettentionProcessor(SparseVideoProcessor):
-    """Re-ttention on video self-attention (Wan, CogVideoX): ~3% of the blocks, reshaped by cached statistics.
+    """Re-ttention on video self-attention: ~3% of the blocks, reshaped by cached statistics.
 
     Args:
         density: fraction of key blocks kept per query block, in (0, 1]. Default 0.03125 (the authors' scripts).
         pattern: "window" (static band of blocks around the diagonal; the authors use static masks) or
             "adaptive" (blocks of the draft attention map, searched at every refresh step).
-        dense_steps: first steps with full attention and no statistics; default 15 (the authors' CogVideoX, 50
-            steps; Hunyuan-DiT 10, PixArt 5 of 20).
+        dense_steps: first steps with full attention and no statistics; default 15 (the authors' video model, 50
+            steps; their image models 10 and 5 of 20).
         refresh_steps: a refresh step (full attention, statistics stored) every this many steps from
             ``dense_steps`` on; default 5 (the authors' caching period). 1: every step refreshes (full attention).
         ratio_ramp: lambda, added to the cached ratio after every reused step, in [0, 1]; default 0.04 (the
@@ -168,9 +195,11 @@ class RettentionProcessor(SparseVideoProcessor):
         use_ratio: rescale the sparse output by the cached ratio (Eq. 9); False: residual caching alone (the
             authors' switch, their default True).
         dense_layers, block_size: see :class:`SparseVideoProcessor`.
+
+    Not under diffusers' context parallelism (the statistics are per rank's rows of a local FlexAttention).
     """
 
-    method = "RettentionProcessor"
+    context_parallel = None
 
     def __init__(
         self, density: float = DEFAULT_DENSITY, pattern: str = "window", dense_steps: int = 15,
@@ -184,6 +213,9 @@ class RettentionProcessor(SparseVideoProcessor):
         self.ratio_ramp = real("ratio_ramp", ratio_ramp, 0.0, 1.0)
         self.use_ratio = boolean("use_ratio", use_ratio)
 
+    def new_state(self) -> RettentionState:
+        return RettentionState()
+
     # -- which blocks are kept -------------------------------------------------------------------------------
     def _window(self, call: AttentionCall) -> torch.Tensor:
         blocks = -(-call.query.shape[1] // self.block_size)
@@ -194,8 +226,8 @@ class RettentionProcessor(SparseVideoProcessor):
         if torch.compiler.is_compiling():  # no cache filled while tracing: the table is built into the graph
             return self._window(call)
         text = None if call.text is None else (call.text.start, call.text.stop)
-        key = (self.density, self.block_size, call.query.shape[1], text, call.query.device)
-        cache = call.context.state.setdefault(("rettention_windows", id(self)), {})
+        key = (call.query.shape[1], text, call.query.device)
+        cache = call.context.state_of(self).windows
         if key not in cache:
             cache[key] = mark_static(self._window(call))
         return cache[key]
@@ -221,8 +253,8 @@ class RettentionProcessor(SparseVideoProcessor):
         step = call.context.step_index
         if (step - self.dense_steps) % self.refresh_steps == 0:
             return None
-        cache = call.context.state.get(("rettention", id(self)), {})
-        return cache.get(self._state_key(call))  # None (refresh now) when this branch missed its refresh step
+        # None (refresh now) when this branch missed its refresh step
+        return call.context.state_of(self).statistics.get(self._state_key(call))
 
     def edit_attention(self, call: AttentionCall) -> None:
         stored = self._stored(call)
@@ -235,11 +267,12 @@ class RettentionProcessor(SparseVideoProcessor):
         else:
             kept = self._window_cached(call)
         reference = call.block_mask
-        set_block_mask(call, kept, self.block_size)
-        call.extras[_EXTRAS_KEY] = (stored, kept, reference, call.block_mask)
+        call.add_block_mask(kept, self.block_size)
+        call.carry(self, _Carried(stored, kept, reference, call.block_mask))
 
     def edit_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
-        stored, kept, reference, applied = call.extras[_EXTRAS_KEY]
+        carried = call.carried_by(self)
+        stored, kept, reference, applied = carried.stored, carried.kept, carried.reference, carried.applied
         if call.block_mask is not applied:
             raise ValueError(
                 "a method composed after RettentionProcessor changed the block mask: compose Re-ttention after "
@@ -251,8 +284,7 @@ class RettentionProcessor(SparseVideoProcessor):
             return reshape_sparse_output(out, ratio, stored.residual, ramp)
         ratio, residual, full = rettention_statistics(call, applied, reference, out, self.use_ratio)
         if self.refresh_steps > 1:
-            cache = call.context.state.setdefault(("rettention", id(self)), {})
-            cache[self._state_key(call)] = _Statistics(
+            call.context.state_of(self).statistics[self._state_key(call)] = _Statistics(
                 call.context.step_index, ratio if self.use_ratio else None, residual, kept
             )
         return full
