@@ -11,3 +11,5 @@ class StockAttnProcessor(AttnExtProcessor):
     Installed everywhere, a pipeline's output equals the stock run bit for bit on the same kernel. It is
     the base to compare methods against, and what a method processor is at its identity setting.
     """
+
+    kernel = ()  # no request: the stock processor's dense kernel
