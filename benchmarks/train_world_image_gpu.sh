@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One device call of the world image model's training (diffusers_attn_ext.world.train_image). Made to run in the
+# background beside benchmarks/train_world_video_gpu.sh in the same call: its own workdirs (runs/image,
+# runs/image-export, runs/image-eval, runs/judge), its own pip target, WORKERS (default 4) data workers, a few GiB
+# of GPU memory.
+#
+#   TIME_BUDGET=480 bash benchmarks/train_world_image_gpu.sh > runs/image.log 2>&1 &
+#   ... bash benchmarks/train_world_video_gpu.sh ...; wait; cat runs/image.log
+#
+# First call: phase 1 (VAE, VAE_STEPS), then phase 2 (transformer + text encoders). DIT_STEPS=0 (default) plans
+# phase 2 from the throughput it measures after 200 steps, to end DIT_SECONDS after it started (default: the rest
+# of this call's budget); the plan is kept in the checkpoint. Over two calls give the first DIT_SECONDS = its
+# own phase-2 seconds plus the second call's budget, e.g. TIME_BUDGET=480 DIT_SECONDS=880 (480 - ~60 for the VAE
+# + 480 - 20 in the second call); the second call resumes and finishes the plan. DIT_STEPS=N fixes the length.
+# JUDGE=1 also trains the judge on the GPU into runs/judge (about a minute; CPU-trained one ships already).
+# Every call exports runs/image-export (bfloat16; from the latest checkpoint if phase 2 is unfinished), evaluates
+# it with the judge on 64 held-out prompts (runs/image-eval: eval.json, eval.png), and packs runs/image-export,
+# runs/image-eval, runs/image/ckpt (float32 weights, no moments by default: ~17 MB) and the logs into
+# "$OUT/image.tar.part-*" (split at 15 MiB; 2 parts). carry: [".whl", "runs"].
+set -uo pipefail
+SITE=/tmp/site_image  # not the video script's /tmp/site: both install at the same time
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+  && export PYTHONPATH="$SITE:$PWD" || exit 1
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+T=python3; M=diffusers_attn_ext.world.train_image; B=${TIME_BUDGET:-480}
+mkdir -p runs/image "$OUT"
+phase() { $T -c "import json; print(json.load(open('$1/ckpt/state.json'))['phase'])" 2>/dev/null || echo none; }
+PLAN=(); [ -n "${DIT_SECONDS:-}" ] && PLAN=(--dit-seconds "$DIT_SECONDS")
+if [ "${JUDGE:-0}" = 1 ]; then
+  $T -m diffusers_attn_ext.world.judge --output runs/judge --steps "${JUDGE_STEPS:-3000}" --batch 128 2>&1 \
+    | grep -E '^\{' | tail -2
+fi
+$T -m $M --workdir runs/image --time-budget "$B" --vae-steps "${VAE_STEPS:-2000}" --dit-steps "${DIT_STEPS:-0}" \
+  "${PLAN[@]}" --dit-batch "${DIT_BATCH:-256}" --dit-lr "${DIT_LR:-5e-4}" --workers "${WORKERS:-4}" \
+  --moment-dtype "${MOMENTS:-none}" --export runs/image-export 2>&1 | grep -E '^\{|^resum|Error' \
+  | tee -a runs/image/stdout.log | tail -8
+if [ "$(phase runs/image)" = dit ]; then  # unfinished: export the latest weights to look at them
+  $T -m $M --workdir runs/image --export-only --export runs/image-export 2>&1 | tail -1
+fi
+if [ -f runs/image-export/model_index.json ]; then
+  $T -m diffusers_attn_ext.world.evaluate_image --model runs/image-export --prompts "${EVAL_PROMPTS:-64}" \
+    --output runs/image-eval 2>&1 | grep -E '^\{|Error'
+fi
+tar cf - runs/image-export runs/image-eval runs/image/ckpt runs/image/log.jsonl runs/image/loss.png \
+  runs/image/stdout.log runs/judge 2>/dev/null | split -b 15M - "$OUT/image.tar.part-"
+ls -la "$OUT"
