@@ -1,6 +1,6 @@
-"""What the issue-19 GPU benchmarks (quantized_kernel.py, generation.py, compiled_forward.py) share: their common
-options, a time budget, wall-clock timing that also runs on CPU (``--smoke``), and tables written after every row,
-so a run stopped by its time limit keeps what it measured."""
+"""Helpers of quantized_kernel.py, generation.py and compiled_forward.py (not a benchmark): their shared options, a
+time budget, wall-clock timing that also runs on CPU (``--smoke``), and tables written after every row, so a run
+stopped by its time limit keeps what it measured."""
 
 from __future__ import annotations
 
