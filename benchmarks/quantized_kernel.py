@@ -20,7 +20,7 @@ Wan2.1-1.3B self-attention shape (12 heads, 21x30x52 = 32760 tokens) and the Wan
     PYTHONPATH=. python benchmarks/quantized_kernel.py --output $OUT [--quick] [--configs] [--budget S] [--smoke]
 
 ``--quick``: 1.3B shape with all densities, 14B at densities 1 and 0.1. ``--configs``: also other warp/stage
-counts of the FP8 kernel at density 1 (1.3B). ``--smoke``: tiny shapes on CPU through Triton's interpreter (only
+counts of the FP8 kernel at densities 1 and 0.1 (1.3B), timed last. ``--smoke``: tiny shapes on CPU through Triton's interpreter (only
 checks that the script runs; its numbers mean nothing). Writes quantized_accuracy.{json,md} and
 quantized_speed.{json,md} under --output, after every row.
 """
@@ -61,6 +61,7 @@ class Bench:
         self.sparse = block_sparse_triton.block_sparse_attention if cuda else block_sparse_triton.launch_block_sparse
         self.quantized = quantized_triton.quantized_block_sparse_attention if cuda else quantized_triton.launch_quantized
         self.fp8_supported = quantized_triton.fp8_supported
+        self.notes: list[str] = []
 
     def qkv(self, heads: int, grid: tuple[int, int, int], kind: str = "gaussian", seed: int = 0):
         """q, k, v ``[1, N, heads, D]`` of one kind (module docstring)."""
@@ -182,7 +183,7 @@ class SpeedTable:
         self.dense_ms = bench.time_ms(lambda: bench.dense(self.q, self.k, self.v), self.heavy)
         self.rows.append({"shape": shape, "kernel": "cuDNN SDPA bf16", "density": 1.0, "ms": self.dense_ms,
                           "x cuDNN": 1.0, "x cuDNN * d": 1.0, "target": "", "meets target": ""})
-        write("quantized_speed", self.rows, header)
+        write("quantized_speed", self.rows, header, bench.notes)
 
     def add(self, kernel: str, density: float, fn, target: float | None = None, per_density: bool = False) -> None:
         """Time ``fn(q, k, v)``; ``target`` is on "x cuDNN" (dense) or on "x cuDNN * d" (``per_density``)."""
@@ -204,10 +205,10 @@ class SpeedTable:
             "target": "" if target is None else (f">= {target}/d" if per_density else f">= {target}x"),
             "meets target": "" if target is None else str(reached >= target),
         })
-        write("quantized_speed", self.rows, self.header)
+        write("quantized_speed", self.rows, self.header, self.bench.notes)
 
 
-def speed_rows(bench: Bench, shape: str, densities, configs, rows_out: list, header: str) -> None:
+def speed_rows(bench: Bench, shape: str, densities, rows_out: list, header: str) -> None:
     table = SpeedTable(bench, shape, rows_out, header)
     heads, blocks, quantized, sparse = table.heads, table.blocks, bench.quantized, bench.sparse
     empty = bench.mark_static(torch.zeros(1, heads, blocks, blocks, dtype=torch.bool, device=bench.device))
@@ -219,9 +220,6 @@ def speed_rows(bench: Bench, shape: str, densities, configs, rows_out: list, hea
             table.add("quantized INT8 QK + FP8 PV (no table)", 1.0, quantized, TARGET_DENSE)
             table.add("quantized INT8 QK + 16-bit PV (no table)", 1.0,
                       lambda q, k, v: quantized(q, k, v, pv_dtype="bf16"))
-            for config in configs:
-                table.add(f"quantized FP8 {config}", 1.0, lambda q, k, v, c=config: quantized(q, k, v, config=c),
-                          TARGET_DENSE)
             continue
         mask = bench.random_table(heads, blocks, density)
         d = mask.float().mean().item()
@@ -231,6 +229,18 @@ def speed_rows(bench: Bench, shape: str, densities, configs, rows_out: list, hea
         table.add("quantized block-sparse INT8 QK + 16-bit PV", d,
                   lambda q, k, v, t=mask: quantized(q, k, v, t, pv_dtype="bf16"))
     synchronize()
+
+
+def config_rows(bench: Bench, shape: str, configs: list[dict], rows_out: list, header: str) -> None:
+    """Other warp/stage counts of the FP8 kernel at density 1 and 0.1 (tuning; timed after everything else)."""
+    table = SpeedTable(bench, shape, rows_out, header)
+    mask = bench.random_table(table.heads, table.blocks, 0.1)
+    d = mask.float().mean().item()
+    for config in configs:
+        table.add(f"quantized FP8 (no table) {config}", 1.0, lambda q, k, v, c=config: bench.quantized(q, k, v, config=c),
+                  TARGET_DENSE)
+        table.add(f"quantized block-sparse FP8 {config}", d,
+                  lambda q, k, v, c=config: bench.quantized(q, k, v, mask, config=c), TARGET_SPARSE, per_density=True)
 
 
 def main() -> None:
@@ -246,21 +256,26 @@ def main() -> None:
     configs = [dict(num_warps=8, num_stages=2), dict(num_warps=8, num_stages=4), dict(num_warps=4, num_stages=3)] \
         if args.configs else []
     fp8 = "" if args.smoke else f"; FP8 tensor cores: {bench.fp8_supported()}"
-    accuracy: list[dict] = []
-    header = f"Quantized attention accuracy, {shapes[0]}, d {bench.head_dim}, {device}{fp8}"
-    accuracy_rows(bench, shapes[0], accuracy, header)
-    print(write("quantized_accuracy", accuracy, header))
-    speed: list[dict] = []
-    header = f"Quantized attention speed, d {bench.head_dim}, B 1, {device}"
-    for shape in shapes:
-        densities = (1.0, 0.1) if args.quick and "14B" in shape else DENSITIES
-        speed_rows(bench, shape, densities, configs if shape == shapes[0] else [], speed, header)
     notes = [f"targets (issue 19): quantized dense-equivalent >= {TARGET_DENSE}x cuDNN bf16; quantized block-sparse "
              f"x cuDNN * d >= {TARGET_SPARSE}",
              "times include the quantization pre-pass (Q/K INT8, V FP8 transposed, K mean, V channel scales)"]
     if args.smoke:
         notes.append("SMOKE RUN on CPU through Triton's interpreter: the numbers mean nothing")
-    print(write("quantized_speed", speed, header, notes))
+    bench.notes = notes
+    speed: list[dict] = []
+    speed_header = f"Quantized attention speed, d {bench.head_dim}, B 1, {device}{fp8}"
+    accuracy: list[dict] = []
+    accuracy_header = f"Quantized attention accuracy, {shapes[0]}, d {bench.head_dim}, {device}{fp8}"
+    # In order of need, so that a run cut by its budget keeps the most: the first shape's speeds, the accuracy,
+    # the second shape's speeds, then tuning configs.
+    speed_rows(bench, shapes[0], DENSITIES, speed, speed_header)
+    accuracy_rows(bench, shapes[0], accuracy, accuracy_header)
+    print(write("quantized_accuracy", accuracy, accuracy_header))
+    for shape in shapes[1:]:
+        speed_rows(bench, shape, (1.0, 0.1) if args.quick else DENSITIES, speed, speed_header)
+    if configs:
+        config_rows(bench, shapes[0], configs, speed, speed_header)
+    print(write("quantized_speed", speed, speed_header, notes))
 
 
 if __name__ == "__main__":
