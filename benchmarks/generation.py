@@ -20,7 +20,7 @@ quantized kernel (INT8 QK + FP8 PV, ``kernels/quantized_triton.py``). Wall time,
 
 Timing. ``--full``: each variant generates 50 steps after a warm-up generation that compiles every phase; the
 wall time is measured end to end. Default: each variant's steps are timed in a short generation (``--measure-steps``
-steps after a 2-step warm-up that compiles) with the method's sparse phase at every step, and the 50-step time is
+steps after a 1-step warm-up that compiles) with the method's sparse phase at every step, and the 50-step time is
 EXTRAPOLATED as prep + n_dense x (dense step) + n_sparse x (sparse step) + VAE decode, with the dense step of stock
 (or stock + quantized) standing in for a method's dense steps (StockAttnProcessor's dense path; its own overhead is
 what compiled_forward.py measures) and the decode measured once on stock. The output says which.
@@ -229,7 +229,7 @@ def measure(runner: Runner, variant: str, full: bool, measure_steps: int) -> dic
     schedule = runner.prepare(variant, None if full else 0)
     quantized = variant.endswith("quantized")
     with quantized_kernels(quantized) as replaced:
-        warm_steps = (schedule + 2 if schedule < STEPS else 2) if full else 2  # every phase compiles here
+        warm_steps = (schedule + 2 if schedule < STEPS else 2) if full else 1  # every phase compiles here
         warm_start = time.perf_counter()
         runner.generate(min(warm_steps, runner.args.steps))
         warm = time.perf_counter() - warm_start
