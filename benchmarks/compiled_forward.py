@@ -92,7 +92,7 @@ def measure(model, inputs, variant: str, args) -> dict:
             graphs, breaks = dynamo_counts()
             row["compiled ms"] = wall_ms(lambda: model(**inputs), warmup=1, iters=args.iters)
             row.update({"graphs": graphs, "graph breaks": breaks, "recompiles": dynamo_counts()[0] - graphs,
-                        "max |compiled - eager|": (compiled_out.float() - eager_out.float()).abs().max().item()})
+                        "max abs(compiled - eager)": (compiled_out.float() - eager_out.float()).abs().max().item()})
     finally:
         uncompile(model)
         uninstall(model)
