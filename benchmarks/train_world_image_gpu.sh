@@ -9,9 +9,10 @@
 #
 # First call: phase 1 (VAE, VAE_STEPS), then phase 2 (transformer + text encoders). DIT_STEPS=0 (default) plans
 # phase 2 from the throughput it measures after 200 steps, to end DIT_SECONDS after it started (default: the rest
-# of this call's budget); the plan is kept in the checkpoint. Over two calls give the first DIT_SECONDS = its
-# own phase-2 seconds plus the second call's budget, e.g. TIME_BUDGET=480 DIT_SECONDS=880 (480 - ~60 for the VAE
-# + 480 - 20 in the second call); the second call resumes and finishes the plan. DIT_STEPS=N fixes the length.
+# of this call's budget, less 45 s for saving); the plan is kept in the checkpoint. Over two calls give the first
+# DIT_SECONDS = its own phase-2 seconds plus the second call's, e.g. TIME_BUDGET=480 DIT_SECONDS=780 (480 - ~60
+# for start-up and the VAE - 45, plus 480 - ~30 - 45 in the second call); the second call resumes and finishes the
+# plan (if it runs slower, a third short call does; DIT_STEPS=N fixes the length instead).
 # JUDGE=1 also trains the judge on the GPU into runs/judge (about a minute; CPU-trained one ships already).
 # Every call exports runs/image-export (bfloat16; from the latest checkpoint if phase 2 is unfinished), evaluates
 # it with the judge on 64 held-out prompts (runs/image-eval: eval.json, eval.png), and packs runs/image-export,

@@ -42,12 +42,8 @@ def generate(pipe, prompts: list[str], *, seed: int = 0, batch: int = 16, size: 
         kwargs.update(height=size, width=size)
     images = []
     for start in range(0, len(prompts), batch):
-        chunk = prompts[start:start + batch]
-        chunk_kwargs = dict(kwargs)
-        if isinstance(chunk_kwargs.get("negative_prompt"), str):  # one negative prompt per image of the chunk
-            chunk_kwargs["negative_prompt"] = [chunk_kwargs["negative_prompt"]] * len(chunk)
         generator = torch.Generator(pipe.device).manual_seed(seed + start)
-        out = pipe(chunk, **chunk_kwargs, generator=generator, output_type="pt").images
+        out = pipe(prompts[start:start + batch], **kwargs, generator=generator, output_type="pt").images
         images.append(out.float().cpu())
     return torch.cat(images)
 
