@@ -24,6 +24,8 @@ print(json.dumps({
     "presets": preset_names(),
     "preset_heads": {name: len(HeadSet.preset(name)) for name in preset_names()},
     "shipped": sorted(item.name for item in (package / "shipped").iterdir() if item.is_dir()),
+    "weights": sorted(str(path.relative_to(path.parents[2])) for path in
+                      __import__("pathlib").Path(str(package / "shipped")).rglob("*.safetensors")),
 }))
 """
 
@@ -60,3 +62,7 @@ def test_a_wheel_install_finds_presets_and_shipped_models(tmp_path):
     assert all(found["preset_heads"].values())
     shipped = sorted(p.name for p in (ROOT / "diffusers_attn_ext" / "shipped").iterdir() if p.is_dir())
     assert found["shipped"] == shipped
+    shipped_root = ROOT / "diffusers_attn_ext" / "shipped"
+    weights = sorted(str(p.relative_to(p.parents[2])) for p in shipped_root.rglob("*.safetensors"))
+    assert weights, "no shipped weights found in the source tree"
+    assert found["weights"] == weights  # every weight file of every shipped model, at any depth
