@@ -7,6 +7,8 @@
   fused kernel supports: the decay kernel (with a block mask too, the block-sparse kernel with the rule inside);
 - otherwise FlexAttention with the composed ``score_mod`` and the block mask (compiled on CUDA, eager on CPU, the
   same function either way).
+
+The Triton kernels are launched as torch custom operators (``triton_ops``), opaque to ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -26,17 +28,15 @@ def _fused_kernel(request: KernelRequest):
     """The fused kernel that computes a ``fused_rule`` request exactly, or None."""
     if request.kind != FUSED_RULE or not request.query.is_cuda:
         return None
-    from . import block_sparse_triton, decay_triton
+    from . import block_sparse_triton, decay_triton, triton_ops
 
     query, key, value, rule = request.query, request.key, request.value, request.rule
-    if not decay_triton.supports(query, rule):
+    if not decay_triton.supports(query, rule) or key.shape != query.shape or value.shape != query.shape:
         return None
     if request.block_mask is None:
-        return lambda: decay_triton.decay_attention(query, key, value, rule, scale=request.scale)
+        return lambda: triton_ops.decay(query, key, value, rule, request.scale)
     if block_sparse_triton.supports(query, key, request.block_size):  # the rule inside the block-sparse kernel
-        return lambda: block_sparse_triton.block_sparse_attention(
-            query, key, value, request.block_mask, scale=request.scale, rule=rule
-        )
+        return lambda: triton_ops.block_sparse(query, key, value, request.block_mask, request.scale, rule)
     return None
 
 
@@ -55,7 +55,8 @@ def choose_kernel(call: AttentionCall | KernelRequest) -> str:
     if request.kind == BLOCK_SPARSE and request.query.is_cuda:
         from . import block_sparse_triton
 
-        if block_sparse_triton.supports(request.query, request.key, request.block_size):
+        if (block_sparse_triton.supports(request.query, request.key, request.block_size)
+                and request.value.shape == request.query.shape):
             return BLOCK_SPARSE
     return FLEX
 
@@ -105,10 +106,9 @@ def _run(request: KernelRequest) -> torch.Tensor:
     if kernel == FUSED:
         return _fused_kernel(request)()
     if kernel == BLOCK_SPARSE:
-        from .block_sparse_triton import block_sparse_attention
+        from .triton_ops import block_sparse
 
-        return block_sparse_attention(request.query, request.key, request.value, request.block_mask,
-                                      scale=request.scale)
+        return block_sparse(request.query, request.key, request.value, request.block_mask, request.scale)
     block_mask = None
     if request.block_mask is not None:
         block_mask = flex_block_mask(request.block_mask, request.block_size, request.query.shape[1],
