@@ -37,10 +37,28 @@ def test_adaptive_density_one_matches_stock(pipe_for):
     torch.testing.assert_close(run(pipe, "wan", **WAN_LARGER), stock, atol=1e-4, rtol=0)
 
 
+def test_rettention_through_enable_sparse_attention_and_the_pipeline(pipe_for):
+    from diffusers_attn_ext.processors.rettention import RettentionProcessor
+
+    pipe = pipe_for("wan")
+    stock = run(pipe, "wan", **WAN_LARGER)
+    processor = enable_sparse_attention(pipe, "rettention", density=0.2, refresh_steps=1, block_size=16)
+    assert isinstance(processor, RettentionProcessor) and processor.density == 0.2 and processor.dense_steps == 0
+    sparse = run(pipe, "wan", **WAN_LARGER)
+    assert torch.isfinite(sparse).all() and not torch.equal(sparse, stock)
+    uninstall(pipe)
+    assert torch.equal(run(pipe, "wan", **WAN_LARGER), stock)
+    sparse_pipe = WanSparsePipeline.from_pipe(pipe)
+    sparse_pipe.set_progress_bar_config(disable=True)
+    via_pipeline = sparse_pipe(**tiny_call_kwargs("wan", **WAN_LARGER), sparse_method="rettention",
+                               sparse_density=0.2, sparse_options={"refresh_steps": 1, "block_size": 16})[0]
+    torch.testing.assert_close(torch.as_tensor(via_pipeline), sparse, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(method="sliding"), r"method='sliding' is not one of \('radial', 'adaptive'\)"),
+        (dict(method="sliding"), r"method='sliding' is not one of \('radial', 'adaptive', 'rettention'\)"),
         (dict(method="radial", density=0.5), r"density=0.5 is not a parameter of method='radial'"),
         (dict(method="adaptive", density=2.0), r"density=2.0 is outside the allowed range \(0, 1\]"),
         (dict(method="adaptive", dense_steps=-1), r"dense_steps=-1 is outside the allowed range"),

@@ -6,6 +6,7 @@ from .entropy_scaling import EntropyScalingProcessor
 from .fg_bg_guidance import ForegroundBackgroundCrossAttnProcessor
 from .isolation_reposition import IsolationRepositionProcessor
 from .radial_sparse import RadialSparseProcessor, SparseVideoProcessor
+from .rettention import RettentionProcessor
 from .softpag import SoftPAGProcessor
 from .std_rope import STDRoPEProcessor
 from .stock import StockAttnProcessor
@@ -19,6 +20,7 @@ __all__ = [
     "ForegroundBackgroundCrossAttnProcessor",
     "IsolationRepositionProcessor",
     "RadialSparseProcessor",
+    "RettentionProcessor",
     "STDRoPEProcessor",
     "SoftPAGProcessor",
     "SparseVideoProcessor",
