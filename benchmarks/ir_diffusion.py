@@ -25,6 +25,7 @@ from common import cuda_time_ms, device_name, peak_memory_gib, write_results
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from diffusers_attn_ext.families.flux import FluxAdapter
 from diffusers_attn_ext.processors.isolation_reposition import (
     DEFAULT_CHUNK_BYTES,
     IsolationRepositionProcessor,
@@ -48,14 +49,14 @@ ROUNDS = 3
 
 
 def inputs(heads, head_dim, text, grid, axes, dtype, device):
-    """q, k, v ``[3, text + grid^2, heads, head_dim]`` and FLUX's (cos, sin) for text-then-image ids."""
+    """q, k, v ``[3, text + grid^2, heads, head_dim]`` and FLUX's key rotation for text-then-image ids."""
     g = torch.Generator(device).manual_seed(0)
     seq = text + grid * grid
     q, k, v = (torch.randn(3, seq, heads, head_dim, generator=g, device=device, dtype=dtype) for _ in range(3))
     image_ids = torch.zeros(grid, grid, 3)
     image_ids[..., 1], image_ids[..., 2] = torch.arange(grid)[:, None], torch.arange(grid)[None, :]
     ids = torch.cat([torch.zeros(text, 3), image_ids.flatten(0, 1)]).to(device)
-    return q, k, v, FluxPosEmbed(theta=10000, axes_dim=list(axes))(ids)
+    return q, k, v, FluxAdapter().key_rotation(FluxPosEmbed(theta=10000, axes_dim=list(axes))(ids))
 
 
 def dense(q, k, v):

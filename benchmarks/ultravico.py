@@ -15,9 +15,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffusers_attn_ext.kernels.block_sparse_table import mark_static
 from diffusers_attn_ext.kernels.block_sparse_triton import block_sparse_attention
+from diffusers_attn_ext.kernels.decay_triton import DEFAULT_CONFIG, decay_attention
 from diffusers_attn_ext.kernels.flex import flex_attention_bnhd, flex_block_mask
-from diffusers_attn_ext.kernels.ultravico_triton import DEFAULT_CONFIG, ultravico_attention
-from diffusers_attn_ext.masks import ExtrapolationWindow, radial_block_mask, ultravico_reference, ultravico_score_mod
+from diffusers_attn_ext.masks import (
+    ExtrapolationWindow,
+    radial_block_mask,
+    ultravico_reference,
+    ultravico_rule,
+    ultravico_score_mod,
+)
 
 FRAME_TOKENS, TRAIN_FRAMES, HEADS, HEAD_DIM, ALPHA = 1560, 21, 12, 128, 0.9
 
@@ -42,7 +48,7 @@ def accuracy_rows() -> list[dict]:
     q, k, v = qkv(window.video_tokens, seed=1)
     ref = ultravico_reference(q, k, v, window, ALPHA)
     flex = flex_attention_bnhd(q, k, v, score_mod=ultravico_score_mod(window, ALPHA))
-    fused = ultravico_attention(q, k, v, window, ALPHA)
+    fused = decay_attention(q, k, v, ultravico_rule(window, ALPHA, True))
     return [
         {"path": "FlexAttention score_mod", "rel. L2 error vs float64": rel_err(flex, ref)},
         {"path": "fused Triton kernel", "rel. L2 error vs float64": rel_err(fused, ref)},
@@ -55,19 +61,19 @@ def length_rows(ratio: int, configs: list[dict]) -> list[dict]:
     window = ExtrapolationWindow(FRAME_TOKENS, TRAIN_FRAMES, 0, n)
     q, k, v = qkv(n)
     mod = ultravico_score_mod(window, ALPHA)
+    rule = ultravico_rule(window, ALPHA, True)
     variants = {
         "dense cuDNN (no method)": lambda: cudnn(q, k, v),
         "Flex score_mod": lambda: flex_attention_bnhd(q, k, v, score_mod=mod),
     }
     for config in configs:
         label = "fused Triton" + ("" if config == DEFAULT_CONFIG else f" {config}")
-        variants[label] = lambda config=config: ultravico_attention(q, k, v, window, ALPHA, config=config)
+        variants[label] = lambda config=config: decay_attention(q, k, v, rule, config=config)
     # Composed with Radial Attention's mask (decay 1.0): the rule inside the block-sparse kernel, and Flex.
     radial = mark_static(radial_block_mask(TRAIN_FRAMES * ratio, FRAME_TOKENS).cuda()[None, None])
     radial_flex = flex_block_mask(radial, 128, n, n)
-    params = dict(window=window, alpha=ALPHA, restrict_first_frame=True)
     variants[f"+ radial ({radial.float().mean().item():.2f}), fused Triton"] = lambda: block_sparse_attention(
-        q, k, v, radial, ultravico=params)
+        q, k, v, radial, rule=rule)
     variants["+ radial, Flex"] = lambda: flex_attention_bnhd(q, k, v, score_mod=mod, block_mask=radial_flex)
     rows, dense_ms = [], None
     for name, fn in variants.items():
