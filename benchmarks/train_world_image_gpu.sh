@@ -18,6 +18,10 @@
 # it with the judge on 64 held-out prompts (runs/image-eval: eval.json, eval.png), and packs runs/image-export,
 # runs/image-eval, runs/image/ckpt (float32 weights, no moments by default: ~17 MB) and the logs into
 # "$OUT/image.tar.part-*" (split at 15 MiB; 2 parts). carry: [".whl", "runs"].
+# CHECK=1 (default) passes --check: before phase 2 trains, its first batch's ids are checked against every embedding
+# table and its first step runs at batch 8 and DIT_BATCH, at 32 and 512 T5 tokens, the GPU synchronised around every
+# module, so a device error names the module it came from (JSON lines {"check": ...}; CHECK=0 skips it).
+# runs/image/stdout.log keeps the whole output of train_image, tracebacks included.
 set -uo pipefail
 SITE=/tmp/site_image  # not the video script's /tmp/site: both install at the same time
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
@@ -32,10 +36,18 @@ if [ "${JUDGE:-0}" = 1 ]; then
   $T -m diffusers_attn_ext.world.judge --output runs/judge --steps "${JUDGE_STEPS:-3000}" --batch 128 2>&1 \
     | grep -E '^\{' | tail -2
 fi
+CHECKS=(); [ "${CHECK:-1}" = 1 ] && CHECKS=(--check)
+# the whole output (tracebacks, warnings) goes to runs/image/stdout.log; the JSON lines and errors to the screen,
+# and on a failure the end of the log
 $T -m $M --workdir runs/image --time-budget "$B" --vae-steps "${VAE_STEPS:-2000}" --dit-steps "${DIT_STEPS:-0}" \
   "${PLAN[@]}" --dit-batch "${DIT_BATCH:-256}" --dit-lr "${DIT_LR:-5e-4}" --workers "${WORKERS:-4}" \
-  --moment-dtype "${MOMENTS:-none}" --export runs/image-export 2>&1 | grep -E '^\{|^resum|Error' \
-  | tee -a runs/image/stdout.log | tail -8
+  --moment-dtype "${MOMENTS:-none}" "${CHECKS[@]}" --export runs/image-export 2>&1 | tee -a runs/image/stdout.log \
+  | grep -E '^\{|^resum|Error' | tail -12
+TRAIN_STATUS=${PIPESTATUS[0]}
+if [ "$TRAIN_STATUS" != 0 ]; then
+  echo "train_image exited with status $TRAIN_STATUS; the end of runs/image/stdout.log:"
+  tail -60 runs/image/stdout.log
+fi
 if [ "$(phase runs/image)" = dit ]; then  # unfinished: export the latest weights to look at them
   $T -m $M --workdir runs/image --export-only --export runs/image-export 2>&1 | tail -1
 fi

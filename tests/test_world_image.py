@@ -263,6 +263,51 @@ def test_encode_text_is_flux_pipelines(pipe):
             assert torch.equal(pooled, reference_pooled) and torch.equal(text, reference)
 
 
+def test_pipeline_parts_and_prompt_ids_are_checked_against_the_embedding_tables(pipe):
+    """What ``--check`` validates before phase 2 trains: on the CPU an id outside an embedding table raises an
+    IndexError, on the GPU it is an asynchronous device assert that a later matrix product reports
+    (CUBLAS_STATUS_EXECUTION_FAILED), so the checks must refuse every such id by name, before the model runs."""
+    from diffusers_attn_ext.world.image_models import check_image_pipeline, check_text_ids
+    from diffusers_attn_ext.world.train_image import LONG_TEXT_TOKENS, tokenize
+
+    check_image_pipeline(pipe)
+    captions = [PROMPT, "", "a blue square and a yellow triangle and a green circle on a white background"]
+    clip_ids, t5_ids = tokenize(pipe.tokenizer, captions, 32), tokenize(pipe.tokenizer_2, captions, 32)
+    for length in (32, LONG_TEXT_TOKENS):
+        check_text_ids(pipe, clip_ids, t5_ids, length)
+    clip_vocab, t5_vocab = pipe.text_encoder.config.vocab_size, pipe.text_encoder_2.config.vocab_size
+    too_big = clip_ids.clone()
+    too_big[1, 5] = clip_vocab
+    with pytest.raises(IndexError):  # what the check prevents, as the CPU reports it
+        pipe.text_encoder(too_big)
+    bad = {
+        r"max\(clip_ids\) \(CLIP vocab_size 32\)=32 ": (too_big, t5_ids, 32),
+        r"min\(clip_ids\) \(CLIP vocab_size 32\)=-1 ": (clip_ids.masked_fill(clip_ids == 0, -1), t5_ids, 32),
+        r"max\(t5_ids\) \(T5 vocab_size 32\)=32 ": (clip_ids, t5_ids.masked_fill(t5_ids == t5_ids.max(), t5_vocab),
+                                                     32),
+        r"clip_ids.shape\[1\] \(CLIP max_position_embeddings 32\)=33": (
+            tokenize(pipe.tokenizer, captions, 33), t5_ids, 32),
+        r"without CLIP's eos_token_id": (clip_ids.masked_fill(clip_ids == pipe.tokenizer.eos_token_id, 4), t5_ids, 32),
+        r"T5 length \(t5_ids.shape\[1\] 32\)=16": (clip_ids, t5_ids, 16),
+        r"t5_ids dtype=torch.float32": (clip_ids, t5_ids.float(), 32),
+    }
+    for message, (c, t, length) in bad.items():
+        with pytest.raises(ValueError, match=message):
+            check_text_ids(pipe, c, t, length)
+    length, embedder = pipe.tokenizer.model_max_length, pipe.transformer.context_embedder  # the shared pipe: restore
+    try:
+        pipe.tokenizer.model_max_length = 77  # CLIP's usual length; this CLIP has 32 positions
+        with pytest.raises(ValueError, match=r"tokenizer.model_max_length \(CLIP max_position_embeddings 32\)=77"):
+            check_image_pipeline(pipe)
+        pipe.tokenizer.model_max_length = length
+        pipe.transformer.context_embedder = torch.nn.Linear(32, 160)
+        with pytest.raises(ValueError, match=r"context_embedder in_features \(= T5 d_model\)=32"):
+            check_image_pipeline(pipe)
+    finally:
+        pipe.tokenizer.model_max_length, pipe.transformer.context_embedder = length, embedder
+    check_image_pipeline(pipe)
+
+
 def test_round_trip_through_flux_and_our_pipelines(pipe, tmp_path):
     from diffusers import FluxPipeline
 
@@ -312,11 +357,14 @@ def _checkpoint(workdir):
     return load_checkpoint(workdir)
 
 
-def test_training_cut_into_pieces_is_bit_identical(tmp_path):
+def test_training_cut_into_pieces_is_bit_identical(tmp_path, capsys):
     from diffusers_attn_ext.world import train_image
 
     whole, pieces = tmp_path / "whole", tmp_path / "pieces"
-    train_image.main(_train_argv(whole, 1e9))
+    train_image.main(_train_argv(whole, 1e9, "--check"))  # --check changes nothing: the pieces run without it
+    checks = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"check"')]
+    assert [(c["batch"], c["text_tokens"]) for c in checks if c["check"] == "step"] == [(2, 32), (2, 512)]
+    assert all(math.isfinite(c["loss"]) for c in checks if c["check"] == "step") and checks[-1]["check"] == "passed"
     seen = []
     for _ in range(10):
         state = train_image.main(_train_argv(pieces, 0))  # budget 0: one step per call
@@ -354,6 +402,52 @@ def test_training_plans_its_length_and_exports_a_flux_pipeline(tmp_path, monkeyp
     assert torch.equal(pipe.transformer.proj_out.weight, tensors["transformer.proj_out.weight"])
     images = pipe(PROMPT, **_call(height=16, width=16)).images
     assert images.shape == (1, 3, 16, 16)
+
+
+def test_check_mode_refuses_out_of_range_ids_before_phase_2_trains(tmp_path, monkeypatch):
+    from diffusers_attn_ext.world import train_image
+
+    real_tokenize = train_image.tokenize
+
+    def tokenize(tokenizer, captions, length):  # as a tokenizer with a larger vocabulary than its encoder's table
+        ids = real_tokenize(tokenizer, captions, length)
+        ids[:, -1] = 40
+        return ids
+
+    monkeypatch.setattr(train_image, "tokenize", tokenize)
+    with pytest.raises(ValueError, match=r"max\(clip_ids\) \(CLIP vocab_size 32\)=40 is outside"):
+        train_image.main(_train_argv(tmp_path, 1e9, "--check"))
+    state, _ = _checkpoint(tmp_path)  # phase 1 finished and saved; phase 2 did not take a step
+    assert (state["phase"], state["step"]) == ("dit", 0)
+    assert all(json.loads(line)["phase"] == "vae" for line in (tmp_path / "log.jsonl").read_text().splitlines())
+
+
+def test_check_names_the_module_where_a_device_error_surfaces(monkeypatch):
+    """A device error stands for a CUDA one (reported at the next synchronisation): the check raises it naming the
+    batch, the T5 length, the stage and the module, and leaves no gradient behind."""
+    from diffusers_attn_ext.world import train_image
+
+    model = train_image.model_config_from_json(TINY)
+    cfg = train_image.ImageTrainConfig(dit_batch=3)
+    torch.manual_seed(0)
+    pipe = train_image.build_image_pipeline(model)
+    trainable = [p for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2) for p in m.parameters()]
+    autocast = torch.autocast("cpu", enabled=False)
+    faulty = {"ran": False}
+    pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.o.register_forward_pre_hook(
+        lambda module, inputs: faulty.update(ran=True))
+
+    def synchronize(device):
+        if faulty["ran"]:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(train_image, "_synchronize", synchronize)
+    message = (r"batch 3 with 32 T5 tokens failed on cpu after stage 'noise' \(module in "
+               r"text_encoder_2.encoder.block.0.layer.0.SelfAttention.o, after "
+               r"text_encoder_2.encoder.block.0.layer.0.SelfAttention.\w+\): CUDA error: an illegal memory access")
+    with pytest.raises(RuntimeError, match=message):
+        train_image.check_first_step(pipe, model, cfg, (0.0, 1.0), 0, trainable, autocast)
+    assert all(p.grad is None for p in trainable)
 
 
 def test_evaluation_scores_generations_with_the_judge(pipe, shipped_judge, tmp_path):

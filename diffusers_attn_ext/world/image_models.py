@@ -23,6 +23,7 @@ import dataclasses
 
 import torch
 
+from ..validation import integer
 from .models import build_tokenizer, shipped_model_path
 from .vocabulary import all_words
 
@@ -144,6 +145,57 @@ def build_image_pipeline(config: ImageModelConfig = ImageModelConfig(), pipeline
                           text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer)
 
 
+def check_image_pipeline(pipe) -> None:
+    """ValueError, naming both sides, where the parts of a world image pipeline do not fit each other: each
+    tokenizer's ids must lie in its encoder's embedding table (``len(tokenizer) <= vocab_size``; the pad id too),
+    CLIP's padded length ``tokenizer.model_max_length`` (what ``FluxPipeline`` pads to) must be at most CLIP's
+    ``max_position_embeddings`` (one learned embedding per position), the transformer's ``context_embedder`` must take
+    T5's ``d_model``, its pooled projection CLIP's ``hidden_size`` (``pooler_output``), its ``x_embedder`` the packed
+    latent channels ``4 * latent_channels`` (2x2 patches), and its RoPE axes must sum to ``attention_head_dim`` with
+    one axis per coordinate of FLUX's (index, row, column) ids. On the GPU an index outside a table is an
+    asynchronous device assert that a later kernel reports (often as ``CUBLAS_STATUS_EXECUTION_FAILED``)."""
+    clip, t5, transformer = pipe.text_encoder.config, pipe.text_encoder_2.config, pipe.transformer
+    integer(f"len(tokenizer) (CLIP vocab_size {clip.vocab_size})", len(pipe.tokenizer), 1, clip.vocab_size)
+    integer(f"tokenizer.model_max_length (CLIP max_position_embeddings {clip.max_position_embeddings})",
+            pipe.tokenizer.model_max_length, 1, clip.max_position_embeddings)
+    integer(f"len(tokenizer_2) (T5 vocab_size {t5.vocab_size})", len(pipe.tokenizer_2), 1, t5.vocab_size)
+    integer(f"tokenizer_2.pad_token_id (T5 vocab_size {t5.vocab_size})", pipe.tokenizer_2.pad_token_id, 0,
+            t5.vocab_size - 1)
+    widths = (
+        ("transformer context_embedder in_features", transformer.context_embedder.in_features, "T5 d_model", t5.d_model),
+        ("transformer pooled projection in_features", transformer.time_text_embed.text_embedder.linear_1.in_features,
+         "CLIP hidden_size", clip.hidden_size),
+        ("transformer x_embedder in_features", transformer.x_embedder.in_features, "4 * VAE latent_channels",
+         4 * pipe.vae.config.latent_channels),
+        ("sum(transformer axes_dims_rope)", sum(transformer.config.axes_dims_rope), "attention_head_dim",
+         transformer.config.attention_head_dim),
+        ("len(transformer axes_dims_rope)", len(transformer.config.axes_dims_rope), "FLUX id coordinates", 3),
+    )
+    for name, value, other, expected in widths:
+        integer(f"{name} (= {other})", value, expected, expected)
+
+
+def check_text_ids(pipe, clip_ids: torch.Tensor, t5_ids: torch.Tensor, length: int) -> None:
+    """ValueError, naming the tensor and the table, for prompt ids that would index outside the text encoders'
+    tables: ``clip_ids`` (B, L) need ``L <= max_position_embeddings`` and ids in ``[0, vocab_size)``, with CLIP's
+    ``eos_token_id`` in every row (``pooler_output`` is read at the first one; without it at position 0, in range but
+    wrong); ``t5_ids`` (B, L') ids in ``[0, vocab_size)``, padded to ``length >= L'`` T5 tokens with the pad id."""
+    clip, t5 = pipe.text_encoder.config, pipe.text_encoder_2.config
+    for name, ids in (("clip_ids", clip_ids), ("t5_ids", t5_ids)):
+        integer(f"{name}.dim()", ids.dim(), 2, 2)
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} dtype={ids.dtype} is not allowed: allowed are torch.int32 and torch.int64")
+    integer(f"clip_ids.shape[1] (CLIP max_position_embeddings {clip.max_position_embeddings})", clip_ids.shape[1], 1,
+            clip.max_position_embeddings)
+    integer(f"min(clip_ids) (CLIP vocab_size {clip.vocab_size})", int(clip_ids.min()), 0, clip.vocab_size - 1)
+    integer(f"max(clip_ids) (CLIP vocab_size {clip.vocab_size})", int(clip_ids.max()), 0, clip.vocab_size - 1)
+    integer(f"rows of clip_ids without CLIP's eos_token_id {clip.eos_token_id}",
+            int((~(clip_ids == clip.eos_token_id).any(1)).sum()), 0, 0)
+    integer(f"min(t5_ids) (T5 vocab_size {t5.vocab_size})", int(t5_ids.min()), 0, t5.vocab_size - 1)
+    integer(f"max(t5_ids) (T5 vocab_size {t5.vocab_size})", int(t5_ids.max()), 0, t5.vocab_size - 1)
+    integer(f"T5 length (t5_ids.shape[1] {t5_ids.shape[1]})", length, t5_ids.shape[1])
+
+
 # the call arguments of the trained model: its size, its T5 length, CFG through FluxPipeline's true CFG
 WORLD_IMAGE_CALL = dict(height=32, width=32, max_sequence_length=32, num_inference_steps=20, true_cfg_scale=4.0,
                         negative_prompt="")
@@ -178,6 +230,8 @@ __all__ = [
     "WORLD_IMAGE_CALL",
     "build_clip_tokenizer",
     "build_image_pipeline",
+    "check_image_pipeline",
+    "check_text_ids",
     "image_scheduler_config",
     "load_world_image_pipeline",
     "parameter_counts",

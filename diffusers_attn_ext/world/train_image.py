@@ -38,6 +38,13 @@ At the end it exports the pipeline with ``save_pretrained`` to ``--export`` (wei
 workdir. The checkpoint is safetensors shards of at most ``--shard-mib`` MiB (``train_video.save_checkpoint``):
 weights in float32, AdamW moments in ``--moment-dtype`` (``none``: weights only; a resume then re-warms the
 learning rate over ``REWARM_STEPS``).
+
+``--check`` (``check_first_step``) checks, before phase 2 trains, the ids of its first batch against every embedding
+table of the text encoders (ValueError) and runs its first step at two batch sizes and both T5 lengths with the
+device synchronised around every module, so that an asynchronous device error (which CUDA reports at a later
+kernel, e.g. as ``CUBLAS_STATUS_EXECUTION_FAILED`` in a matrix product) is raised naming the module where it
+happened; the parts of the pipeline are checked against each other (``image_models.check_image_pipeline``) on
+every call.
 """
 
 from __future__ import annotations
@@ -54,7 +61,13 @@ import torch
 import torch.nn.functional as F
 
 from ..validation import integer, real
-from .image_models import ImageModelConfig, build_clip_tokenizer, build_image_pipeline
+from .image_models import (
+    ImageModelConfig,
+    build_clip_tokenizer,
+    build_image_pipeline,
+    check_image_pipeline,
+    check_text_ids,
+)
 from .image_render import render_parameters, scene_parameters
 from .image_scenes import image_caption, sample_image_scene
 from .models import build_tokenizer
@@ -261,6 +274,7 @@ def train(args: argparse.Namespace) -> dict:
     integer("--workers", args.workers, 0)
     torch.manual_seed(cfg.seed)
     pipe = build_image_pipeline(model_config)
+    check_image_pipeline(pipe)
     pipe.to(device)
     modules = {"vae": pipe.vae, "transformer": pipe.transformer, "text_encoder": pipe.text_encoder,
                "text_encoder_2": pipe.text_encoder_2}
@@ -342,11 +356,11 @@ def train(args: argparse.Namespace) -> dict:
             state["dit_steps"] = cfg.dit_steps
         planned_seconds = args.dit_seconds if args.dit_seconds is not None else (
             args.time_budget - elapsed() - RESERVE_SECONDS)
+        latent_norm = (state["shift_factor"], state["scaling_factor"])
+        if args.check:
+            check_first_step(pipe, model_config, cfg, latent_norm, state["step"], trainable, autocast)
         dit_started = time.monotonic()
         probe = None  # (step, time) where the throughput probe starts
-        shift = image_tokens_shift(model_config)
-        tokens_side = size // 2 ** len(model_config.vae_channels)
-        shift_factor, scaling_factor = state["shift_factor"], state["scaling_factor"]
         stop = state["dit_steps"] or UNPLANNED
         data = _loader(ImageBatches(IMAGE_DIT_SEED_BASE, cfg.dit_batch, state["step"], stop, model_config,
                                     caption_dropout=cfg.caption_dropout, long_text_fraction=cfg.long_text_fraction,
@@ -359,30 +373,9 @@ def train(args: argparse.Namespace) -> dict:
             rewarm = 1.0 if rewarm_from is None else min(1.0, (step - rewarm_from + 1) / REWARM_STEPS)
             _set_lr(optimizer, _lr(step, total, cfg.dit_lr, cfg.warmup) * rewarm)
             generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
-            with torch.no_grad():
-                images, masks = render_parameters(params, size, size, device=device)
-                with autocast:
-                    latents = vae.encode(images * 2.0 - 1.0).latent_dist.mode()
-                latents = (latents.float() - shift_factor) * scaling_factor
-                ids = latent_ids(latents)
-                latents = pack(latents)
-            u = torch.sigmoid(torch.randn(latents.shape[0], device=device, generator=generator))
-            sigma = shift * u / (1 + (shift - 1) * u)
-            noise = torch.randn(latents.shape, device=device, generator=generator)
-            s = sigma.view(-1, 1, 1)
-            noisy = (1 - s) * latents + s * noise
             length = LONG_TEXT_TOKENS if long else model_config.text_tokens
-            with autocast:
-                pooled, text = encode_text(pipe, clip_ids, t5_ids, length)
-                text_ids = torch.zeros(length, 3, device=device, dtype=latents.dtype)
-                pred = transformer(hidden_states=noisy, timestep=sigma, guidance=None, pooled_projections=pooled,
-                                   encoder_hidden_states=text, txt_ids=text_ids, img_ids=ids, return_dict=False)[0]
-            error = (pred.float() - (noise - latents)) ** 2
-            if cfg.dit_object_weight:
-                weight = token_object_weight(masks, tokens_side, cfg.dit_object_weight)
-                loss = (error * weight).sum() / (weight.sum() * error.shape[-1])
-            else:
-                loss = error.mean()
+            loss = dit_loss(pipe, model_config, cfg, latent_norm, (params, clip_ids, t5_ids), length, generator,
+                            autocast)
             _step(optimizer, loss, trainable, cfg.grad_clip)
             state["step"] = step + 1
             losses.add(state["step"], loss, force=state["step"] == state["dit_steps"])
@@ -409,6 +402,167 @@ def train(args: argparse.Namespace) -> dict:
             export(pipe, state, model_config, Path(args.export), args.export_dtype)
         plot_loss(log_path, workdir / "loss.png")
     return state
+
+
+def dit_loss(pipe, model: ImageModelConfig, cfg: ImageTrainConfig, latent_norm: tuple[float, float], batch,
+             length: int, generator: torch.Generator, autocast, stage=None) -> torch.Tensor:
+    """The phase-2 loss of one batch ``(scene parameters, CLIP ids, T5 ids)`` with ``length`` T5 tokens (module
+    docstring): VAE latents ``(z - shift_factor) * scaling_factor`` (``latent_norm``), packed; ``s`` logit-normal,
+    shifted; ``x_s = (1 - s) z + s e``; the flow MSE against ``e - z``, object-weighted with ``dit_object_weight``.
+    ``stage(name)``, if given, is called after each part (``check_first_step`` synchronises the device there)."""
+    stage = stage or (lambda name: None)
+    params, clip_ids, t5_ids = batch
+    device, size = pipe.transformer.device, model.size
+    with torch.no_grad():
+        images, masks = render_parameters(params, size, size, device=device)
+        stage("render")
+        with autocast:
+            latents = pipe.vae.encode(images * 2.0 - 1.0).latent_dist.mode()
+        latents = (latents.float() - latent_norm[0]) * latent_norm[1]
+        ids = latent_ids(latents)
+        latents = pack(latents)
+        stage("vae")
+    shift = image_tokens_shift(model)
+    u = torch.sigmoid(torch.randn(latents.shape[0], device=device, generator=generator))
+    sigma = shift * u / (1 + (shift - 1) * u)
+    noise = torch.randn(latents.shape, device=device, generator=generator)
+    s = sigma.view(-1, 1, 1)
+    noisy = (1 - s) * latents + s * noise
+    stage("noise")
+    with autocast:
+        pooled, text = encode_text(pipe, clip_ids, t5_ids, length)
+        stage("text encoders")
+        text_ids = torch.zeros(length, 3, device=device, dtype=latents.dtype)
+        pred = pipe.transformer(hidden_states=noisy, timestep=sigma, guidance=None, pooled_projections=pooled,
+                                encoder_hidden_states=text, txt_ids=text_ids, img_ids=ids, return_dict=False)[0]
+        stage("transformer")
+    error = (pred.float() - (noise - latents)) ** 2
+    if cfg.dit_object_weight:
+        tokens_side = size // 2 ** len(model.vae_channels)
+        weight = token_object_weight(masks, tokens_side, cfg.dit_object_weight)
+        return (error * weight).sum() / (weight.sum() * error.shape[-1])
+    return error.mean()
+
+
+CHECK_SMALL_BATCH = 8
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _DeviceErrorLocator:
+    """While active, synchronises the device before and after every module's forward, so that an asynchronous
+    device error (a device assert, an illegal address) is raised by the module where it happened, not by a later
+    kernel; ``where`` says what last finished and what was running."""
+
+    def __init__(self, pipe, device: torch.device) -> None:
+        self.device = device
+        self.names = {id(m): f"{c}.{n}" if n else c for c in ("vae", "text_encoder", "text_encoder_2", "transformer")
+                      for n, m in getattr(pipe, c).named_modules()}
+        self.last, self.failed, self.handles = "no module", None, []
+
+    def _sync(self, module, when: str) -> None:
+        try:
+            _synchronize(self.device)
+        except RuntimeError:
+            self.failed = f"{when} {self.names.get(id(module), type(module).__name__)}"
+            raise
+
+    def _before(self, module, _inputs) -> None:
+        self._sync(module, "before")  # an error here is from the operations between self.last and this module
+
+    def _after(self, module, _inputs, _output) -> None:
+        self._sync(module, "in")
+        self.last = self.names.get(id(module), type(module).__name__)
+
+    def where(self) -> str:
+        return f"module {self.failed}, after {self.last}" if self.failed else f"after module {self.last}"
+
+    def __enter__(self):
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        self.handles = [register_module_forward_pre_hook(self._before), register_module_forward_hook(self._after)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def check_first_step(pipe, model: ImageModelConfig, cfg: ImageTrainConfig, latent_norm: tuple[float, float],
+                     step: int, trainable, autocast) -> None:
+    """``--check``: before phase 2 trains, validate the batch of its first ``step`` and run that step's loss and
+    backward pass without an optimizer step, printing one JSON line each.
+
+    1. ``image_models.check_text_ids``: every CLIP and T5 id and CLIP position inside its embedding table, for the
+       batch's own T5 length and for ``LONG_TEXT_TOKENS`` (ValueError naming the tensor and the table).
+    2. The step at ``CHECK_SMALL_BATCH`` samples, then at ``--dit-batch``, each at ``text_tokens`` and at
+       ``LONG_TEXT_TOKENS`` T5 tokens, with the device synchronised after every stage and before and after every
+       module (``_DeviceErrorLocator``): a device error is raised as a RuntimeError that names the batch size, the
+       T5 length, the stage and the module where it surfaced; a non-finite loss raises one too. On CUDA each line
+       has the peak memory and the free memory of the device.
+
+    Gradients are cleared afterwards and no weight changes; the batches of training are functions of their steps,
+    so a run with ``--check`` trains exactly as one without."""
+    import diffusers
+    import transformers
+
+    device = pipe.transformer.device
+    dataset = ImageBatches(IMAGE_DIT_SEED_BASE, cfg.dit_batch, step, step + 1, model,
+                           caption_dropout=cfg.caption_dropout, long_text_fraction=cfg.long_text_fraction,
+                           seed=cfg.seed)
+    _, params, clip_ids, t5_ids, long = dataset[0]
+    print(json.dumps({"check": "versions", "device": str(device), "torch": torch.__version__,
+                      "cuda": torch.version.cuda, "transformers": transformers.__version__,
+                      "diffusers": diffusers.__version__,
+                      "clip_attention": pipe.text_encoder.config._attn_implementation,
+                      "t5_attention": pipe.text_encoder_2.config._attn_implementation}), flush=True)
+    for length in sorted({model.text_tokens, LONG_TEXT_TOKENS}):
+        check_text_ids(pipe, clip_ids, t5_ids, length)
+    clip, t5 = pipe.text_encoder.config, pipe.text_encoder_2.config
+    print(json.dumps({"check": "ids", "step": step, "long": long, "clip_ids": list(clip_ids.shape),
+                      "clip_id_max": int(clip_ids.max()), "clip_vocab": clip.vocab_size,
+                      "clip_positions": clip.max_position_embeddings, "t5_ids": list(t5_ids.shape),
+                      "t5_id_max": int(t5_ids.max()), "t5_vocab": t5.vocab_size}), flush=True)
+    batches = sorted({min(CHECK_SMALL_BATCH, cfg.dit_batch), cfg.dit_batch})
+    for batch in batches:
+        part = ({k: v[:batch] for k, v in params.items()}, clip_ids[:batch], t5_ids[:batch])
+        for length in sorted({model.text_tokens, LONG_TEXT_TOKENS}):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            done = ["start"]
+
+            def stage(name: str, done: list[str] = done) -> None:
+                _synchronize(device)
+                done.append(name)
+
+            locator = _DeviceErrorLocator(pipe, device)
+            try:
+                with locator:
+                    generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
+                    loss = dit_loss(pipe, model, cfg, latent_norm, part, length, generator, autocast, stage)
+                stage("loss")
+                loss.backward()
+                stage("backward")
+                value = float(loss.detach())
+            except RuntimeError as err:
+                raise RuntimeError(f"--check: phase-2 step {step} at batch {batch} with {length} T5 tokens failed "
+                                   f"on {device} after stage {done[-1]!r} ({locator.where()}): {err}") from err
+            finally:
+                for p in trainable:
+                    p.grad = None
+            if not math.isfinite(value):
+                raise RuntimeError(f"--check: phase-2 step {step} at batch {batch} with {length} T5 tokens: loss "
+                                   f"{value} on {device}")
+            line = {"check": "step", "batch": batch, "text_tokens": length, "loss": value}
+            if device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(device)
+                line.update(peak_gib=torch.cuda.max_memory_allocated(device) / 2**30, free_gib=free / 2**30,
+                            total_gib=total / 2**30)
+            print(json.dumps(line), flush=True)
+    print(json.dumps({"check": "passed", "step": step}), flush=True)
 
 
 @torch.no_grad()
@@ -484,6 +638,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--moment-dtype", default="none", choices=["float32", "bfloat16", "none"],
                         help="precision of the saved AdamW moments; none saves weights only (a resume re-warms)")
     parser.add_argument("--model-config", default=None, help="JSON overrides of ImageModelConfig (tests)")
+    parser.add_argument("--check", action="store_true",
+                        help="before phase 2 trains: check its first batch's ids against every embedding table and "
+                             "run its first step at two batch sizes and both T5 lengths, the device synchronised "
+                             "after every module (check_first_step)")
     for f in dataclasses.fields(ImageTrainConfig):
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     args = parser.parse_args(argv)
