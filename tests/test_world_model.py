@@ -2,8 +2,8 @@
 
 One batch of four prompts (one per background level, each naming a colour and a direction), generated once at
 the demo's 10 steps with fixed seeds. Measured facts of this model (docs/quality.md): it draws the prompt's
-background reliably, an object of the prompt's colour in about a third of the frames of held-out prompts, and
-does not follow the direction (6% of held-out prompts, chance about 25%). The direction test states the
+background reliably, an object of the prompt's colour in every frame for 44% of held-out prompts (in 64% of their
+frames), and moves objects but not the prompt's way (12.5% of held-out prompts, chance about 25%). The direction test states the
 acceptance goal and is a strict xfail: it fails loudly once a retrained model passes it.
 """
 
