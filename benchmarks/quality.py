@@ -14,8 +14,9 @@ Sections (``diffusers_attn_ext.world.tasks`` defines each task and its scores):
 - ``layers``: relative L2 error of each self-attention layer's output, the method on that layer alone (every
   earlier layer dense, so its input is the dense model's own activation), on world videos encoded by the VAE and
   noised to sigma 0.5, with their captions;
-- ``ultravico``: 1x to 4x the trained 9 frames, stock vs UltraViCo (alpha 0.9, ``train_frames=9``), object
-  scores of one bouncing object, and the same scores of the ground-truth video;
+- ``ultravico``: 1x to 4x the trained 9 frames, stock vs UltraViCo (``ultravico_alpha=0.9``,
+  ``ultravico_train_frames=9``), object scores of one bouncing object, and the same scores of the ground-truth
+  video;
 - ``ditraj``: per-frame IoU of the object against the requested boxes: stock, STD-RoPE, STD-RoPE + fg/bg
   guidance (the authors' step fractions), and the ground truth's own IoU (the segmentation's ceiling).
 
@@ -175,8 +176,8 @@ def run_ultravico(pipe, seeds: list[int], steps: int, results: dict, save, lengt
                 videos = batched(lambda p, s, f=frames: generate_many(pipe, p, s, frames=f, steps=steps), prompts, seeds,
                                  size=max(1, 8 // ratio))
             else:
-                videos = batched(lambda p, s, f=frames: generate_many(uv, p, s, frames=f, steps=steps, train_frames=9,
-                                                                       ultravico_alpha=0.9),
+                videos = batched(lambda p, s, f=frames: generate_many(uv, p, s, frames=f, steps=steps,
+                                                                       ultravico_train_frames=9, ultravico_alpha=0.9),
                                  prompts, seeds, size=max(1, 8 // ratio))
             results[key] = {**_scores([object_scores(v, s) for v, s in zip(videos, scenes, strict=True)]),
                             "seconds": time.perf_counter() - start}
@@ -200,10 +201,10 @@ def run_ditraj(pipe, seeds: list[int], steps: int, results: dict, save) -> None:
             prompts = trajectory_prompts(scene)
             kwargs = {}
             if method != "stock":
-                kwargs = {"trajectory": trajectory_for(scene), "rope_steps": rope_steps(steps)}
+                kwargs = {"trajectory": trajectory_for(scene), "trajectory_rope_steps": rope_steps(steps)}
             if method == "STD-RoPE + fg/bg":
                 kwargs.update(foreground_prompt=prompts["foreground_prompt"],
-                              background_prompt=prompts["background_prompt"], mask_steps=mask_steps(steps))
+                              background_prompt=prompts["background_prompt"], trajectory_mask_steps=mask_steps(steps))
             video = generate(traj, prompts["prompt"], seed=seed, steps=steps, **kwargs)
             ious.append(trajectory_score(video, scene))
         results[key] = {"iou": ious, "seconds": time.perf_counter() - start}

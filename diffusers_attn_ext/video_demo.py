@@ -109,7 +109,7 @@ def run_video_demo(output_dir: str | Path, model=None, *, steps: int | None = No
             frames = setup.frames * ratio if setup.world else (setup.train_latent_frames * ratio - 1) * 4 + 1
             runner = WanUltraViCoPipeline.from_pipe(pipe)
             runner.set_progress_bar_config(disable=True)
-            method_video = _generate(runner, setup, prompt, frames, train_frames=setup.train_latent_frames)
+            method_video = _generate(runner, setup, prompt, frames, ultravico_train_frames=setup.train_latent_frames)
             seconds = time.perf_counter() - start
             base = stock(prompt, frames)
             if setup.world:
@@ -144,10 +144,10 @@ def run_video_demo(output_dir: str | Path, model=None, *, steps: int | None = No
             runner = WanTrajectoryPipeline.from_pipe(pipe)
             runner.set_progress_bar_config(disable=True)
             method_video = _generate(runner, setup, prompts["prompt"], setup.frames, trajectory=trajectory,
-                                     rope_steps=tasks.rope_steps(setup.steps),
+                                     trajectory_rope_steps=tasks.rope_steps(setup.steps),
                                      foreground_prompt=prompts["foreground_prompt"],
                                      background_prompt=prompts["background_prompt"],
-                                     mask_steps=tasks.mask_steps(setup.steps))
+                                     trajectory_mask_steps=tasks.mask_steps(setup.steps))
             seconds = time.perf_counter() - start
             prompt = prompts["prompt"]
             base = stock(prompt, setup.frames)

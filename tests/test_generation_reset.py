@@ -34,7 +34,7 @@ BOXES = [{"dog": (0.0, 0.25, 0.5, 1.0), "cat": (0.5, 0.25, 1.0, 1.0)},
 # (pipeline class, family, first size, second size, method arguments for a size)
 CASES = {
     "ultravico": (WanUltraViCoPipeline, "wan", {"height": 32, "width": 32, "num_frames": 13},
-                  {"height": 48, "width": 32, "num_frames": 17}, lambda size: {"train_frames": 2}),
+                  {"height": 48, "width": 32, "num_frames": 17}, lambda size: {"ultravico_train_frames": 2}),
     "adaptive sparse": (WanSparsePipeline, "wan", {"height": 64, "width": 64, "num_frames": 9},
                         {"height": 64, "width": 48, "num_frames": 13},
                         lambda size: {"sparse_method": "adaptive", "sparse_density": 0.5,

@@ -483,7 +483,7 @@ def wan_trajectory(**overrides):
 def wan_ultravico():
     kwargs = tiny_call_kwargs("wan")
     kwargs.pop("num_frames", None)
-    return {**kwargs, "train_frames": 2}
+    return {**kwargs, "ultravico_train_frames": 2}
 
 
 # (pipeline class, family, parameter, kwargs maker, range); the tiny calls run 2 denoising steps.
@@ -513,13 +513,13 @@ CALL = [
      Real(0, 1, low_open=True, allow_none=True)),
     (WanSparsePipeline, "wan", "sparse_dense_steps", lambda: call_kwargs("wan"), Integer(0, 1)),
     (WanSparsePipeline, "wan", "sparse_dense_layers", lambda: call_kwargs("wan"), Integer(0)),
-    (WanTrajectoryPipeline, "wan", "rope_steps", wan_trajectory, Integer(0, allow_none=True)),
-    (WanTrajectoryPipeline, "wan", "mask_steps", wan_trajectory, Integer(0)),
-    (WanTrajectoryPipeline, "wan", "isolate_duplicates", wan_trajectory, Boolean()),
+    (WanTrajectoryPipeline, "wan", "trajectory_rope_steps", wan_trajectory, Integer(0, allow_none=True)),
+    (WanTrajectoryPipeline, "wan", "trajectory_mask_steps", wan_trajectory, Integer(0)),
+    (WanTrajectoryPipeline, "wan", "trajectory_isolate_duplicates", wan_trajectory, Boolean()),
     (WanUltraViCoPipeline, "wan", "ultravico_alpha", wan_ultravico, Real(0, 1, low_open=True)),
     (WanUltraViCoPipeline, "wan", "extrapolation_ratio", wan_ultravico, Integer(1, allow_none=True, sample_high=4)),
-    (WanUltraViCoPipeline, "wan", "train_frames", wan_ultravico, Integer(1, allow_none=True, sample_high=4)),
-    (WanUltraViCoPipeline, "wan", "restrict_first_frame", wan_ultravico, Boolean()),
+    (WanUltraViCoPipeline, "wan", "ultravico_train_frames", wan_ultravico, Integer(1, allow_none=True, sample_high=4)),
+    (WanUltraViCoPipeline, "wan", "ultravico_restrict_first_frame", wan_ultravico, Boolean()),
 ]
 CALL_IDS = [f"{cls.__name__}-{name}" for cls, _, name, _, _ in CALL]
 
