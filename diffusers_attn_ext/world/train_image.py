@@ -32,12 +32,12 @@ step and resumed gives the same batches (bit-identical weights when the moments 
 steps of the first call that reaches phase 2 it fixes ``dit_steps = step + rate * (dit_seconds - elapsed)``
 (``--dit-seconds``: the seconds of phase 2 over all calls; default what is left of this call's budget less
 ``RESERVE_SECONDS``) and records it in the checkpoint; a positive ``--dit-steps`` sets it instead. The learning
-rate warms up, stays, and decays linearly to zero over the last ``DECAY_FRACTION`` of the steps.
+rate warms up, stays, and decays linearly to zero over the last ``training.DECAY_FRACTION`` of the steps.
 At the end it exports the pipeline with ``save_pretrained`` to ``--export`` (weights in ``--export-dtype``) with
 ``training.json`` (both configs, the steps), and writes the loss curve (``loss.png``, ``log.jsonl``) in the
-workdir. The checkpoint is safetensors shards of at most ``--shard-mib`` MiB (``train_video.save_checkpoint``):
+workdir. The checkpoint is safetensors shards of at most ``--shard-mib`` MiB (``training.save_checkpoint``):
 weights in float32, AdamW moments in ``--moment-dtype`` (``none``: weights only; a resume then re-warms the
-learning rate over ``REWARM_STEPS``).
+learning rate over ``training.REWARM_STEPS``).
 
 ``--check`` (``check_first_step``) checks, before phase 2 trains, the ids of its first batch against every embedding
 table of the text encoders (ValueError) and runs its first step at two batch sizes and both T5 lengths with the
@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from ..validation import integer, real
+from . import training
 from .image_models import (
     ImageModelConfig,
     build_clip_tokenizer,
@@ -71,19 +72,18 @@ from .image_models import (
 from .image_render import render_parameters, scene_parameters
 from .image_scenes import image_caption, sample_image_scene
 from .models import build_tokenizer
-from .train_video import _restore, load_checkpoint, save_checkpoint
 
 IMAGE_DIT_SEED_BASE = 200_000_000
 IMAGE_VAE_SEED_BASE = 700_000_000
 IMAGE_STAT_SEED_BASE = 690_000_000
 STAT_BATCHES = 8
 LONG_TEXT_TOKENS = 512  # FluxPipeline's default max_sequence_length
-DECAY_FRACTION = 0.2
-REWARM_STEPS = 100
 PROBE_STEPS = 200
 PROBE_SKIP = 20  # steps left out of the throughput probe (warm-up of kernels and workers)
 RESERVE_SECONDS = 45.0  # what a call needs after training: the checkpoint, the export, the loss plot
 UNPLANNED = 10**9
+LOSS_PANELS = (("vae", "VAE reconstruction (object-weighted L1 + MSE)"),
+               ("dit", "transformer + text encoders (flow MSE)"))
 
 
 @dataclasses.dataclass
@@ -147,16 +147,6 @@ class ImageBatches(torch.utils.data.Dataset):
                 tokenize(self.t5_tokenizer, captions, self.model.text_tokens), long)
 
 
-def _one_thread(_: int) -> None:
-    torch.set_num_threads(1)
-
-
-def _loader(dataset: ImageBatches, workers: int):
-    return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                                       prefetch_factor=4 if workers else None, worker_init_fn=_one_thread,
-                                       persistent_workers=False)
-
-
 def encode_text(pipe, clip_ids: torch.Tensor, t5_ids: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(pooled CLIP (B, clip_dim), T5 (B, length, t5_dim)) exactly as ``FluxPipeline.encode_prompt`` makes them
     from these ids, with gradients; T5 ids are padded with the pad id up to ``length``."""
@@ -197,55 +187,6 @@ def token_object_weight(masks: torch.Tensor, tokens_side: int, weight: float) ->
     return (1.0 + weight * touched).flatten(1).unsqueeze(-1)
 
 
-def _lr(step: int, steps: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    decay_start = steps * (1 - DECAY_FRACTION)
-    if step < decay_start:
-        return base
-    return base * max(0.0, (steps - step) / max(1.0, steps - decay_start))
-
-
-def _set_lr(optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def _step(optimizer, loss: torch.Tensor, params, clip: float) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, clip)
-    optimizer.step()
-
-
-def _optimizer(params, lr: float, weight_decay: float, device) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay, fused=device.type == "cuda")
-
-
-class _LossLog:
-    """The mean loss of every ``every`` steps, appended to ``log.jsonl`` and printed (with steps per second)."""
-
-    def __init__(self, path: Path, phase: str, every: int, started: float) -> None:
-        self.path, self.phase, self.every, self.started = path, phase, every, started
-        self.window: list[torch.Tensor] = []
-        self.last = (None, time.monotonic())
-
-    def add(self, steps_done: int, loss: torch.Tensor, force: bool = False) -> None:
-        self.window.append(loss.detach())
-        if (steps_done % self.every and not force) or not self.window:
-            return
-        now = time.monotonic()
-        entry = {"phase": self.phase, "step": steps_done, "loss": torch.stack(self.window).float().mean().item(),
-                 "elapsed": now - self.started}
-        if self.last[0] is not None and steps_done > self.last[0]:
-            entry["steps_per_s"] = (steps_done - self.last[0]) / (now - self.last[1])
-        self.last = (steps_done, now)
-        self.window = []
-        with self.path.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
-        print(json.dumps(entry), flush=True)
-
-
 def check_config(cfg: ImageTrainConfig) -> ImageTrainConfig:
     """ValueError, naming the option, for a setting outside its range (before any model is built)."""
     for name in ("vae_steps", "vae_batch", "dit_batch"):
@@ -281,19 +222,19 @@ def train(args: argparse.Namespace) -> dict:
     state = {"phase": "vae", "step": 0, "shift_factor": None, "scaling_factor": None, "dit_steps": None,
              "train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_config)}
     tensors = None
-    loaded = load_checkpoint(workdir)
+    loaded = training.load_checkpoint(workdir)
     if loaded is not None:
         state, tensors = loaded
         print(f"resuming at phase {state['phase']} step {state['step']}", flush=True)
     log_path = workdir / "log.jsonl"
     if state["phase"] == "done" and tensors is not None:  # a finished run called again: export what it holds
-        _restore(modules, None, tensors)
+        training.restore(modules, None, tensors)
     if args.export_only:
         if tensors is None or state["phase"] == "vae":
             raise ValueError(f"--export-only: no transformer checkpoint in {workdir}")
-        _restore(modules, None, tensors)
+        training.restore(modules, None, tensors)
         export(pipe, state, model_config, Path(args.export), args.export_dtype)
-        plot_loss(log_path, workdir / "loss.png")
+        training.plot_loss(log_path, workdir / "loss.png", LOSS_PANELS)
         return state
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -307,15 +248,14 @@ def train(args: argparse.Namespace) -> dict:
     vae, transformer = pipe.vae, pipe.transformer
     # ---- phase 1: the VAE, object-weighted
     if state["phase"] == "vae":
-        optimizer = _optimizer(vae.parameters(), cfg.vae_lr, 0.0, device)
-        if tensors is not None:
-            _restore({"vae": vae}, optimizer, tensors)
+        optimizer = training.adamw(vae.parameters(), cfg.vae_lr, 0.0, device)
+        training.resume({"vae": vae}, optimizer, tensors, state["step"])
         vae.train()
-        data = _loader(ImageBatches(IMAGE_VAE_SEED_BASE, cfg.vae_batch, state["step"], cfg.vae_steps, model_config,
-                                    text=False), args.workers)
-        losses = _LossLog(log_path, "vae", 100, started)
+        data = training.loader(ImageBatches(IMAGE_VAE_SEED_BASE, cfg.vae_batch, state["step"], cfg.vae_steps,
+                                            model_config, text=False), args.workers)
+        losses = training.LossLog(log_path, "vae", 100, started, rate=True)
         for step, params, _, _, _ in data:
-            _set_lr(optimizer, _lr(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup))
+            training.set_lr(optimizer, training.learning_rate(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup))
             images, masks = render_parameters(params, size, size, device=device)
             x = images * 2.0 - 1.0
             with autocast:
@@ -323,33 +263,30 @@ def train(args: argparse.Namespace) -> dict:
             error = (recon.float() - x).abs() + (recon.float() - x) ** 2
             weight = 1.0 + cfg.vae_object_weight * masks.any(1, keepdim=True).float()
             loss = (error * weight).sum() / (weight.sum() * 3)
-            _step(optimizer, loss, vae.parameters(), cfg.grad_clip)
+            training.optimizer_step(optimizer, loss, vae.parameters(), cfg.grad_clip)
             state["step"] = step + 1
             losses.add(state["step"], loss, force=state["step"] == cfg.vae_steps)
             if elapsed() > args.time_budget:
                 break
         if state["step"] < cfg.vae_steps:
-            save_checkpoint(workdir, state, {"vae": vae}, optimizer, moment_dtype=args.moment_dtype_t,
-                            shard_mib=args.shard_mib)
+            training.save_checkpoint(workdir, state, {"vae": vae}, optimizer, moment_dtype=args.moment_dtype_t,
+                                     shard_mib=args.shard_mib)
             return state
         shift, scale = latent_statistics(vae, model_config, device, args.workers)
         state.update(phase="dit", step=0, shift_factor=shift, scaling_factor=scale)
         tensors = None
-        save_checkpoint(workdir, state, {"vae": vae}, None, moment_dtype=args.moment_dtype_t, shard_mib=args.shard_mib)
+        training.save_checkpoint(workdir, state, {"vae": vae}, None, moment_dtype=args.moment_dtype_t,
+                                 shard_mib=args.shard_mib)
     # ---- phase 2: transformer + text encoders
     if state["phase"] == "dit":
         if tensors is not None and not any(k.startswith("transformer.") for k in tensors):
-            _restore({"vae": vae}, None, tensors)
+            training.restore({"vae": vae}, None, tensors)
             tensors = None
         vae.requires_grad_(False).eval()
         trainable_modules = (transformer, pipe.text_encoder, pipe.text_encoder_2)
         trainable = [p for m in trainable_modules for p in m.parameters()]
-        optimizer = _optimizer(trainable, cfg.dit_lr, cfg.weight_decay, device)
-        rewarm_from = None
-        if tensors is not None:
-            _restore(modules, optimizer, tensors)
-            if not any(k.startswith("opt.") for k in tensors):
-                rewarm_from = state["step"]
+        optimizer = training.adamw(trainable, cfg.dit_lr, cfg.weight_decay, device)
+        rewarm_from = training.resume(modules, optimizer, tensors, state["step"])  # no moments saved: warm up again
         for m in trainable_modules:
             m.train()
         if cfg.dit_steps > 0:
@@ -362,21 +299,20 @@ def train(args: argparse.Namespace) -> dict:
         dit_started = time.monotonic()
         probe = None  # (step, time) where the throughput probe starts
         stop = state["dit_steps"] or UNPLANNED
-        data = _loader(ImageBatches(IMAGE_DIT_SEED_BASE, cfg.dit_batch, state["step"], stop, model_config,
-                                    caption_dropout=cfg.caption_dropout, long_text_fraction=cfg.long_text_fraction,
-                                    seed=cfg.seed), args.workers)
-        losses = _LossLog(log_path, "dit", 100, started)
+        data = training.loader(ImageBatches(IMAGE_DIT_SEED_BASE, cfg.dit_batch, state["step"], stop, model_config,
+                                            caption_dropout=cfg.caption_dropout,
+                                            long_text_fraction=cfg.long_text_fraction, seed=cfg.seed), args.workers)
+        losses = training.LossLog(log_path, "dit", 100, started, rate=True)
         for step, params, clip_ids, t5_ids, long in data:
             total = state["dit_steps"] or UNPLANNED
             if step >= total:
                 break
-            rewarm = 1.0 if rewarm_from is None else min(1.0, (step - rewarm_from + 1) / REWARM_STEPS)
-            _set_lr(optimizer, _lr(step, total, cfg.dit_lr, cfg.warmup) * rewarm)
+            training.set_lr(optimizer, training.learning_rate(step, total, cfg.dit_lr, cfg.warmup, rewarm_from))
             generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
             length = LONG_TEXT_TOKENS if long else model_config.text_tokens
             loss = dit_loss(pipe, model_config, cfg, latent_norm, (params, clip_ids, t5_ids), length, generator,
                             autocast)
-            _step(optimizer, loss, trainable, cfg.grad_clip)
+            training.optimizer_step(optimizer, loss, trainable, cfg.grad_clip)
             state["step"] = step + 1
             losses.add(state["step"], loss, force=state["step"] == state["dit_steps"])
             if state["dit_steps"] is None:
@@ -395,12 +331,12 @@ def train(args: argparse.Namespace) -> dict:
                 break
         if state["dit_steps"] is not None and state["step"] >= state["dit_steps"]:
             state["phase"] = "done"
-        save_checkpoint(workdir, state, modules, optimizer, moment_dtype=args.moment_dtype_t,
-                        shard_mib=args.shard_mib)
+        training.save_checkpoint(workdir, state, modules, optimizer, moment_dtype=args.moment_dtype_t,
+                                 shard_mib=args.shard_mib)
     if state["phase"] == "done":
         if args.export:
             export(pipe, state, model_config, Path(args.export), args.export_dtype)
-        plot_loss(log_path, workdir / "loss.png")
+        training.plot_loss(log_path, workdir / "loss.png", LOSS_PANELS)
     return state
 
 
@@ -569,7 +505,7 @@ def check_first_step(pipe, model: ImageModelConfig, cfg: ImageTrainConfig, laten
 def latent_statistics(vae, model: ImageModelConfig, device, workers: int) -> tuple[float, float]:
     """(mean, 1 / std) of the posterior means over STAT_BATCHES batches of 64 (their own seeds)."""
     vae.eval()
-    data = _loader(ImageBatches(IMAGE_STAT_SEED_BASE, 64, 0, STAT_BATCHES, model, text=False), workers)
+    data = training.loader(ImageBatches(IMAGE_STAT_SEED_BASE, 64, 0, STAT_BATCHES, model, text=False), workers)
     latents = []
     for _, params, _, _, _ in data:
         images, _ = render_parameters(params, model.size, model.size, device=device)
@@ -592,36 +528,6 @@ def export(pipe, state: dict, model: ImageModelConfig, path: Path, dtype_name: s
     print(f"exported to {path}", flush=True)
 
 
-def plot_loss(log_path: Path, png: Path) -> None:
-    """The loss curve of each phase in ``log.jsonl`` (log scale); nothing without matplotlib."""
-    if not log_path.exists():
-        return
-    try:
-        import matplotlib
-    except ImportError:
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    panels = [p for p in (("vae", "VAE reconstruction (object-weighted L1 + MSE)"),
-                          ("dit", "transformer + text encoders (flow MSE)"))
-              if any(e["phase"] == p[0] for e in entries)]
-    if not panels:
-        return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
-    for ax, (phase, title) in zip(axes[0], panels, strict=True):
-        points = sorted({e["step"]: e["loss"] for e in entries if e["phase"] == phase}.items())
-        ax.plot([p[0] for p in points], [p[1] for p in points])
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True)
@@ -642,10 +548,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="before phase 2 trains: check its first batch's ids against every embedding table and "
                              "run its first step at two batch sizes and both T5 lengths, the device synchronised "
                              "after every module (check_first_step)")
-    for f in dataclasses.fields(ImageTrainConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    training.add_config_options(parser, ImageTrainConfig)
     args = parser.parse_args(argv)
-    args.moment_dtype_t = None if args.moment_dtype == "none" else getattr(torch, args.moment_dtype)
+    args.moment_dtype_t = training.moment_dtype(args.moment_dtype)
     return args
 
 

@@ -49,9 +49,14 @@ import torch
 import torch.nn.functional as F
 
 from ..validation import real
+from . import training
 from .models import VideoModelConfig, build_video_pipeline
 from .render import render_scenes
 from .scenes import caption, sample_scene
+from .training import load_checkpoint, save_checkpoint
+
+# names other modules import from here (the utilities now live in ``training``)
+_optimizer, _restore = training.adamw, training.restore
 
 EVAL_SEED_BASE = 1_000_000_000
 VAE_SEED_BASE = 500_000_000
@@ -59,8 +64,6 @@ DIT_SEED_BASE = 0
 STAT_BATCHES = 8
 TEXT_TOKENS = 48  # longest caption (3 objects) is 32 words + </s>
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline's default
-DECAY_FRACTION = 0.2
-REWARM_STEPS = 100
 
 
 @dataclasses.dataclass
@@ -110,17 +113,6 @@ class _Batches(torch.utils.data.Dataset):
         return step, frames, [caption(s) for s in scenes], video.masks.any(1)
 
 
-def _loader(dataset: _Batches, workers: int):
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=4 if workers else None,
-        worker_init_fn=_one_thread,
-    )
-
-
-def _one_thread(_: int) -> None:
-    torch.set_num_threads(1)
-
-
 def to_model_video(frames: torch.Tensor, device) -> torch.Tensor:
     """uint8 (B, T, 3, H, W) -> float (B, 3, T, H, W) in [-1, 1], as the VAE takes videos."""
     return frames.to(device, non_blocking=True).permute(0, 2, 1, 3, 4).float().div(127.5).sub(1.0)
@@ -147,17 +139,6 @@ def encode_text(pipe, captions: list[str], device) -> torch.Tensor:
     ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
     hidden = pipe.text_encoder(ids, mask).last_hidden_state * mask.unsqueeze(-1)
     return F.pad(hidden, (0, 0, 0, MAX_SEQUENCE_LENGTH - TEXT_TOKENS))
-
-
-def _lr(step: int, steps: int, base: float, warmup: int) -> float:
-    """Linear warm-up, constant, then a linear decay to zero over the last ``DECAY_FRACTION`` of the steps (so
-    that the total can be set once the throughput is known, without changing the steps already taken)."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    decay_start = steps * (1 - DECAY_FRACTION)
-    if step < decay_start:
-        return base
-    return base * max(0.0, (steps - step) / max(1.0, steps - decay_start))
 
 
 def latent_object_weight(objects: torch.Tensor, shape: torch.Size, weight: float) -> torch.Tensor:
@@ -191,118 +172,6 @@ def state_from_export(path: Path, step: int, cfg: TrainConfig, model_config: Vid
     return state, tensors
 
 
-# ----------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(workdir: Path, state: dict, modules: dict, optimizer, *, moment_dtype, shard_mib: float) -> None:
-    """Weights (float32) and optimizer moments (``moment_dtype``) in safetensors shards; ``state`` as JSON."""
-    from safetensors.torch import save_file
-
-    tensors: dict[str, torch.Tensor] = {}
-    for name, module in modules.items():
-        for key, value in module.state_dict().items():
-            tensors[f"{name}.{key}"] = value.detach().float().cpu().clone()
-    if optimizer is not None and moment_dtype is not None:
-        names = {id(p): n for n, p in _named_trainable(modules)}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                for key, value in optimizer.state.get(p, {}).items():
-                    dtype = torch.float32 if key == "step" else moment_dtype
-                    tensors[f"opt.{names[id(p)]}.{key}"] = value.detach().to(dtype).cpu().contiguous().reshape(
-                        value.shape
-                    )
-    limit = int(shard_mib * 2**20)
-    tmp = workdir / "ckpt.tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    for old in tmp.glob("*"):
-        old.unlink()
-    shard, size, index = {}, 0, 0
-    for key in sorted(tensors):
-        nbytes = tensors[key].numel() * tensors[key].element_size()
-        if shard and size + nbytes > limit:
-            save_file(shard, str(tmp / f"ckpt-{index:02d}.safetensors"))
-            shard, size, index = {}, 0, index + 1
-        shard[key], size = tensors[key], size + nbytes
-    save_file(shard, str(tmp / f"ckpt-{index:02d}.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    final = workdir / "ckpt"
-    if final.exists():
-        for old in final.glob("*"):
-            old.unlink()
-        final.rmdir()
-    tmp.rename(final)
-
-
-def load_checkpoint(workdir: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
-    from safetensors.torch import load_file
-
-    final = workdir / "ckpt"
-    if not (final / "state.json").exists():
-        return None
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(final.glob("ckpt-*.safetensors")):
-        tensors.update(load_file(str(shard)))
-    return json.loads((final / "state.json").read_text()), tensors
-
-
-def _named_trainable(modules: dict):
-    for name, module in modules.items():
-        for key, p in module.named_parameters():
-            if p.requires_grad:
-                yield f"{name}.{key}", p
-
-
-def _restore(modules: dict, optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    for name, module in modules.items():
-        prefix = f"{name}."
-        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-    if optimizer is None:
-        return
-    for full, p in _named_trainable(modules):
-        keys = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt.{full}.")}
-        if keys:
-            optimizer.state[p] = {
-                k: (v.to(p.device) if k == "step" else v.to(p.device, torch.float32)) for k, v in keys.items()
-            }
-
-
-# ----------------------------------------------------------------------------------------------- phases
-def _set_lr(optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def _step(optimizer, loss: torch.Tensor, params, clip: float) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, clip)
-    optimizer.step()
-
-
-class _LossLog:
-    """The mean loss of every ``every`` steps (and of the last), appended to ``log.jsonl`` and printed."""
-
-    def __init__(self, path: Path, phase: str, every: int, last: int, started: float, loss: str = "") -> None:
-        self.path, self.phase, self.every, self.last, self.started = path, phase, every, last, started
-        self.loss = loss  # which loss, when a phase can log more than one kind (the plot draws one line each)
-        self.window: list[torch.Tensor] = []
-
-    def add(self, steps_done: int, loss: torch.Tensor) -> None:
-        self.window.append(loss.detach())
-        if steps_done % self.every and steps_done != self.last:
-            return
-        entry = {"phase": self.phase, "step": steps_done, "loss": torch.stack(self.window).mean().item(),
-                 "elapsed": time.monotonic() - self.started}
-        if self.loss:
-            entry["kind"] = self.loss
-        self.window = []
-        with self.path.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
-        print(json.dumps(entry), flush=True)
-
-
-def _optimizer(params, lr: float, weight_decay: float, device) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay, fused=device.type == "cuda")
-
-
 def train(args: argparse.Namespace) -> dict:
     started = time.monotonic()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -331,12 +200,12 @@ def train(args: argparse.Namespace) -> dict:
     if args.export_only:
         if tensors is None or "transformer.proj_out.weight" not in tensors:
             raise ValueError(f"--export-only: no transformer checkpoint in {workdir}")
-        _restore({"vae": vae, "transformer": transformer, "text_encoder": text_encoder}, None, tensors)
+        training.restore({"vae": vae, "transformer": transformer, "text_encoder": text_encoder}, None, tensors)
         if args.vae_from:
             refined = load_checkpoint(Path(args.vae_from))
             if refined is None:
                 raise ValueError(f"--vae-from: no checkpoint in {args.vae_from}")
-            _restore({"vae": vae}, None, refined[1])
+            training.restore({"vae": vae}, None, refined[1])
         export(pipe, state, Path(args.export), args.export_dtype)
         plot_loss(log_path, workdir / "loss.png")
         return state
@@ -351,21 +220,20 @@ def train(args: argparse.Namespace) -> dict:
     # ---- phase 1: the VAE
     if state["phase"] == "vae":
         modules = {"vae": vae}
-        optimizer = _optimizer(vae.parameters(), cfg.vae_lr, 0.0, device)
-        if tensors is not None:
-            _restore(modules, optimizer, tensors)
+        optimizer = training.adamw(vae.parameters(), cfg.vae_lr, 0.0, device)
+        training.resume(modules, optimizer, tensors, state["step"])
         vae.train()
-        data = _loader(_Batches(VAE_SEED_BASE, cfg.vae_batch, model_config, state["step"], cfg.vae_steps),
-                       args.workers)
-        losses = _LossLog(log_path, "vae", 50, cfg.vae_steps, started)
+        data = training.loader(_Batches(VAE_SEED_BASE, cfg.vae_batch, model_config, state["step"], cfg.vae_steps),
+                               args.workers)
+        losses = training.LossLog(log_path, "vae", 50, started, last=cfg.vae_steps)
         for step, frames, _, _ in data:
-            _set_lr(optimizer, _lr(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup))
+            training.set_lr(optimizer, training.learning_rate(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup))
             video = as_frames(to_model_video(frames, device))
             with autocast:
                 recon = vae.decode(vae.encode(video).latent_dist.mode()).sample
             recon = recon.float()
             loss = F.l1_loss(recon, video) + F.mse_loss(recon, video)
-            _step(optimizer, loss, vae.parameters(), cfg.grad_clip)
+            training.optimizer_step(optimizer, loss, vae.parameters(), cfg.grad_clip)
             state["step"] = step + 1
             losses.add(state["step"], loss)
             if out_of_time():
@@ -387,24 +255,19 @@ def train(args: argparse.Namespace) -> dict:
         vae.requires_grad_(False).eval()
         modules = {"vae": vae, "transformer": transformer, "text_encoder": text_encoder}
         trainable = [p for m in (transformer, text_encoder) for p in m.parameters()]
-        optimizer = _optimizer(trainable, cfg.dit_lr, cfg.weight_decay, device)
-        rewarm_from = None
-        if tensors is not None:
-            _restore(modules, optimizer, tensors)
-            if not any(k.startswith("opt.") for k in tensors):
-                rewarm_from = state["step"]  # no moments saved: warm the learning rate up again
+        optimizer = training.adamw(trainable, cfg.dit_lr, cfg.weight_decay, device)
+        rewarm_from = training.resume(modules, optimizer, tensors, state["step"])  # no moments saved: warm up again
         transformer.train()
         text_encoder.train()
         mean = torch.tensor(state["latents_mean"], device=device).view(1, -1, 1, 1, 1)
         std = torch.tensor(state["latents_std"], device=device).view(1, -1, 1, 1, 1)
         shift = model_config.flow_shift
-        data = _loader(_Batches(DIT_SEED_BASE, cfg.dit_batch, model_config, state["step"], cfg.dit_steps,
-                                cfg.dit_straight_fraction), args.workers)
+        data = training.loader(_Batches(DIT_SEED_BASE, cfg.dit_batch, model_config, state["step"], cfg.dit_steps,
+                                        cfg.dit_straight_fraction), args.workers)
         kind = f"object-weighted (1 + {cfg.dit_object_weight:g})" if cfg.dit_object_weight else ""
-        losses = _LossLog(log_path, "dit", 100, cfg.dit_steps, started, kind)
+        losses = training.LossLog(log_path, "dit", 100, started, last=cfg.dit_steps, kind=kind)
         for step, frames, captions, objects in data:
-            rewarm = 1.0 if rewarm_from is None else min(1.0, (step - rewarm_from + 1) / REWARM_STEPS)
-            _set_lr(optimizer, _lr(step, cfg.dit_steps, cfg.dit_lr, cfg.warmup) * rewarm)
+            training.set_lr(optimizer, training.learning_rate(step, cfg.dit_steps, cfg.dit_lr, cfg.warmup, rewarm_from))
             generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
             drop = torch.rand(len(captions), generator=torch.Generator().manual_seed(step)) < cfg.caption_dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
@@ -427,7 +290,7 @@ def train(args: argparse.Namespace) -> dict:
                 loss = (error * weight).sum() / (weight.sum() * latents.shape[1])
             else:
                 loss = error.mean()
-            _step(optimizer, loss, trainable, cfg.grad_clip)
+            training.optimizer_step(optimizer, loss, trainable, cfg.grad_clip)
             state["step"] = step + 1
             losses.add(state["step"], loss)
             if out_of_time():
@@ -454,7 +317,7 @@ def refine_decoder(args, cfg: TrainConfig, model_config: VideoModelConfig, vae, 
     source = load_checkpoint(Path(args.refine_decoder_of))
     if source is None or source[0]["phase"] == "vae":
         raise ValueError(f"--refine-decoder-of: {args.refine_decoder_of} holds no finished VAE phase")
-    _restore({"vae": vae}, None, {k: v for k, v in source[1].items() if k.startswith("vae.")})
+    training.restore({"vae": vae}, None, {k: v for k, v in source[1].items() if k.startswith("vae.")})
     state = {**source[0], "phase": "decoder", "step": 0}
     loaded = load_checkpoint(workdir)
     vae.requires_grad_(False)
@@ -462,18 +325,18 @@ def refine_decoder(args, cfg: TrainConfig, model_config: VideoModelConfig, vae, 
     for p in decoder:
         p.requires_grad_(True)
     modules = {"vae": vae}
-    optimizer = _optimizer(decoder, cfg.decoder_lr, 0.0, device)
+    optimizer = training.adamw(decoder, cfg.decoder_lr, 0.0, device)
     if loaded is not None:
         state = loaded[0]
-        _restore(modules, optimizer, loaded[1])
+        training.restore(modules, optimizer, loaded[1])
         print(f"resuming decoder refinement at step {state['step']}", flush=True)
     vae.train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    data = _loader(_Batches(VAE_SEED_BASE + 100_000_000, cfg.decoder_batch, model_config, state["step"],
-                            cfg.decoder_steps), args.workers)
-    losses = _LossLog(workdir / "log.jsonl", "decoder", 100, cfg.decoder_steps, started)
+    data = training.loader(_Batches(VAE_SEED_BASE + 100_000_000, cfg.decoder_batch, model_config, state["step"],
+                                    cfg.decoder_steps), args.workers)
+    losses = training.LossLog(workdir / "log.jsonl", "decoder", 100, started, last=cfg.decoder_steps)
     for step, frames, _, objects in data:
-        _set_lr(optimizer, _lr(step, cfg.decoder_steps, cfg.decoder_lr, cfg.warmup))
+        training.set_lr(optimizer, training.learning_rate(step, cfg.decoder_steps, cfg.decoder_lr, cfg.warmup))
         video = as_frames(to_model_video(frames, device))
         weight = 1.0 + cfg.object_weight * as_frames(objects.to(device).unsqueeze(1).float())
         with torch.no_grad(), autocast:
@@ -482,7 +345,7 @@ def refine_decoder(args, cfg: TrainConfig, model_config: VideoModelConfig, vae, 
             recon = vae.decode(latents).sample.float()
         error = (recon - video).abs() + (recon - video) ** 2
         loss = (error * weight).sum() / (weight.sum() * 3)
-        _step(optimizer, loss, decoder, cfg.grad_clip)
+        training.optimizer_step(optimizer, loss, decoder, cfg.grad_clip)
         state["step"] = step + 1
         losses.add(state["step"], loss)
         if time.monotonic() - started > args.time_budget:
@@ -497,7 +360,7 @@ def refine_decoder(args, cfg: TrainConfig, model_config: VideoModelConfig, vae, 
 def _latent_statistics(vae, model_config: VideoModelConfig, device, workers: int) -> tuple[list, list]:
     """Per-channel mean and std of the posterior means over STAT_BATCHES batches of evaluation-free seeds."""
     vae.eval()
-    data = _loader(_Batches(VAE_SEED_BASE - 10_000, 16, model_config, 0, STAT_BATCHES), workers)
+    data = training.loader(_Batches(VAE_SEED_BASE - 10_000, 16, model_config, 0, STAT_BATCHES), workers)
     latents = []
     for _, frames, _, _ in data:
         latents.append(vae.encode(as_frames(to_model_video(frames, device))).latent_dist.mode().float())
@@ -519,35 +382,13 @@ def export(pipe, state: dict, path: Path, dtype_name: str) -> None:
     print(f"exported to {path}", flush=True)
 
 
+LOSS_PANELS = (("vae", "VAE reconstruction (L1 + MSE)"), ("dit", "transformer + text encoder (flow MSE)"),
+               ("decoder", "decoder refinement (object-weighted)"))
+
+
 def plot_loss(log_path: Path, png: Path) -> None:
-    """The loss curve of each phase in ``log.jsonl`` (log scale)."""
-    if not log_path.exists():
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    panels = (("vae", "VAE reconstruction (L1 + MSE)"), ("dit", "transformer + text encoder (flow MSE)"),
-              ("decoder", "decoder refinement (object-weighted)"))
-    panels = [p for p in panels if any(e["phase"] == p[0] for e in entries)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
-    for ax, (phase, title) in zip(axes[0], panels, strict=True):
-        kinds = sorted({e.get("kind", "") for e in entries if e["phase"] == phase})
-        for kind in kinds:
-            points = sorted({e["step"]: e["loss"] for e in entries
-                             if e["phase"] == phase and e.get("kind", "") == kind}.items())
-            ax.plot([p[0] for p in points], [p[1] for p in points], label=kind or "unweighted")
-        if len(kinds) > 1:
-            ax.legend(fontsize=7)
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    """The loss curve of each phase in ``log.jsonl`` (log scale; ``training.plot_loss``)."""
+    training.plot_loss(log_path, png, LOSS_PANELS)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -567,10 +408,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--moment-dtype", default="bfloat16", choices=["float32", "bfloat16", "none"],
                         help="precision of the saved AdamW moments; none saves weights only (a resume then re-warms)")
     parser.add_argument("--model-config", default=None, help="JSON overrides of VideoModelConfig (tests)")
-    for f in dataclasses.fields(TrainConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    training.add_config_options(parser, TrainConfig)
     args = parser.parse_args(argv)
-    args.moment_dtype_t = None if args.moment_dtype == "none" else getattr(torch, args.moment_dtype)
+    args.moment_dtype_t = training.moment_dtype(args.moment_dtype)
     return args
 
 
