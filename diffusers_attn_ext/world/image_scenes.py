@@ -27,7 +27,7 @@ import dataclasses
 import math
 import random
 
-from ..validation import integer
+from ..validation import choice, integer
 from .vocabulary import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES
 
 IMAGE_SIZE = 32
@@ -94,8 +94,7 @@ class ImageScene:
     def __post_init__(self) -> None:
         if not 1 <= len(self.subjects) <= MAX_SUBJECTS:
             raise ValueError(f"ImageScene subjects: {len(self.subjects)} given, allowed 1 to {MAX_SUBJECTS}")
-        if self.background not in BACKGROUND_COLOURS:
-            raise ValueError(f"ImageScene background={self.background!r} is not one of {sorted(BACKGROUND_COLOURS)}")
+        choice("ImageScene background", self.background, sorted(BACKGROUND_COLOURS))
         colours = [s.colour for s in self.subjects]
         if len(set(colours)) != len(colours):
             raise ValueError(f"ImageScene subjects must have distinct colours, got {colours}")

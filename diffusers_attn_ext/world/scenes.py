@@ -81,8 +81,7 @@ class Scene:
     def __post_init__(self) -> None:
         if not 1 <= len(self.objects) <= MAX_OBJECTS:
             raise ValueError(f"Scene objects: {len(self.objects)} given, allowed 1 to {MAX_OBJECTS}")
-        if self.background not in BACKGROUND_COLOURS:
-            raise ValueError(f"Scene background={self.background!r} is not one of {sorted(BACKGROUND_COLOURS)}")
+        choice("Scene background", self.background, sorted(BACKGROUND_COLOURS))
         if self.background_texture not in BACKGROUND_TEXTURES:
             raise ValueError(
                 f"Scene background_texture={self.background_texture!r} is not one of {list(BACKGROUND_TEXTURES)}"
