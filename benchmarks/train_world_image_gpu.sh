@@ -21,6 +21,10 @@
 # CHECK=1 (default) passes --check: before phase 2 trains, its first batch's ids are checked against every embedding
 # table and its first step runs at batch 8 and DIT_BATCH, at 32 and 512 T5 tokens, the GPU synchronised around every
 # module, so a device error names the module it came from (JSON lines {"check": ...}; CHECK=0 skips it).
+# LONG_TEXT_FRACTION (default 0): the share of steps padded to 512 T5 tokens. On the H200 (torch 2.11+cu130) the
+# backward of a batch of 256 at 512 T5 tokens fails in a bf16 cublasGemmEx (CUBLAS_STATUS_EXECUTION_FAILED; --check
+# located it: batch 8 at 512 and batch 256 at 32 tokens pass), so the shipped run trains at 32 tokens only and is
+# called with max_sequence_length=32 (image_models.WORLD_IMAGE_CALL).
 # runs/image/stdout.log keeps the whole output of train_image, tracebacks included.
 set -uo pipefail
 SITE=/tmp/site_image  # not the video script's /tmp/site: both install at the same time
@@ -41,7 +45,7 @@ CHECKS=(); [ "${CHECK:-1}" = 1 ] && CHECKS=(--check)
 # and on a failure the end of the log
 $T -m $M --workdir runs/image --time-budget "$B" --vae-steps "${VAE_STEPS:-2000}" --dit-steps "${DIT_STEPS:-0}" \
   "${PLAN[@]}" --dit-batch "${DIT_BATCH:-256}" --dit-lr "${DIT_LR:-5e-4}" --workers "${WORKERS:-4}" \
-  --moment-dtype "${MOMENTS:-none}" "${CHECKS[@]}" --export runs/image-export 2>&1 | tee -a runs/image/stdout.log \
+  --long-text-fraction "${LONG_TEXT_FRACTION:-0}" --moment-dtype "${MOMENTS:-none}" "${CHECKS[@]}" --export runs/image-export 2>&1 | tee -a runs/image/stdout.log \
   | grep -E '^\{|^resum|Error' | tail -12
 TRAIN_STATUS=${PIPESTATUS[0]}
 if [ "$TRAIN_STATUS" != 0 ]; then

@@ -435,7 +435,7 @@ def check_first_step(pipe, model: ImageModelConfig, cfg: ImageTrainConfig, laten
     1. ``image_models.check_text_ids``: every CLIP and T5 id and CLIP position inside its embedding table, for the
        batch's own T5 length and for ``LONG_TEXT_TOKENS`` (ValueError naming the tensor and the table).
     2. The step at ``CHECK_SMALL_BATCH`` samples, then at ``--dit-batch``, each at ``text_tokens`` and at
-       ``LONG_TEXT_TOKENS`` T5 tokens, with the device synchronised after every stage and before and after every
+       ``LONG_TEXT_TOKENS`` T5 tokens (the long length only when ``--long-text-fraction`` is above 0), with the device synchronised after every stage and before and after every
        module (``_DeviceErrorLocator``): a device error is raised as a RuntimeError that names the batch size, the
        T5 length, the stage and the module where it surfaced; a non-finite loss raises one too. On CUDA each line
        has the peak memory and the free memory of the device.
@@ -455,7 +455,8 @@ def check_first_step(pipe, model: ImageModelConfig, cfg: ImageTrainConfig, laten
                       "diffusers": diffusers.__version__,
                       "clip_attention": pipe.text_encoder.config._attn_implementation,
                       "t5_attention": pipe.text_encoder_2.config._attn_implementation}), flush=True)
-    for length in sorted({model.text_tokens, LONG_TEXT_TOKENS}):
+    lengths = sorted({model.text_tokens, LONG_TEXT_TOKENS} if cfg.long_text_fraction > 0 else {model.text_tokens})
+    for length in lengths:
         check_text_ids(pipe, clip_ids, t5_ids, length)
     clip, t5 = pipe.text_encoder.config, pipe.text_encoder_2.config
     print(json.dumps({"check": "ids", "step": step, "long": long, "clip_ids": list(clip_ids.shape),
@@ -465,7 +466,7 @@ def check_first_step(pipe, model: ImageModelConfig, cfg: ImageTrainConfig, laten
     batches = sorted({min(CHECK_SMALL_BATCH, cfg.dit_batch), cfg.dit_batch})
     for batch in batches:
         part = ({k: v[:batch] for k, v in params.items()}, clip_ids[:batch], t5_ids[:batch])
-        for length in sorted({model.text_tokens, LONG_TEXT_TOKENS}):
+        for length in lengths:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             done = ["start"]
