@@ -48,6 +48,14 @@ $T -m $M --workdir runs/image --time-budget "$B" --vae-steps "${VAE_STEPS:-2000}
   --long-text-fraction "${LONG_TEXT_FRACTION:-0}" --moment-dtype "${MOMENTS:-none}" "${CHECKS[@]}" --export runs/image-export 2>&1 | tee -a runs/image/stdout.log \
   | grep -E '^\{|^resum|Error' | tail -12
 TRAIN_STATUS=${PIPESTATUS[0]}
+if [ "$TRAIN_STATUS" != 0 ] && [ "${FLOAT32_FALLBACK:-1}" = 1 ] && grep -q CUBLAS_STATUS_EXECUTION_FAILED runs/image/stdout.log; then
+  echo "bf16 GEMM failed; again in float32 (TF32), budget ${FALLBACK_BUDGET:-$B}"
+  $T -m $M --workdir runs/image --time-budget "${FALLBACK_BUDGET:-$B}" --vae-steps "${VAE_STEPS:-2000}" \
+    --dit-steps "${DIT_STEPS:-0}" "${PLAN[@]}" --dit-batch "${DIT_BATCH:-256}" --dit-lr "${DIT_LR:-5e-4}" \
+    --workers "${WORKERS:-4}" --long-text-fraction "${LONG_TEXT_FRACTION:-0}" --moment-dtype "${MOMENTS:-none}" \
+    --float32 "${CHECKS[@]}" --export runs/image-export 2>&1 | tee -a runs/image/stdout.log | grep -E '^\{|^resum|Error' | tail -12
+  TRAIN_STATUS=${PIPESTATUS[0]}
+fi
 if [ "$TRAIN_STATUS" != 0 ]; then
   echo "train_image exited with status $TRAIN_STATUS; the end of runs/image/stdout.log:"
   tail -60 runs/image/stdout.log

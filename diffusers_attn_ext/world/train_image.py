@@ -243,7 +243,8 @@ def train(args: argparse.Namespace) -> dict:
     def elapsed() -> float:
         return time.monotonic() - started
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # bfloat16 autocast on CUDA unless --float32 (then TF32 matmuls): the fallback when a bf16 GEMM fails
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and not getattr(args, "float32", False))
     size = model_config.size
     vae, transformer = pipe.vae, pipe.transformer
     # ---- phase 1: the VAE, object-weighted
@@ -541,6 +542,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "reaches it (default: the rest of this call's budget)")
     parser.add_argument("--workers", type=int, default=min(6, os.cpu_count() or 1))
     parser.add_argument("--device", default=None)
+    parser.add_argument("--float32", action="store_true", help="no bfloat16 autocast on CUDA (TF32 matmuls)")
     parser.add_argument("--shard-mib", type=float, default=15.0)
     parser.add_argument("--moment-dtype", default="none", choices=["float32", "bfloat16", "none"],
                         help="precision of the saved AdamW moments; none saves weights only (a resume re-warms)")
