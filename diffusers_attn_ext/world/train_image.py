@@ -226,6 +226,9 @@ def train(args: argparse.Namespace) -> dict:
     if loaded is not None:
         state, tensors = loaded
         print(f"resuming at phase {state['phase']} step {state['step']}", flush=True)
+        if not args.export_only:  # the record says what this call trains with (earlier calls' settings are in the log)
+            state["train"] = dataclasses.asdict(cfg)
+    state["float32"] = bool(getattr(args, "float32", False)) if not args.export_only else state.get("float32", False)
     log_path = workdir / "log.jsonl"
     if state["phase"] == "done" and tensors is not None:  # a finished run called again: export what it holds
         training.restore(modules, None, tensors)
