@@ -1,6 +1,9 @@
 """The demo's entry, and its tiny-pipeline part: every method on random tiny pipelines, written to a folder.
 
-``python -m diffusers_attn_ext demo`` runs the video methods on the shipped world model (``video_demo``).
+``python -m diffusers_attn_ext demo`` runs the video methods on the shipped world video model (``video_demo``)
+and the image methods (IR-Diffusion, SoftPAG, entropy scaling) on the shipped world image model (``image_demo``),
+stock and method at the same seed, into one ``summary.md`` (video table, then image table); ``--only`` picks
+methods of either (``video_demo.VIDEO_METHODS``, ``image_demo.IMAGE_METHODS``).
 ``--tiny`` runs every method registered here in :data:`DEMOS` on tiny random pipelines (each output a PNG or
 GIF, ``summary.md`` with the time and the difference from the stock run at the same seed): random weights, so
 the pictures are noise; it shows that every method runs. ``--model ID`` loads a checkpoint once: a Wan
@@ -32,6 +35,7 @@ from .processors import (
 )
 from .testing import FAMILIES, TEXT_DIM, TEXT_SEQ_LEN, tiny_call_kwargs, tiny_pipeline
 from .trajectory import Trajectory
+from .validation import choice
 
 
 @dataclass
@@ -195,10 +199,14 @@ def _load_checkpoint(model: str):
 
 def run(output_dir: str | Path, model: str | None = None, *, tiny: bool = False, family: str | None = None,
         steps: int | None = None, only: list[str] | None = None) -> Path:
-    """The ``demo`` command: the world-model video demo by default, every method on tiny pipelines with
-    ``tiny``, or a checkpoint (video demo for Wan, the image entries otherwise)."""
-    from .video_demo import run_video_demo
+    """The ``demo`` command: the world models' video and image demos by default (``only``: names of either),
+    every method on tiny pipelines with ``tiny``, or a checkpoint (video demo for Wan, the image entries
+    otherwise)."""
+    from .image_demo import IMAGE_METHODS, image_section
+    from .video_demo import VIDEO_METHODS, run_video_demo
 
+    for name in only or ():
+        choice("only", name, (*VIDEO_METHODS, *IMAGE_METHODS))
     try:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -208,7 +216,16 @@ def run(output_dir: str | Path, model: str | None = None, *, tiny: bool = False,
             raise ValueError("demo: --tiny/--family run the tiny random pipelines; they take no --model")
         return run_demo(output_dir, family=family)
     if model is None:
-        return run_video_demo(output_dir, steps=steps, only=only)
+        video = [m for m in only if m in VIDEO_METHODS] if only else None
+        image = [m for m in only if m in IMAGE_METHODS] if only else None
+        summary = Path(output_dir) / "summary.md"
+        sections = []
+        if video != []:
+            sections.append(run_video_demo(output_dir, steps=steps, only=video).read_text())
+        if image != []:
+            sections.append(image_section(output_dir, steps=steps, only=image))
+        summary.write_text("\n".join(sections))
+        return summary
     pipe = _load_checkpoint(model)
     from .context import family_of_transformer
 

@@ -24,6 +24,43 @@ def test_demo_writes_every_entry_of_a_family(tmp_path):
         assert (tmp_path / row.split("|")[5].strip()).exists()
 
 
+def test_the_default_demo_runs_the_video_then_the_image_methods_into_one_summary(tmp_path, monkeypatch, capsys):
+    """Dispatch only (both demos stubbed; tests/test_demo_video.py runs them): the default runs every video and
+    every image method, --only splits its names between the two, an unknown name is refused before either runs."""
+    from diffusers_attn_ext import image_demo, video_demo
+
+    calls = []
+
+    def video(output_dir, steps=None, only=None):
+        calls.append(("video", steps, only))
+        (tmp_path / "summary.md").write_text("video table\n")
+        return tmp_path / "summary.md"
+
+    def image(output_dir, steps=None, only=None):
+        calls.append(("image", steps, only))
+        return "image table\n"
+
+    monkeypatch.setattr(video_demo, "run_video_demo", video)
+    monkeypatch.setattr(image_demo, "image_section", image)
+    assert main(["demo", "--output", str(tmp_path)]) == 0
+    assert calls == [("video", None, None), ("image", None, None)]
+    assert (tmp_path / "summary.md").read_text() == "video table\n\nimage table\n"
+    calls.clear()
+    assert main(["demo", "--output", str(tmp_path), "--steps", "3", "--only", "softpag", "radial", "entropy-2x"]) == 0
+    assert calls == [("video", 3, ["radial"]), ("image", 3, ["softpag", "entropy-2x"])]
+    calls.clear()
+    assert main(["demo", "--output", str(tmp_path), "--only", "ir-diffusion"]) == 0
+    assert calls == [("image", None, ["ir-diffusion"])]
+    assert (tmp_path / "summary.md").read_text() == "image table\n"
+    calls.clear()
+    assert main(["demo", "--output", str(tmp_path / "new"), "--only", "radial", "nope"]) == 2
+    error = capsys.readouterr().err
+    assert "only='nope' is not one of" in error and "'radial'" in error and "'ir-diffusion'" in error
+    assert calls == [] and not (tmp_path / "new").exists()
+    assert main(["demo", "--output", str(tmp_path), "--tiny", "--model", "some/checkpoint"]) == 2
+    assert "take no --model" in capsys.readouterr().err and calls == []
+
+
 def test_inspect_writes_plots_and_summary(tmp_path):
     assert main(["inspect", "--family", "cogvideox", "--output", str(tmp_path), "--layers", r"blocks\.1\.attn1",
                  "--heads", "1", "--steps", "0"]) == 0

@@ -577,3 +577,71 @@ def test_judge_training_learns_above_chance():
     labels = pixel_labels(world.scenes, world.masks)
     foreground = labels > 0
     assert (predicted[foreground] == labels[foreground]).float().mean() > 0.5
+
+
+# ----------------------------------------------------------------------------------------------- the shipped model
+@pytest.fixture(scope="module")
+def shipped_pipe():
+    from diffusers import FluxPipeline
+
+    from diffusers_attn_ext.world.image_models import SHIPPED_IMAGE_MODEL
+    from diffusers_attn_ext.world.models import shipped_model_path
+
+    pipe = FluxPipeline.from_pretrained(shipped_model_path(SHIPPED_IMAGE_MODEL), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="known defect: the shipped weights are bfloat16; without "
+                   "dtype diffusers loads the transformer and VAE in float32 and transformers the text encoders as "
+                   "stored (their config.json says dtype bfloat16), so the call mixes dtypes. Pass dtype= (README, "
+                   "load_world_image_pipeline) until the export writes float32 or float32 config dtypes")
+def test_shipped_model_generates_after_from_pretrained_without_a_dtype():
+    from diffusers import FluxPipeline
+
+    from diffusers_attn_ext.world.image_models import SHIPPED_IMAGE_MODEL
+    from diffusers_attn_ext.world.models import shipped_model_path
+
+    pipe = FluxPipeline.from_pretrained(shipped_model_path(SHIPPED_IMAGE_MODEL))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe(PROMPT, **_call()).images.shape == (1, 3, 32, 32)
+
+
+def test_shipped_model_loads_with_flux_and_our_pipelines(shipped_pipe):
+    """``FluxPipeline.from_pretrained(path)`` loads the shipped model as saved; ``FluxHeadPAGPipeline`` and
+    ``FluxMultiSubjectPipeline`` load the same folder, give the stock images without their method's arguments and
+    other images with them."""
+    from diffusers import FluxPipeline
+
+    from diffusers_attn_ext.pipelines import FluxHeadPAGPipeline, FluxMultiSubjectPipeline
+    from diffusers_attn_ext.world.image_models import load_world_image_pipeline
+
+    assert type(shipped_pipe) is FluxPipeline and not shipped_pipe.transformer.config.guidance_embeds
+    assert shipped_pipe.transformer.config.in_channels == 16 and shipped_pipe.vae_scale_factor == 2
+    stock = shipped_pipe(PROMPT, **_call()).images
+    pag = load_world_image_pipeline(pipeline_class=FluxHeadPAGPipeline)
+    assert isinstance(pag, FluxHeadPAGPipeline) and torch.equal(pag(PROMPT, **_call()).images, stock)
+    guided = pag(PROMPT, **_call(), pag_heads={"transformer_blocks.0": [2]}, pag_scale=3.0).images
+    assert (guided - stock).abs().max() > 1e-3
+    multi = load_world_image_pipeline(pipeline_class=FluxMultiSubjectPipeline)
+    assert isinstance(multi, FluxMultiSubjectPipeline) and torch.equal(multi(PROMPT, **_call()).images, stock)
+
+
+def test_shipped_model_draws_the_named_colour_and_class(shipped_pipe, shipped_judge):
+    """One subject per prompt, every colour with every shape (backgrounds in a Latin square), one batch at seed 0,
+    10 steps (the demo's), judged by the shipped judge. Measured on this batch at seeds 0-5: colour 108/108,
+    class 77/108 (71%; 12 to 15 of 18 per seed; squares are the weak class), and "a red circle on a white
+    background" right at 5 of the 6 seeds (seed 1 drew a red blob the judge does not call a circle); over 216
+    single-subject prompts at 4 seeds the class rate is 77% (chance 1/3: 6 of 18; 11 or more of 18 by chance has a
+    probability of about 1.4%)."""
+    from diffusers_attn_ext.world.judge import score_prompts
+    from diffusers_attn_ext.world.vocabulary import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES
+
+    backgrounds = list(BACKGROUND_COLOURS)
+    prompts = [f"a {colour} {shape} on a {backgrounds[(i + j + 2) % 3]} background"
+               for i, colour in enumerate(OBJECT_COLOURS) for j, shape in enumerate(SHAPES)]
+    assert prompts[0] == "a red circle on a white background"
+    images = shipped_pipe(prompts, **_call(num_inference_steps=10)).images
+    scores = score_prompts(shipped_judge, images, prompts)
+    assert scores["colour"][0] == 1.0 and scores["class"][0] == 1.0  # the red circle
+    assert scores["colour"].sum() >= 16 and scores["class"].sum() >= 11, (scores["colour"], scores["class"])
