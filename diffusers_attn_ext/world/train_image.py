@@ -520,16 +520,12 @@ def latent_statistics(vae, model: ImageModelConfig, device, workers: int) -> tup
 
 
 def export(pipe, state: dict, model: ImageModelConfig, path: Path, dtype_name: str) -> None:
-    """``save_pretrained`` of the trained pipeline with the VAE's latent normalisation in its config, and
+    """``save_pretrained`` of the trained pipeline (``training.save_pipeline``) with the VAE's latent normalisation
+    in its config, and
     ``training.json`` (state without the tensors: configs, phase, steps)."""
     pipe.vae.register_to_config(shift_factor=state["shift_factor"], scaling_factor=state["scaling_factor"])
-    for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
-        module.eval()
-    pipe.to("cpu", getattr(torch, dtype_name))
-    path.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(str(path), safe_serialization=True)
+    training.save_pipeline(pipe, path, dtype_name)
     (path / "training.json").write_text(json.dumps({**state, "export_dtype": dtype_name}, indent=1))
-    pipe.to(torch.float32)
     print(f"exported to {path}", flush=True)
 
 

@@ -369,16 +369,10 @@ def _latent_statistics(vae, model_config: VideoModelConfig, device, workers: int
 
 
 def export(pipe, state: dict, path: Path, dtype_name: str) -> None:
-    """``save_pretrained`` of the trained pipeline with the VAE's latent statistics in its config."""
+    """``save_pretrained`` of the trained pipeline (``training.save_pipeline``) with the VAE's latent statistics in
+    its config."""
     pipe.vae.register_to_config(latents_mean=state["latents_mean"], latents_std=state["latents_std"])
-    pipe.transformer.eval()
-    pipe.text_encoder.eval()
-    pipe.vae.eval()
-    dtype = getattr(torch, dtype_name)
-    pipe.to("cpu", dtype)
-    path.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(str(path), safe_serialization=True)
-    pipe.to(torch.float32)
+    training.save_pipeline(pipe, path, dtype_name)
     print(f"exported to {path}", flush=True)
 
 

@@ -239,3 +239,24 @@ def plot_loss(log_path: Path, png: Path, panels: tuple[tuple[str, str], ...]) ->
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+def save_pipeline(pipe, path: Path, dtype_name: str) -> None:
+    """``save_pretrained`` of a trained pipeline: its diffusers models in ``dtype_name`` (the shipped size), its
+    transformers text encoders in float32.
+
+    Why the split: ``DiffusionPipeline.from_pretrained(path)`` without a dtype builds diffusers models in float32
+    (casting the stored weights), while transformers builds a text encoder in the dtype its ``config.json``
+    records; a bfloat16 text encoder beside float32 models makes ``FluxPipeline`` fail on mixed dtypes. Text
+    encoders saved in float32 make every part load in float32 by default (they are small: well under a MB here).
+    The pipeline is left in float32 on the CPU."""
+    from transformers import PreTrainedModel
+
+    dtype = getattr(torch, dtype_name)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+            module.to("cpu", torch.float32 if isinstance(module, PreTrainedModel) else dtype)
+    path.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    pipe.to(torch.float32)
