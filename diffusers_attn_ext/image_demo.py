@@ -48,7 +48,9 @@ PROMPTS = 4
 # SoftPAG's head set is fixed, not searched (benchmarks run headhunter.search with the judge as objective): head 2
 # of the first double block, the best by the judge's class score of five hand-written sets (one or two heads of
 # double block 0 or 1, single block 1 or 3, or all five heads of single block 0) at pag_scale 1 and 3, on 16 other
-# held-out prompts (offset 5000, seed 0, 20 steps): class 0.68 vs 0.64 stock; the other sets lowered it to 0.29-0.60
+# held-out prompts (offset 5000, seed 0, 20 steps): class 0.68 vs 0.64 stock; the other sets lowered it to 0.29-0.60.
+# notebooks/headhunter.ipynb's one-round search over the 10 double-block heads (judge confidence, two other
+# prompts, 10 steps, pag_scale 3) ranks the same head first, by +0.002 confidence: within noise
 SOFTPAG_HEADS = {"transformer_blocks.0": [2]}
 SOFTPAG_ALPHA = 1.0
 SOFTPAG_SCALE = 1.0  # FluxHeadPAGPipeline divides it by true_cfg_scale (4), as diffusers' PAG pipelines do
