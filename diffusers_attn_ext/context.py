@@ -18,7 +18,8 @@ What the context knows of a model comes from its family adapter (``diffusers_att
 and how a forward lays out its tokens (:meth:`~diffusers_attn_ext.families.base.FamilyAdapter.forward_layout`).
 
 Compile-clean (see DESIGN.md): the Python bookkeeping (new generation, branch, step index, reading the timestep)
-runs outside any compiled region. Pipelines enter ``transformer.cache_context(name)`` around each forward, outside
+runs outside any compiled region. Step schedules ask :meth:`AttnContext.in_steps`, which reads one boolean per
+schedule boundary that this bookkeeping keeps, so a compiled region guards on the schedule's phase, not the step. Pipelines enter ``transformer.cache_context(name)`` around each forward, outside
 ``torch.compile`` (also of a whole ``OptimizedModule``): the hook's listener does the bookkeeping there. Inside the
 forward, which a whole-transformer ``torch.compile`` traces, the hook reads shapes only (token grid, text length,
 batch size), so one graph serves every step and branch. Transformers whose pipeline gives no cache context (SD3)
@@ -43,6 +44,9 @@ CONTEXT_ATTR = "_attn_ext_context"
 MODULE_NAME_ATTR = "_attn_ext_module_name"
 
 BRANCHES = ("uncond", "cond", "perturbed")
+# Step thresholds whose answer (step < k) the context keeps as a bool for compiled regions (:meth:`AttnContext.in_steps`);
+# a schedule boundary at or past it is compared with the step itself.
+STEP_FLAGS = 1024
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,28 @@ class AttnContext:
     _fresh: bool = True
     _stepped: bool = False  # the cache-context listener already advanced the step for the coming forward
     grid_of_tokens: dict = field(default_factory=dict)
+    # k -> (step < k) for k < STEP_FLAGS, kept in step with ``_step_index`` (eagerly, by the step's setter)
+    _before: dict = field(default_factory=lambda: dict.fromkeys(range(STEP_FLAGS), True), repr=False, compare=False)
+    _flagged_step: int = field(default=-1, repr=False, compare=False)
+    _step_unknown: bool = field(default=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._flagged_step = -1
+        self.step_index = self._step_index  # the flags of the step given at construction
+
+    def in_steps(self, start: int, stop: int | None) -> bool:
+        """Whether this forward's step is in ``start <= step < stop`` (``stop`` None: no end): the question every
+        step schedule asks. Compile-clean: it reads booleans that the eager bookkeeping keeps per threshold, never the
+        step index itself, so a compiled region guards on the schedule's phase (one graph per phase, none per step)
+        rather than on the step. ValueError where the step is unknown (see :attr:`step_index`)."""
+        if start == 0 and stop is None:  # every step: nothing to know
+            return True
+        if self._step_unknown:
+            return self.step_index is None  # raises
+        if start >= STEP_FLAGS or (stop is not None and stop >= STEP_FLAGS):
+            step = self.step_index
+            return start <= step and (stop is None or step < stop)
+        return not self._before[start] and (stop is None or self._before[stop])
 
     def set_branch_labels(self, labels: tuple[str, ...] | None) -> None:
         """Declare how the batch splits into guidance branches, in equal chunks: e.g.
@@ -147,7 +173,7 @@ class AttnContext:
         self._fresh = True
         self.generation += 1
         self.state.clear()
-        self._step_index = -1
+        self.step_index = -1
         self.num_steps = None
         self.branch = None
         self._last_timestep = None
@@ -161,11 +187,11 @@ class AttnContext:
         if num_steps is not None:
             self.num_steps = num_steps
         if step_index is not None:
-            self._step_index = step_index
+            self.step_index = step_index
             return
         value = None if timestep is None else float(torch.as_tensor(timestep).flatten()[0])
         if self._step_index is None or self._step_index < 0 or value != self._last_timestep:
-            self._step_index = 0 if self._step_index is None else self._step_index + 1
+            self.step_index = 0 if self._step_index is None else self._step_index + 1
         self._last_timestep = value
 
 
@@ -183,6 +209,13 @@ def _get_step_index(self) -> int:
 
 def _set_step_index(self, value: int | None) -> None:
     self._step_index = value
+    self._step_unknown = value is None
+    # eagerly (the hook's bookkeeping): flip the flags between the old and the new step
+    if "_before" in self.__dict__ and value is not None and value != self._flagged_step:
+        low, high = sorted((self._flagged_step, value))
+        for k in range(max(low + 1, 0), min(high + 1, STEP_FLAGS)):
+            self._before[k] = value < k
+        self._flagged_step = value
 
 
 # The dataclass takes ``step_index`` as an init argument; reading it raises where the step is unknown.
@@ -270,7 +303,7 @@ class ContextHook(ModelHook):
         if torch.compiler.is_compiling():
             if not ctx._stepped:  # no cache context gave the step (SD3): unknown inside the compiled region
                 ctx._fresh = False
-                ctx._step_index = None
+                ctx._step_index, ctx._step_unknown = None, True
             ctx._stepped = False
             return args, kwargs
         ctx.timestep = named.get("timestep")

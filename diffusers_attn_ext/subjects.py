@@ -290,7 +290,30 @@ def subject_tokens(
     return plans
 
 
+_LAYOUT_KEYS: dict[tuple, str] = {}  # a layout's value -> its key
+_LAYOUTS: dict[str, SubjectLayout] = {}
+
+
+def layout_key(layout: SubjectLayout) -> str:
+    """A string naming ``layout`` by value (equal layouts share it; a mask region counts by its shape and bits),
+    under which IR-Diffusion caches its token plans (:func:`layout_of_key` gives the layout back). A string, so that
+    torch.compile guards on its value: an object would be guarded by identity, an int could turn dynamic."""
+    value = (layout.names, tuple(
+        tuple(region if isinstance(region, Box) else ("mask", tuple(region.shape), region.cpu().numpy().tobytes())
+              for region in image)
+        for image in layout.regions))
+    if value not in _LAYOUT_KEYS:
+        key = f"layout-{len(_LAYOUT_KEYS)}"
+        _LAYOUT_KEYS[value], _LAYOUTS[key] = key, layout
+    return _LAYOUT_KEYS[value]
+
+
+def layout_of_key(key: str) -> SubjectLayout:
+    """The layout of a :func:`layout_key`."""
+    return _LAYOUTS[key]
+
+
 __all__ = [
     "INTERPOLATIONS", "Box", "SubjectLayout", "SubjectTokens", "TokenRect", "bounding_rect", "box_rect",
-    "region_grid", "reposition_map", "subject_tokens",
+    "layout_key", "layout_of_key", "region_grid", "reposition_map", "subject_tokens",
 ]

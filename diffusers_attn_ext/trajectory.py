@@ -242,6 +242,26 @@ def check_method_arguments(trajectory: Trajectory, frame_stride: int) -> int:
     return integer("frame_stride", frame_stride, 1)
 
 
+_TRAJECTORY_KEYS: dict[tuple[Trajectory, int], str] = {}  # (trajectory, frame_stride) -> its key, by value
+_TRAJECTORIES: dict[str, tuple[Trajectory, int]] = {}
+
+
+def trajectory_key(trajectory: Trajectory, frame_stride: int) -> str:
+    """A string naming ``(trajectory, frame_stride)`` by value (equal trajectories share it), under which the
+    DiTraj processors cache what they derive from it (:func:`trajectory_of_key` gives it back). A string, so that
+    torch.compile guards on its value: an object would be guarded by identity, an int could turn dynamic."""
+    value = (trajectory, frame_stride)
+    if value not in _TRAJECTORY_KEYS:
+        key = f"trajectory-{len(_TRAJECTORY_KEYS)}"
+        _TRAJECTORY_KEYS[value], _TRAJECTORIES[key] = key, value
+    return _TRAJECTORY_KEYS[value]
+
+
+def trajectory_of_key(key: str) -> tuple[Trajectory, int]:
+    """``(trajectory, frame_stride)`` of a :func:`trajectory_key`."""
+    return _TRAJECTORIES[key]
+
+
 def foreground_mask(token_boxes: Sequence[TokenBox], grid: TokenGrid) -> torch.Tensor:
     """Boolean ``[frames, height, width]``: the tokens inside each frame's box (the authors' ``bbox_mask``)."""
     mask = torch.zeros(grid.frames, grid.height, grid.width, dtype=torch.bool)

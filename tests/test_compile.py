@@ -3,6 +3,13 @@
 Backend "eager" (dynamo traces, no codegen) is enough on CPU: what breaks fullgraph or recompiles is the tracing.
 Two 4-step CFG generations run compiled; the first must make as many graphs as the stock transformer does
 (:data:`STOCK_GRAPHS`) and the second none, so no step, branch, module or generation recompiles.
+
+Every method: stock, entropy scaling, UltraViCo, radial, adaptive (installed; Re-ttention in tests/test_rettention.py),
+composed methods,
+DiTraj (STD-RoPE and foreground/background guidance through the trajectory pipeline), IR-Diffusion (through the
+multi-subject pipelines) and SoftPAG (through the head-PAG pipelines). Where a method's schedule or inputs change
+within a generation the graphs are bounded and counted exactly (one per phase, one per input shape); what cannot
+compile says so (IR-Diffusion's reference dropout, Re-ttention's carried statistics: tests/test_rettention.py).
 """
 
 import pytest
@@ -11,8 +18,10 @@ import torch._dynamo as dynamo
 from torch._dynamo.testing import CompileCounter
 
 from diffusers_attn_ext import install, uninstall
-from diffusers_attn_ext.context import get_context
+from diffusers_attn_ext.context import AttnContext, get_context
 from diffusers_attn_ext.pipelines import FluxHeadPAGPipeline, StableDiffusion3HeadPAGPipeline
+from diffusers_attn_ext.pipelines.multi_subject import FluxMultiSubjectPipeline, StableDiffusion3MultiSubjectPipeline
+from diffusers_attn_ext.pipelines.trajectory_video import WanTrajectoryPipeline
 from diffusers_attn_ext.processors import (
     AdaptiveSparseProcessor,
     EntropyScalingProcessor,
@@ -20,7 +29,10 @@ from diffusers_attn_ext.processors import (
     StockAttnProcessor,
     UltraViCoProcessor,
 )
-from diffusers_attn_ext.testing import tiny_call_kwargs
+from diffusers_attn_ext.testing import TEXT_DIM, TEXT_SEQ_LEN, tiny_call_kwargs
+from diffusers_attn_ext.trajectory import Trajectory
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 # Graphs the stock transformer compiles into. Regional compile (diffusers' ``compile_repeated_blocks``) exists for
 # FLUX and Wan only; FLUX's stock double blocks compile twice (the first block's input has other strides).
@@ -32,13 +44,15 @@ METHODS = {
     "ultravico": (("cogvideox", "wan"), lambda: UltraViCoProcessor(alpha=0.9, train_frames=1)),
     "radial": (("cogvideox", "wan"), lambda: RadialSparseProcessor(block_size=16)),
     "adaptive": (("wan",), lambda: AdaptiveSparseProcessor(density=0.5, block_size=16, cache_steps=1)),
+    "ultravico+radial": (("wan",), lambda: (UltraViCoProcessor(alpha=0.9, train_frames=1),
+                                            RadialSparseProcessor(block_size=16))),
 }
 CASES = [
     pytest.param(family, mode, name, id=f"{name}-{family}-{mode}")
     for name, (families, _) in METHODS.items()
     for family in families
     for mode in ("whole", "regional")
-    if mode == "whole" or family in ("flux", "wan")
+    if mode == "whole" or (family in ("flux", "wan") and "+" not in name)  # composed: whole only (time)
 ]
 
 
@@ -76,37 +90,155 @@ def fresh_dynamo():
 @pytest.mark.parametrize(("family", "mode", "name"), CASES)
 def test_compiled_cfg_loop_equals_eager_with_one_graph_per_region(pipe_for, family, mode, name):
     pipe = pipe_for(family)
-    install(pipe, METHODS[name][1]())
-    eager = generate(pipe, family)
+    methods = METHODS[name][1]()
+    install(pipe, *(methods if isinstance(methods, tuple) else (methods,)))
+    assert_compiles_as_stock(pipe, family, mode, lambda: generate(pipe, family))
+
+
+def compiled_generations(pipe, mode, generate_fn):
+    """(eager output, first compiled output, graphs of the first compiled generation, second compiled output,
+    graphs after it)."""
+    eager = generate_fn()
     counter = CompileCounter()
     undo = compiled(pipe, mode, counter)
     try:
-        first = generate(pipe, family)
+        first = generate_fn()
         graphs = counter.frame_count
-        second = generate(pipe, family)
+        second = generate_fn()
     finally:
         undo()
-    assert graphs == STOCK_GRAPHS.get((mode, family), STOCK_GRAPHS.get(mode))
-    assert counter.frame_count == graphs, "the second generation recompiled"
+    return eager, first, graphs, second, counter.frame_count
+
+
+def assert_compiles_as_stock(pipe, family, mode, generate_fn, graphs=None):
+    """Compiled equals eager; the first generation makes ``graphs`` graphs (default: the stock count), the second
+    none."""
+    eager, first, made, second, total = compiled_generations(pipe, mode, generate_fn)
+    assert made == (graphs if graphs is not None else STOCK_GRAPHS.get((mode, family), STOCK_GRAPHS.get(mode)))
+    assert total == made, "the second generation recompiled"
     torch.testing.assert_close(first, eager, rtol=0, atol=1e-6)
     torch.testing.assert_close(second, eager, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize(("family", "cls"), [("sd3", StableDiffusion3HeadPAGPipeline), ("flux", FluxHeadPAGPipeline)])
-def test_compiled_head_pag_pipeline_equals_eager_with_one_graph(tiny_pipes, family, cls):
-    """SoftPAG through the head-PAG pipeline (a perturbed branch in the batch, the context attached per call)."""
+def test_step_windows_reach_a_compiled_region_as_one_flag_per_phase():
+    """``AttnContext.in_steps`` reads flags the eager bookkeeping keeps per threshold, never the step: a window
+    ending inside the loop makes one graph per phase (a read of the step would specialise step 0, then recompile)."""
+    context = AttnContext(family="wan")
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def scheduled(x):
+        return x * 2 if context.in_steps(1, 5) else x + 1
+
+    outputs = []
+    for step in range(8):
+        context.step_index = step  # eagerly, as the context hook does
+        outputs.append(scheduled(torch.zeros(1)).item())
+    assert outputs == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    assert counter.frame_count == 3  # before, inside, after the window
+    far = [AttnContext(family="wan", step_index=step).in_steps(1500, None) for step in (1499, 1500)]
+    assert far == [False, True]  # past the kept thresholds: compared with the step itself
+
+
+# ---- DiTraj: STD-RoPE and foreground/background guidance through WanTrajectoryPipeline ----------------------------
+SIZE = {"height": 64, "width": 64}  # 9 frames: 3 latent frames of 4x4 tokens
+MOVING = Trajectory.from_key_boxes({0: (0, 0, 32, 48), 8: (32, 0, 64, 48)}, num_frames=9, height=64, width=64)
+
+
+def split_embeds():
+    generator = torch.Generator().manual_seed(1)
+    return {"background_prompt_embeds": torch.randn(1, TEXT_SEQ_LEN, TEXT_DIM, generator=generator),
+            "foreground_prompt_embeds": torch.randn(1, TEXT_SEQ_LEN // 2, TEXT_DIM, generator=generator)}
+
+
+def trajectory_generation(traj, **extra):
+    return lambda: torch.as_tensor(traj(**tiny_call_kwargs("wan", num_inference_steps=4, **SIZE), trajectory=MOVING,
+                                        **extra)[0])
+
+
+def trajectory_pipe(pipe):
+    traj = WanTrajectoryPipeline.from_pipe(pipe)
+    traj.set_progress_bar_config(disable=True)
+    return traj
+
+
+@pytest.mark.parametrize("mode", ["whole", "regional"])
+def test_std_rope_compiles_as_stock(pipe_for, mode):
+    """STD-RoPE (its default 5 steps cover the 4-step loop) with the duplicate isolation (the rows path): its plan
+    enters the graph as constants, its step window as the context's flags."""
+    traj = trajectory_pipe(pipe_for("wan"))
+    assert_compiles_as_stock(traj, "wan", mode, trajectory_generation(traj))
+
+
+@pytest.mark.parametrize("mode", ["whole"])
+def test_std_rope_composed_with_ultravico_compiles_as_stock(pipe_for, mode):
+    """Composed (UltraViCo installed, STD-RoPE added by the pipeline): the isolation is a score_mod over constant
+    token groups."""
+    pipe = pipe_for("wan")
+    install(pipe, UltraViCoProcessor(alpha=0.9, train_frames=1))
+    traj = trajectory_pipe(pipe)
+    assert_compiles_as_stock(traj, "wan", mode, trajectory_generation(traj))
+
+
+def test_ditraj_schedules_compile_one_graph_per_phase_and_text(pipe_for):
+    """Bounded, counted graphs: STD-RoPE and foreground/background guidance on steps 0-1 of 4. A step schedule that
+    ends inside the loop compiles once per phase (never per step); while the guidance acts, the conditional forwards
+    get another text ([background; foreground], 24 tokens, against the unconditional 16), so they have a graph of
+    their own: cond and uncond of steps 0-1, then both branches of steps 2-3 (stock), 3 graphs."""
+    traj = trajectory_pipe(pipe_for("wan"))
+    generation = trajectory_generation(traj, trajectory_rope_steps=2, trajectory_mask_steps=2, **split_embeds())
+    assert_compiles_as_stock(traj, "wan", "whole", generation, graphs=3)
+
+
+# ---- IR-Diffusion through the multi-subject pipelines -------------------------------------------------------------
+BOXES = [{"dog": (0.0, 0.25, 0.5, 1.0), "cat": (0.5, 0.25, 1.0, 1.0)},
+         {"dog": (0.5, 0.0, 1.0, 0.5), "cat": (0.0, 0.5, 0.25, 1.0)}]
+MULTI_SUBJECT = {"flux": FluxMultiSubjectPipeline, "sd3": StableDiffusion3MultiSubjectPipeline}
+
+
+def multi_subject_generation(pipe, family, **extra):
+    cfg = {"true_cfg_scale": 2.0} if family == "flux" else {}
+    return lambda: torch.as_tensor(pipe(subject_boxes=BOXES, **tiny_call_kwargs(
+        family, batch_size=2, num_inference_steps=4, **cfg), **extra)[0])
+
+
+@pytest.mark.parametrize(("family", "mode"), [("sd3", "whole"), ("flux", "whole"), ("flux", "regional")])
+def test_isolation_reposition_without_dropout_compiles_as_stock(tiny_pipes, family, mode):
+    """Its plans (subject tokens, repositioned keys) enter the graph as constants; every step, so no step is read."""
+    pipe = MULTI_SUBJECT[family].from_pipe(tiny_pipes(family))
+    pipe.set_progress_bar_config(disable=True)
+    assert_compiles_as_stock(pipe, family, mode, multi_subject_generation(pipe, family, ir_reference_dropout=0.0))
+
+
+def test_isolation_reposition_with_reference_dropout_under_compile_says_so(tiny_pipes):
+    """The authors' dropout draws new token sets (of data-dependent sizes) at every step: refused under compile."""
+    pipe = FluxMultiSubjectPipeline.from_pipe(tiny_pipes("flux"))
+    pipe.set_progress_bar_config(disable=True)
+    transformer = pipe.transformer
+    pipe.transformer = torch.compile(transformer, backend="eager", fullgraph=True)
+    try:
+        with pytest.raises(Exception, match=r"reference_dropout=0.5\) draws new token sets at every step"):
+            multi_subject_generation(pipe, "flux", ir_reference_dropout=0.5)()
+    finally:
+        pipe.transformer = transformer
+
+
+@pytest.mark.parametrize(("family", "cls", "mode", "graphs"), [
+    ("sd3", StableDiffusion3HeadPAGPipeline, "whole", 1),
+    ("flux", FluxHeadPAGPipeline, "whole", 1),
+    ("flux", FluxHeadPAGPipeline, "regional", STOCK_GRAPHS[("regional", "flux")] + 1),
+])
+def test_compiled_head_pag_pipeline_equals_eager_with_one_graph(tiny_pipes, family, cls, mode, graphs):
+    """SoftPAG through the head-PAG pipeline (a perturbed branch in the batch, the context attached per call).
+    Regional: the block whose heads are perturbed runs another processor, so it has a graph of its own (one per
+    layer of the head set; the others share the stock graphs)."""
     pipe = cls.from_pipe(tiny_pipes(family), pag_heads={"transformer_blocks.1": [0]})
+    pipe.set_progress_bar_config(disable=True)
 
     def generate_pag():
         return torch.as_tensor(pipe(**tiny_call_kwargs(family, num_inference_steps=4), pag_scale=2.0)[0])
 
-    eager = generate_pag()
-    counter = CompileCounter()
-    pipe.transformer = torch.compile(pipe.transformer, backend=counter, fullgraph=True)
-    first, second = generate_pag(), generate_pag()
-    assert counter.frame_count == 1
-    torch.testing.assert_close(first, eager, rtol=0, atol=1e-6)
-    torch.testing.assert_close(second, eager, rtol=0, atol=1e-6)
+    assert_compiles_as_stock(pipe, family, mode, generate_pag, graphs=graphs)
 
 
 def test_install_and_uninstall_on_a_compiled_transformer_both_ways_round(pipe_for):

@@ -18,6 +18,9 @@ Without ``subject_boxes`` the pipeline is the stock one. Extra arguments (author
 ``_dropout_mask`` drops: target subject tokens, which then attend no reference key), ``ir_dropout_seed``, and
 ``ir_layers`` (attention-module name patterns as ``install``'s ``layers``; default every layer, see
 docs/ir-diffusion.md). Prompt embeddings work as in the parent pipelines (one row per image).
+
+Under ``torch.compile`` pass ``ir_reference_dropout=0``: the dropout draws new token sets at every step, which a
+compiled region cannot take (a ValueError says so); without it the call compiles as the stock pipeline does.
 """
 
 from __future__ import annotations

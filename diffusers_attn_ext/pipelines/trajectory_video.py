@@ -13,6 +13,10 @@ pipeline (both experts of Wan 2.2 A14B, each on the steps it runs), composed aft
   cross-attention; the base prompt conditions the later steps.
 
 No trajectory: the parent pipeline, unchanged.
+
+torch.compile (fullgraph, whole transformer or ``compile_repeated_blocks``): STD-RoPE compiles as the stock
+transformer does; each schedule that ends inside the loop adds one graph for its later phase (never one per step),
+and the conditional forwards that get ``[background; foreground]`` have a graph of their own (another text length).
 """
 
 from __future__ import annotations
@@ -35,6 +39,20 @@ from .arguments import deprecated_aliases
 FG_BG_HOOK_NAME = "diffusers_attn_ext.fg_bg_prompts"
 
 
+class _SwapDecision(StateManager):
+    """Receives the pipeline's cache context, outside any compiled region, and decides there whether the coming
+    forward is a conditional one of a step < ``steps``: a compiled forward then reads one bool, never the step."""
+
+    def __init__(self, steps: int):
+        super().__init__(state_cls=None)
+        self.steps, self.swap = steps, False
+
+    def set_context(self, context) -> None:
+        super().set_context(context)
+        self.swap = (context is not None and context.name == "cond" and context.step_index is not None
+                     and context.step_index < self.steps)
+
+
 class _ForegroundBackgroundPromptHook(ModelHook):
     """Replaces the text of conditional forwards of steps < ``steps`` by ``[background; foreground]``."""
 
@@ -43,11 +61,10 @@ class _ForegroundBackgroundPromptHook(ModelHook):
     def __init__(self, text: torch.Tensor, steps: int):
         super().__init__()
         self.text, self.steps = text, steps
-        self.cache_context = StateManager(None)
+        self.cache_context = _SwapDecision(steps)
 
     def pre_forward(self, module, *args, **kwargs):
-        cache = self.cache_context._context
-        if cache is None or cache.name != "cond" or cache.step_index is None or cache.step_index >= self.steps:
+        if not self.cache_context.swap:
             return args, kwargs
         kwargs = _forward_kwargs(module, args, kwargs)
         kwargs.pop("self", None)

@@ -18,24 +18,35 @@ recomputed over the foreground keys. Unconditional forwards are stock.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
 
 import torch
 
 from ..call import AttentionCall
+from ..context import TokenGrid
 from ..kernels.dense import dense_attention
-from ..trajectory import Trajectory, check_method_arguments, foreground_mask
+from ..trajectory import Trajectory, check_method_arguments, foreground_mask, trajectory_key, trajectory_of_key
 from ..validation import integer
 from .base import AttnExtProcessor, require
 
 DEFAULT_MASK_STEPS = 30  # the authors' mask_step
 
 
-@dataclass
-class ForegroundState:
-    """Per generation: the flat indices of the video tokens inside their frame's box, per grid and device."""
+@torch.compiler.assume_constant_result
+def foreground_token_index(key: str, frames: int, height: int, width: int, device: str) -> torch.Tensor:
+    """Flat indices of the video tokens inside their frame's box, for the trajectory of ``key``
+    (:func:`~diffusers_attn_ext.trajectory.trajectory_key`) on a grid: a pure function of its arguments, cached across
+    generations. Inside a compiled region dynamo runs it at trace time and bakes the result in as a constant (a
+    ``nonzero`` traced would be data-dependent), guarded by the arguments' values."""
+    return _foreground_token_index(key, frames, height, width, device)
 
-    index: dict = field(default_factory=dict)
+
+@functools.lru_cache(maxsize=16)
+def _foreground_token_index(key: str, frames: int, height: int, width: int, device: str) -> torch.Tensor:
+    trajectory, frame_stride = trajectory_of_key(key)
+    grid = TokenGrid(frames, height, width)
+    mask = foreground_mask(trajectory.token_boxes(grid, frame_stride), grid)
+    return mask.flatten().nonzero().squeeze(1).to(device)
 
 
 class ForegroundBackgroundCrossAttnProcessor(AttnExtProcessor):
@@ -68,13 +79,11 @@ class ForegroundBackgroundCrossAttnProcessor(AttnExtProcessor):
         self.background_tokens = integer("background_tokens", background_tokens, 1)
         self.foreground_tokens = integer("foreground_tokens", foreground_tokens, 1)
         self.steps = integer("steps", steps, 0)
-
-    def new_state(self) -> ForegroundState:
-        return ForegroundState()
+        self._key = trajectory_key(trajectory, self.frame_stride)
 
     def applies_to(self, call: AttentionCall) -> bool:
         context = call.context
-        if call.kind != "cross" or context is None or context.step_index >= self.steps:
+        if call.kind != "cross" or context is None or not context.in_steps(0, self.steps):
             return False
         cond_rows = context.rows("cond")
         if not cond_rows:
@@ -91,14 +100,9 @@ class ForegroundBackgroundCrossAttnProcessor(AttnExtProcessor):
         return True
 
     def foreground_index(self, call: AttentionCall) -> torch.Tensor:
-        """Flat indices of the video tokens inside their frame's box, once per generation and device."""
+        """Flat indices of the video tokens inside their frame's box (:func:`foreground_token_index`)."""
         grid = call.require_grid(self)
-        cache = call.context.state_of(self).index
-        key = (grid, call.query.device)
-        if key not in cache:
-            mask = foreground_mask(self.trajectory.token_boxes(grid, self.frame_stride), grid)
-            cache[key] = mask.flatten().nonzero().squeeze(1).to(call.query.device)
-        return cache[key]
+        return foreground_token_index(self._key, grid.frames, grid.height, grid.width, str(call.query.device))
 
     def edit_attention(self, call: AttentionCall) -> None:
         call.attend_keys(slice(0, self.background_tokens))  # every query over the background prompt

@@ -42,6 +42,7 @@ drops repositioned reference keys for all of the subject's queries instead (this
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 
 from ..call import AttentionCall, accumulation_dtype
 from ..families.base import KeyRotation
-from ..subjects import INTERPOLATIONS, SubjectLayout, SubjectTokens, subject_tokens
+from ..subjects import INTERPOLATIONS, SubjectLayout, SubjectTokens, layout_key, layout_of_key, subject_tokens
 from ..validation import choice, integer, real
 from .base import AttnExtProcessor, require
 
@@ -236,6 +237,33 @@ def allowed_pairs(plans: list[SubjectTokens], seq_len: int) -> torch.Tensor:
     return table
 
 
+def layout_plans(layout: SubjectLayout, height: int, width: int, visual_start: int, seq_len: int, device,
+                 interpolation: str) -> list[list[SubjectTokens]]:
+    """:class:`SubjectTokens` per target image and subject of ``layout`` for one token layout, on ``device``."""
+    return [
+        [SubjectTokens(**{f.name: getattr(p, f.name).to(device) for f in fields(SubjectTokens)})
+         for p in subject_tokens(layout, image, height, width, visual_start, seq_len, interpolation)]
+        for image in range(1, layout.num_images)
+    ]
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_plan_tensors(key: str, height: int, width: int, visual_start: int, seq_len: int, interpolation: str,
+                         device: str) -> tuple:
+    plans = layout_plans(layout_of_key(key), height, width, visual_start, seq_len, torch.device(device), interpolation)
+    return tuple(tuple(tuple(getattr(t, f.name) for f in fields(SubjectTokens)) for t in image) for image in plans)
+
+
+@torch.compiler.assume_constant_result
+def compiled_plan_tensors(key: str, height: int, width: int, visual_start: int, seq_len: int, interpolation: str,
+                          device: str) -> tuple:
+    """The plans of the layout of ``key`` (:func:`~diffusers_attn_ext.subjects.layout_key`) as nested tuples of the
+    :class:`SubjectTokens` fields, for a compiled region: dynamo runs this at trace time and bakes the tensors in as
+    constants (their ``nonzero`` traced would be data-dependent), guarded by the arguments' values; cached across
+    generations (a pure function of its arguments)."""
+    return _cached_plan_tensors(key, height, width, visual_start, seq_len, interpolation, device)
+
+
 @dataclass
 class SubjectState:
     """Per generation: the plans of each token layout, and the last step's plans with its dropout applied."""
@@ -264,6 +292,10 @@ class IsolationRepositionProcessor(AttnExtProcessor):
 
     One image, or a layout without subjects, is the stock processor. Image models only; not under diffusers'
     context parallelism; it does not compose with methods that change the scores of the same call.
+
+    torch.compile (fullgraph, whole or regional): with ``reference_dropout=0`` one graph per region (the plans are
+    constants of the graph, the step window the context's flags); the dropout draws token sets of data-dependent
+    sizes at every step, so under compile it raises a ValueError.
     """
 
     media = ("image",)
@@ -284,6 +316,7 @@ class IsolationRepositionProcessor(AttnExtProcessor):
         self.dropout_seed = integer("dropout_seed", dropout_seed, 0)
         self.dropout_mode = choice("dropout_mode", dropout_mode, DROPOUT_MODES)
         self.max_chunk_bytes = integer("max_chunk_bytes", max_chunk_bytes, 1)
+        self._key = layout_key(layout)
 
     def new_state(self) -> SubjectState:
         return SubjectState()
@@ -291,8 +324,9 @@ class IsolationRepositionProcessor(AttnExtProcessor):
     def applies_to(self, call: AttentionCall) -> bool:
         if not call.is_self_attention or self.layout.num_images < 2 or not self.layout.names:
             return False
-        step = call.context.step_index if call.context is not None else 0
-        return step >= self.start_step and (self.end_step is None or step < self.end_step)
+        if call.context is None:
+            return self.start_step == 0
+        return call.context.in_steps(self.start_step, self.end_step)
 
     def plans(self, height: int, width: int, visual_start: int, seq_len: int, device,
               state: SubjectState | None = None) -> list[list[SubjectTokens]]:
@@ -300,11 +334,8 @@ class IsolationRepositionProcessor(AttnExtProcessor):
         cache = {} if state is None else state.plans
         cache_key = (height, width, visual_start, seq_len, str(device))
         if cache_key not in cache:
-            cache[cache_key] = [
-                [SubjectTokens(**{f.name: getattr(p, f.name).to(device) for f in fields(SubjectTokens)})
-                 for p in subject_tokens(self.layout, image, height, width, visual_start, seq_len, self.interpolation)]
-                for image in range(1, self.layout.num_images)
-            ]
+            cache[cache_key] = layout_plans(self.layout, height, width, visual_start, seq_len, device,
+                                            self.interpolation)
         return cache[cache_key]
 
     def keep_masks(self, plans: list[list[SubjectTokens]], step: int) -> dict | None:
@@ -350,13 +381,27 @@ class IsolationRepositionProcessor(AttnExtProcessor):
         return state.step_plans[1]
 
     def edit_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
-        """Recompute the target subject queries of ``out`` (the stock attention of every row)."""
+        """Recompute the target subject queries of ``out`` (the stock attention of every row). Inside a compiled region
+        (no reference dropout) the plans are constants of the graph (:func:`compiled_plan_tensors`)."""
         grid = call.require_grid(self)
-        state = call.context.state_of(self)
-        plans = self.plans(grid.height, grid.width, call.visual.start, call.query.shape[1], call.query.device, state)
+        if torch.compiler.is_compiling():
+            if self.reference_dropout > 0:
+                raise ValueError(
+                    f"IsolationRepositionProcessor(reference_dropout={self.reference_dropout}) draws new token sets "
+                    "at every step, which a torch.compile'd region would recompile for; under torch.compile use "
+                    "reference_dropout=0 (ir_reference_dropout=0 in the multi-subject pipelines), or run eagerly"
+                )
+            plans = [[SubjectTokens(*tokens) for tokens in image] for image in compiled_plan_tensors(
+                self._key, grid.height, grid.width, call.visual.start, call.query.shape[1], self.interpolation,
+                str(call.query.device))]
+        else:
+            state = call.context.state_of(self)
+            plans = self.plans(grid.height, grid.width, call.visual.start, call.query.shape[1], call.query.device,
+                               state)
+            plans = self.step_plans(plans, call.context.step_index, state)
         return isolation_reposition_attention(
-            call.query, call.key, call.value, out, self.step_plans(plans, call.context.step_index, state),
-            call.adapter.key_rotation(call.rotary), call.scale, max_chunk_bytes=self.max_chunk_bytes,
+            call.query, call.key, call.value, out, plans, call.adapter.key_rotation(call.rotary), call.scale,
+            max_chunk_bytes=self.max_chunk_bytes,
         )
 
     def __repr__(self) -> str:

@@ -29,16 +29,18 @@ On the first ``steps`` denoising steps, in every video self-attention:
    methods act on the same call (they may add score mods or read the query), the isolation is a FlexAttention
    score_mod instead (:func:`duplicate_isolation_score_mod`, the same function, composable, slower).
 
-The per-generation work (positions, gather index, token groups, row indices) and the per-forward work (the
-gathered table, shared by every block of a forward) live in the method's per-generation state
-(:class:`STDRoPEState`); the isolation score_mod is cached per token layout across generations, so compiled
-FlexAttention does not recompile per call.
+The plan (positions, gather index, token groups, row indices, the isolation score_mod) is a pure function of the
+trajectory and the token grid, built once, eagerly, and cached across generations (:func:`_plan`); the per-forward
+work (the gathered table, shared by every block of a forward) lives in the method's per-generation state
+(:class:`STDRoPEState`). torch.compile (fullgraph): the plan's tensors enter a compiled region as constants
+(``torch.compiler.assume_constant_result``, guarded by the trajectory's key and the grid), so nothing
+data-dependent is traced and no cache is filled by traced code; there the table is gathered in every block.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,6 +55,8 @@ from ..trajectory import (
     foreground_mask,
     position_source_index,
     std_rope_positions,
+    trajectory_key,
+    trajectory_of_key,
 )
 from ..validation import boolean, integer
 from .base import AttnExtProcessor, require
@@ -73,16 +77,6 @@ def duplicate_isolation_score_mod(groups: torch.Tensor):
         return torch.where(blocked, torch.full_like(score, float("-inf")), score)
 
     return isolate_duplicates
-
-
-@functools.lru_cache(maxsize=16)
-def _isolation_score_mod_for(groups_bytes: bytes, start: int, length: int, device: str):
-    """One closure per token layout, reused across generations: compiled FlexAttention guards on the
-    score_mod closure and would recompile for every new one (see ``kernels/flex.py``)."""
-    groups = torch.zeros(length, dtype=torch.int8)
-    video = torch.frombuffer(bytearray(groups_bytes), dtype=torch.int8)
-    groups[start:start + video.numel()] = video
-    return duplicate_isolation_score_mod(groups.to(device))
 
 
 def draw_duplicate_isolation(groups: torch.Tensor) -> torch.Tensor:
@@ -154,7 +148,6 @@ class STDRoPEPlan:
             groups[self.foreground.flatten()] = FOREGROUND
             groups[duplicates.flatten()] = DUPLICATE
             self.groups = groups
-        self.groups_bytes = None if self.groups is None else self.groups.numpy().tobytes()
         self._on_device: dict = {}
 
     def on(self, name: str, device: torch.device) -> torch.Tensor | None:
@@ -172,12 +165,67 @@ class STDRoPEPlan:
             self._on_device[key] = IsolationRows.from_groups(self.groups, start, length).to(device)
         return self._on_device[key]
 
+    def sequence_groups(self, start: int, length: int, device: torch.device) -> torch.Tensor:
+        """``groups`` of a ``length``-token sequence whose visual tokens begin at ``start`` (OTHER elsewhere; cached),
+        for :func:`duplicate_isolation_score_mod`."""
+        key = ("groups", start, length, device)
+        if key not in self._on_device:
+            groups = torch.full((length,), OTHER, dtype=torch.int8)
+            groups[start:start + self.groups.numel()] = self.groups
+            self._on_device[key] = groups.to(device)
+        return self._on_device[key]
+
+    def isolation_score_mod(self, start: int, length: int, device: torch.device):
+        """:func:`duplicate_isolation_score_mod` of that sequence, one closure per layout (cached): compiled
+        FlexAttention guards on the score_mod closure and would recompile for every new one (``kernels/flex.py``)."""
+        key = ("score_mod", start, length, device)
+        if key not in self._on_device:
+            self._on_device[key] = duplicate_isolation_score_mod(self.sequence_groups(start, length, device))
+        return self._on_device[key]
+
+
+PLAN_CACHE_SIZE = 16
+
+
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
+def _plan(key: str, frames: int, height: int, width: int) -> STDRoPEPlan:
+    """The plan of the trajectory named ``key`` (:func:`~diffusers_attn_ext.trajectory.trajectory_key`) on a grid: a
+    pure function of its arguments, so cached across generations; built eagerly, never traced (the functions below
+    hand its tensors to a compiled region)."""
+    trajectory, frame_stride = trajectory_of_key(key)
+    return STDRoPEPlan(trajectory, TokenGrid(frames, height, width), frame_stride)
+
+
+# Plans come into a compiled region through these: dynamo runs them at trace time, outside the graph, and bakes
+# their results in as constants (guarded by the value of their arguments: Python strings and ints), so no
+# data-dependent op (nonzero, any, equal) is traced and no cache is filled by traced code.
+@torch.compiler.assume_constant_result
+def _source_index(key: str, frames: int, height: int, width: int, device: str) -> torch.Tensor | None:
+    return _plan(key, frames, height, width).on("source_index", torch.device(device))
+
+
+@torch.compiler.assume_constant_result
+def _has_duplicates(key: str, frames: int, height: int, width: int) -> bool:
+    return _plan(key, frames, height, width).groups is not None
+
+
+@torch.compiler.assume_constant_result
+def _isolation_rows(key: str, frames: int, height: int, width: int, start: int, length: int,
+                    device: str) -> tuple[torch.Tensor, ...]:
+    rows = _plan(key, frames, height, width).isolation_rows(start, length, torch.device(device))
+    return rows.others, rows.foreground, rows.duplicates, rows.key_order
+
+
+@torch.compiler.assume_constant_result
+def _sequence_groups(key: str, frames: int, height: int, width: int, start: int, length: int,
+                     device: str) -> torch.Tensor:
+    return _plan(key, frames, height, width).sequence_groups(start, length, torch.device(device))
+
 
 @dataclass
 class STDRoPEState:
-    """Per generation: the plan of each grid, and the last forward's stock rotary embedding and its gathered one."""
+    """Per generation (eager forwards only): the last forward's stock rotary embedding and its gathered one."""
 
-    plans: dict[TokenGrid, STDRoPEPlan] = field(default_factory=dict)
     stock_rotary: Any = None
     moved_rotary: Any = None
 
@@ -212,6 +260,7 @@ class STDRoPEProcessor(AttnExtProcessor):
         self.trajectory = trajectory
         self.steps = integer("steps", steps, 0, allow_none=True)
         self.isolate_duplicates = boolean("isolate_duplicates", isolate_duplicates)
+        self._key = trajectory_key(trajectory, self.frame_stride)
 
     def new_state(self) -> STDRoPEState:
         return STDRoPEState()
@@ -219,27 +268,31 @@ class STDRoPEProcessor(AttnExtProcessor):
     def applies_to(self, call: AttentionCall) -> bool:
         if not call.is_self_attention:
             return False
-        return self.steps is None or call.context is None or call.context.step_index < self.steps
+        return self.steps is None or call.context is None or call.context.in_steps(0, self.steps)
 
     def plan(self, call: AttentionCall) -> STDRoPEPlan:
-        """The plan of this call's grid, built once per generation."""
+        """The plan of this call's grid (built once per trajectory and grid, eagerly; see :func:`_plan`)."""
         grid = call.require_grid(self)
-        plans = call.context.state_of(self).plans
-        if grid not in plans:
-            plans[grid] = STDRoPEPlan(self.trajectory, grid, self.frame_stride)
-        return plans[grid]
+        return _plan(self._key, grid.frames, grid.height, grid.width)
+
+    def _grid_key(self, call: AttentionCall) -> tuple[str, int, int, int]:
+        grid = call.require_grid(self)
+        return self._key, grid.frames, grid.height, grid.width
 
     def edit_positions(self, call: AttentionCall) -> None:
-        """The rotary table re-indexed by the adapter at the STD-RoPE positions, once per forward (the blocks of
-        a forward share the stock table object)."""
-        plan = self.plan(call)
-        if plan.source_index is None:
+        """The rotary table re-indexed by the adapter at the STD-RoPE positions. Eagerly once per forward (the blocks
+        of a forward share the stock table object); inside a compiled region in every block (no state is kept
+        there: the compiler sees the same gather repeated)."""
+        index = _source_index(*self._grid_key(call), str(call.query.device))
+        if index is None:
+            return
+        if torch.compiler.is_compiling():
+            call.rotary = call.adapter.gather_rotary(call.rotary, index)
             return
         state = call.context.state_of(self)
         if state.stock_rotary is not None and state.stock_rotary is call.rotary:
             call.rotary = state.moved_rotary
             return
-        index = plan.on("source_index", call.query.device)
         state.stock_rotary, state.moved_rotary = call.rotary, call.adapter.gather_rotary(call.rotary, index)
         call.rotary = state.moved_rotary
 
@@ -251,20 +304,15 @@ class STDRoPEProcessor(AttnExtProcessor):
     def isolation_rows(self, call: AttentionCall) -> IsolationRows | None:
         """The rows of the row-recompute path when it runs on ``call`` (isolation on, some duplicates, no other
         method acting), else None; the same answer in both stages."""
-        if not self.isolate_duplicates or not self.acts_alone(call):
+        if not self.isolate_duplicates or not self.acts_alone(call) or not _has_duplicates(*self._grid_key(call)):
             return None
-        plan = self.plan(call)
-        if plan.groups is None:
-            return None
-        return plan.isolation_rows(call.visual.start, call.query.shape[1], call.query.device)
+        return IsolationRows(*_isolation_rows(*self._grid_key(call), call.visual.start, call.query.shape[1],
+                                              str(call.query.device)))
 
     def edit_attention(self, call: AttentionCall) -> None:
         """Isolation: alone, the kernel runs on the other queries only (``attend_rows``; :meth:`edit_output` adds the
         isolated rows); composed with other methods, the isolation score_mod (FlexAttention)."""
-        if not self.isolate_duplicates:
-            return
-        plan = self.plan(call)
-        if plan.groups is None:
+        if not self.isolate_duplicates or not _has_duplicates(*self._grid_key(call)):
             return
         if call.attn_mask is not None:
             raise ValueError(
@@ -272,8 +320,13 @@ class STDRoPEProcessor(AttnExtProcessor):
                 f"passed to {call.module_name or type(call.module).__name__}: use isolate_duplicates=False"
             )
         if not self.acts_alone(call):
-            call.add_score_mod(_isolation_score_mod_for(
-                plan.groups_bytes, call.visual.start, call.key.shape[1], str(call.query.device)))
+            layout = call.visual.start, call.key.shape[1]
+            if torch.compiler.is_compiling():  # the closure over the constant groups is part of the traced graph
+                mod = duplicate_isolation_score_mod(_sequence_groups(*self._grid_key(call), *layout,
+                                                                     str(call.query.device)))
+            else:
+                mod = self.plan(call).isolation_score_mod(*layout, call.query.device)
+            call.add_score_mod(mod)
             return
         call.attend_rows(self.isolation_rows(call).others)
 
