@@ -25,14 +25,11 @@ Results are appended to ``--results`` as they finish (one key per configuration)
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
+from quality_common import open_results, quality_parser, read_results
 
 from diffusers_attn_ext.install import install, uninstall
 from diffusers_attn_ext.pipelines.sparse_video import WanSparsePipeline
@@ -265,35 +262,16 @@ def report(results: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--sections", default="sparse,layers,ditraj,ultravico")
-    parser.add_argument("--results", default="quality_results.json")
+    parser = quality_parser(__doc__.split("\n")[0], steps=STEPS, sections="sparse,layers,ditraj,ultravico",
+                            results="quality_results.json")
     parser.add_argument("--lengths", default="1,2,3,4", help="ultravico: multiples of the trained length")
     parser.add_argument("--methods", default="stock,UltraViCo", help="ultravico: which videos")
-    parser.add_argument("--report", action="store_true", help="print the tables of --results and stop")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model", default=None, help="save_pretrained folder (default: the shipped model)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     args = parser.parse_args(argv)
-    path = Path(args.results)
-    results = json.loads(path.read_text()) if path.exists() else {}
     if args.report:
-        print(report(results))
+        print(report(read_results(args.results)))
         return
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    results.setdefault("_meta", {"seeds": args.seeds, "steps": args.steps, "device": args.device,
-                                 "torch": torch.__version__, "command": " ".join(sys.argv)})
-
-    def save() -> None:
-        path.write_text(json.dumps(results, indent=1))
-        print(f"{time.strftime('%H:%M:%S')} saved {len(results) - 1} results", flush=True)
-
+    results, save = open_results(args)
     pipe = load_world_video_pipeline(args.model).to(args.device)
-    if args.device != "cpu":
-        results["_meta"]["gpu"] = torch.cuda.get_device_name()
     seeds = list(range(args.seeds))
     runners = {"sparse": lambda: run_sparse(pipe, seeds, args.steps, results, save),
                "layers": lambda: run_layers(pipe, seeds, results, save),

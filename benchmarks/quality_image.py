@@ -38,16 +38,13 @@ Results are appended to ``--results`` as they finish (one key per configuration)
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import random
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
+from quality_common import open_results, quality_parser, read_results
 
 from diffusers_attn_ext.headhunter import candidate_heads, search
 from diffusers_attn_ext.install import installed
@@ -329,38 +326,18 @@ def report(results: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=world_image_call()["num_inference_steps"])
-    parser.add_argument("--sections", default="ir,pag,entropy")
-    parser.add_argument("--results", default="image_quality_results.json")
+    parser = quality_parser(__doc__.split("\n")[0], steps=world_image_call()["num_inference_steps"],
+                            sections="ir,pag,entropy", results="image_quality_results.json")
     parser.add_argument("--search-prompts", type=int, default=8)
     parser.add_argument("--search-rounds", type=int, default=2)
     parser.add_argument("--search-per-round", type=int, default=3)
-    parser.add_argument("--report", action="store_true", help="print the tables of --results and stop")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model", default=None, help="save_pretrained folder (default: the shipped model)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     args = parser.parse_args(argv)
-    path = Path(args.results)
-    results = json.loads(path.read_text()) if path.exists() else {}
     if args.report:
-        print(report(results))
+        print(report(read_results(args.results)))
         return
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    results.setdefault("_meta", {"seeds": args.seeds, "steps": args.steps, "device": args.device,
-                                 "per_seed": PER_SEED, "torch": torch.__version__, "command": " ".join(sys.argv),
-                                 "date": time.strftime("%Y-%m-%d")})
-
-    def save() -> None:
-        path.write_text(json.dumps(results, indent=1))
-        print(f"{time.strftime('%H:%M:%S')} saved {len(results) - 1} results", flush=True)
-
+    results, save = open_results(args, per_seed=PER_SEED, date=time.strftime("%Y-%m-%d"))
     pipe = load_world_image_pipeline(args.model).to(args.device)
     judge = load_world_judge(device=args.device)
-    if args.device != "cpu":
-        results["_meta"]["gpu"] = torch.cuda.get_device_name()
     seeds = list(range(args.seeds))
     runners = {"ir": lambda: run_ir(pipe, judge, seeds, args.steps, results, save),
                "pag": lambda: run_pag(pipe, judge, seeds, args.steps, results, save, args.search_prompts,

@@ -125,6 +125,7 @@ def test_the_video_demo_and_the_quality_harness_use_the_current_names(tmp_path, 
     on the shipped world model with no deprecated argument name. Our pipelines' own work (aliases, checks,
     install, the fg/bg prompt hook) runs; diffusers' denoising loop is replaced by random frames of the asked
     size (the world model's real loop takes minutes on CPU here)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # its sibling quality_common, as when run as a script
     spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
     quality = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, quality)

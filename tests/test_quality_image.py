@@ -4,6 +4,7 @@ isolation-only ablation and report on tiny inputs (no benchmark run)."""
 import dataclasses
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,8 @@ def test_bad_arguments_raise_value_error():
 
 
 def _benchmark():
+    if str(ROOT / "benchmarks") not in sys.path:  # its sibling quality_common, as when run as a script
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("quality_image_benchmark", ROOT / "benchmarks" / "quality_image.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
