@@ -21,7 +21,7 @@ from pathlib import Path
 
 FAMILY_CHOICES = ["sd3", "flux", "cogvideox", "wan"]
 BENCHMARK_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
-BENCHMARK_HELPERS = ("common", "harness")
+BENCHMARK_HELPERS = ("common", "harness", "quality_common")
 
 
 def benchmark_scripts() -> dict[str, Path]:
