@@ -29,7 +29,7 @@ import math
 import time
 
 import torch
-from quality_common import open_results, quality_parser, read_results
+from quality_common import open_results, quality_parser, read_results, run_sections
 
 from diffusers_attn_ext.install import install, uninstall
 from diffusers_attn_ext.pipelines.sparse_video import WanSparsePipeline
@@ -278,10 +278,7 @@ def main(argv=None) -> None:
                "ultravico": lambda: run_ultravico(pipe, seeds, args.steps, results, save,
                                                   [int(x) for x in args.lengths.split(",")], args.methods.split(",")),
                "ditraj": lambda: run_ditraj(pipe, seeds, args.steps, results, save)}
-    for section in args.sections.split(","):
-        runners[section]()
-    save()
-    print(report(results))
+    run_sections(args.sections, runners, results, save, report)
 
 
 if __name__ == "__main__":

@@ -51,3 +51,12 @@ def read_results(path: str) -> dict:
     """The results file at ``path`` (empty if absent), for ``--report``."""
     p = Path(path)
     return json.loads(p.read_text()) if p.exists() else {}
+
+
+def run_sections(sections: str, runners: dict[str, Callable[[], None]], results: dict, save: Callable[[], None],
+                 report: Callable[[dict], str]) -> None:
+    """Run the comma-separated ``sections`` in order (each saves as it measures), save, print the tables."""
+    for section in sections.split(","):
+        runners[section]()
+    save()
+    print(report(results))

@@ -44,7 +44,7 @@ import time
 from dataclasses import replace
 
 import torch
-from quality_common import open_results, quality_parser, read_results
+from quality_common import open_results, quality_parser, read_results, run_sections
 
 from diffusers_attn_ext.headhunter import candidate_heads, search
 from diffusers_attn_ext.install import installed
@@ -343,10 +343,7 @@ def main(argv=None) -> None:
                "pag": lambda: run_pag(pipe, judge, seeds, args.steps, results, save, args.search_prompts,
                                       args.search_rounds, args.search_per_round),
                "entropy": lambda: run_entropy(pipe, judge, seeds, args.steps, results, save)}
-    for section in args.sections.split(","):
-        runners[section]()
-    save()
-    print(report(results))
+    run_sections(args.sections, runners, results, save, report)
 
 
 if __name__ == "__main__":
