@@ -18,7 +18,10 @@ Sections (``diffusers_attn_ext.world.tasks`` defines each task and its scores):
   ``ultravico_train_frames=9``), object scores of one bouncing object, and the same scores of the ground-truth
   video;
 - ``ditraj``: per-frame IoU of the object against the requested boxes: stock, STD-RoPE, STD-RoPE + fg/bg
-  guidance (the authors' step fractions), and the ground truth's own IoU (the segmentation's ceiling).
+  guidance (the authors' step fractions), and the ground truth's own IoU (the segmentation's ceiling);
+- ``rettention``: Re-ttention (adaptive 0.1 and the 3.125% window, the first fifth of the steps dense, a refresh
+  every 4 or 2 steps) against the uncorrected adaptive pattern with as many full-attention steps; PSNR and SSIM
+  against the dense video, as ``sparse``.
 
 Results are appended to ``--results`` as they finish (one key per configuration), so a cut run resumes.
 """
@@ -90,6 +93,59 @@ def run_sparse(pipe, seeds: list[int], steps: int, results: dict, save) -> None:
         start = time.perf_counter()
         videos = batched(lambda p, s, kw=kwargs: generate_many(sparse, p, s, steps=steps, **kw), prompts, seeds)
         results[key] = {
+            "psnr": [min(psnr(v, d), PSNR_CAP) for v, d in zip(videos, dense, strict=True)],
+            "ssim": [ssim(v, d) for v, d in zip(videos, dense, strict=True)],
+            "seconds": time.perf_counter() - start,
+        }
+        save()
+
+
+def rettention_configs(steps: int) -> dict[str, tuple[int, dict]]:
+    """Name -> (steps with full attention, the sparse pipeline's arguments). The first fifth of the steps dense
+    (docs/rettention.md's first table: 2 of 10), then a refresh every 4 or 2 steps; each Re-ttention row has an
+    uncorrected adaptive row with as many full steps, all of them first."""
+    first = max(1, round(steps / 5))
+    configs: dict[str, tuple[int, dict]] = {}
+
+    def adaptive(full: int, density: float = 0.1) -> None:
+        configs[f"adaptive {density}, first {full} steps dense"] = (full, {
+            "sparse_method": "adaptive", "sparse_density": density, "sparse_dense_steps": full,
+            "sparse_options": {"block_size": SPARSE_BLOCK}})
+
+    def rettention(refresh: int, pattern: str = "adaptive", density: float = 0.1, use_ratio: bool = True) -> int:
+        full = first + -(-(steps - first) // refresh)
+        suffix = "" if use_ratio else ", use_ratio=False"
+        configs[f"Re-ttention {pattern} {density}, first {first} dense, refresh every {refresh}{suffix}"] = (full, {
+            "sparse_method": "rettention", "sparse_density": density, "sparse_dense_steps": first,
+            "sparse_options": {"block_size": SPARSE_BLOCK, "pattern": pattern, "refresh_steps": refresh,
+                               "use_ratio": use_ratio}})
+        return full
+
+    adaptive(first)
+    for refresh in (4, 2):
+        adaptive(rettention(refresh))
+    rettention(4, use_ratio=False)
+    window = 1 / 32  # one block of 32 tokens per row of a 576-token video: the authors' 3.125%
+    adaptive(first, window)
+    adaptive(rettention(4, "window", window), window)
+    return configs
+
+
+def run_rettention(pipe, seeds: list[int], steps: int, results: dict, save) -> None:
+    sparse = WanSparsePipeline.from_pipe(pipe)
+    sparse.set_progress_bar_config(disable=True)
+    prompts = [caption(sparse_scene(i)) for i in seeds]
+    dense = None
+    for name, (full, kwargs) in rettention_configs(steps).items():
+        key = f"rettention/{name}"
+        if key in results:
+            continue
+        if dense is None:
+            dense = batched(lambda p, s: generate_many(sparse, p, s, steps=steps, sparse_method=None), prompts, seeds)
+        start = time.perf_counter()
+        videos = batched(lambda p, s, kw=kwargs: generate_many(sparse, p, s, steps=steps, **kw), prompts, seeds)
+        results[key] = {
+            "full_steps": full,
             "psnr": [min(psnr(v, d), PSNR_CAP) for v, d in zip(videos, dense, strict=True)],
             "ssim": [ssim(v, d) for v, d in zip(videos, dense, strict=True)],
             "seconds": time.perf_counter() - start,
@@ -258,11 +314,18 @@ def report(results: dict) -> str:
                   "| video | IoU |", "|---|---|"]
         lines += [f"| {k} | {_cell(v['iou'], 3)} |" for k, v in traj.items()]
         lines.append("")
+    rett = {k[11:]: v for k, v in results.items() if k.startswith("rettention/")}
+    if rett:
+        lines += ["### Re-ttention vs the uncorrected adaptive pattern with as many full-attention steps", "",
+                  "| method | full steps | PSNR (dB) | SSIM | seconds (all seeds) |", "|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['full_steps']} | {_cell(v['psnr'])} | {_cell(v['ssim'], 3)} | {v['seconds']:.0f} |"
+                  for k, v in rett.items()]
+        lines.append("")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
-    parser = quality_parser(__doc__.split("\n")[0], steps=STEPS, sections="sparse,layers,ditraj,ultravico",
+    parser = quality_parser(__doc__.split("\n")[0], steps=STEPS, sections="sparse,layers,ditraj,ultravico,rettention",
                             results="quality_results.json")
     parser.add_argument("--lengths", default="1,2,3,4", help="ultravico: multiples of the trained length")
     parser.add_argument("--methods", default="stock,UltraViCo", help="ultravico: which videos")
@@ -277,7 +340,8 @@ def main(argv=None) -> None:
                "layers": lambda: run_layers(pipe, seeds, results, save),
                "ultravico": lambda: run_ultravico(pipe, seeds, args.steps, results, save,
                                                   [int(x) for x in args.lengths.split(",")], args.methods.split(",")),
-               "ditraj": lambda: run_ditraj(pipe, seeds, args.steps, results, save)}
+               "ditraj": lambda: run_ditraj(pipe, seeds, args.steps, results, save),
+               "rettention": lambda: run_rettention(pipe, seeds, args.steps, results, save)}
     run_sections(args.sections, runners, results, save, report)
 
 
