@@ -13,10 +13,11 @@ quantized kernel (INT8 QK + FP8 PV, ``kernels/quantized_triton.py``). Wall time,
   (shawnricecake/draft-attention ``wan/wan/modules/attention.py``): dense while the timestep is above 925 (10 of 50
   steps at flow_shift 3, 15 at 5) and in the first block, sparsity 0.75 (density 0.25); compiled, the pattern is
   searched at every step (``cache_steps=1``: a cache cannot be filled in a compiled region).
-- Quantized: while a "+ quantized" variant runs, the kernel layer's dense self-attention, block-sparse and fused-rule
-  kernels are replaced by the quantized kernel (:func:`quantized_kernels`; the dispatcher has no switch for it yet),
-  so dense steps run the quantized dense-equivalent kernel; cross-attention (512 text keys) stays bf16. "stock +
-  quantized" is StockAttnProcessor with the quantized kernel.
+- Quantized: a "+ quantized" variant runs under the dispatcher's opt-in ``kernels.use_quantized_attention(pv=...)``
+  (``--quantized-pv``, default fp8): our processors' dense self-attention, block-sparse and fused-rule calls take the
+  quantized kernel (dense steps its dense-equivalent form); cross-attention (512 text keys) stays bf16. "stock +
+  quantized" is StockAttnProcessor with the opt-in on. The "quantized kernels" column is ``kernel_report()``'s line
+  for it during the run.
 
 Timing. ``--full``: each variant generates 50 steps after a warm-up generation that compiles every phase; the
 wall time is measured end to end. Default: each variant's steps are timed in a short generation (``--measure-steps``
@@ -26,14 +27,13 @@ EXTRAPOLATED as prep + n_dense x (dense step) + n_sparse x (sparse step) + VAE d
 what compiled_forward.py measures) and the decode measured once on stock. The output says which.
 
     PYTHONPATH=. python benchmarks/generation.py --output $OUT [--model 1.3b|14b] [--quick] [--full]
-        [--measure-steps 3] [--variants stock radial ...] [--budget S] [--smoke]
+        [--measure-steps 3] [--variants stock radial ...] [--quantized-pv fp8|bf16] [--budget S] [--smoke]
 
 Writes generation_<model>.{json,md} under --output after every variant.
 """
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 
@@ -112,65 +112,6 @@ def method(variant: str, setting: dict, dense_steps: int | None):
     return None, STEPS
 
 
-@contextlib.contextmanager
-def quantized_kernels(active: bool = True):
-    """While active: the kernel layer's dense self-attention (same query and key shapes, no mask, no context
-    parallelism), block-sparse and fused-rule kernels run the quantized kernel where it supports the call.
-
-    A benchmark-only switch over the current kernel layer's module attributes, until the dispatcher offers the
-    quantized kernel as an opt-in; yields the names it replaced."""
-    if not active:
-        yield []
-        return
-    from diffusers_attn_ext import kernels
-    from diffusers_attn_ext.kernels import block_sparse_triton, quantized_triton
-
-    quantized, supports = quantized_triton.quantized_block_sparse_attention, quantized_triton.supports
-    replaced = []
-
-    def swap(module, name, make):
-        original = getattr(module, name, None)
-        if original is not None:
-            setattr(module, name, make(original))
-            replaced.append((module, name, original))
-
-    def dense(original):
-        def attention(query, key, value, *, attn_mask=None, scale=None, parallel_config=None, **kwargs):
-            if attn_mask is None and parallel_config is None and supports(query, key) and value.shape == query.shape:
-                return quantized(query, key, value, None, scale)
-            return original(query, key, value, attn_mask=attn_mask, scale=scale, parallel_config=parallel_config,
-                            **kwargs)
-        return attention
-
-    def block_sparse(original):
-        def attention(query, key, value, blocks, scale=None, config=None, rule=None, **kwargs):
-            if kwargs or not supports(query, key):
-                return original(query, key, value, blocks, scale=scale, config=config, rule=rule, **kwargs)
-            return quantized(query, key, value, blocks, scale, rule=rule)
-        return attention
-
-    def fused_rule(original):
-        def attention(query, key, value, rule, scale=None, config=None):
-            if not supports(query, key):
-                return original(query, key, value, rule, scale=scale, config=config)
-            return quantized(query, key, value, None, scale, rule=rule)
-        return attention
-
-    swap(kernels, "dense_attention", dense)
-    swap(block_sparse_triton, "block_sparse_attention", block_sparse)
-    try:
-        from diffusers_attn_ext.kernels import decay_triton
-
-        swap(decay_triton, "decay_attention", fused_rule)
-    except ImportError:  # the kernel layer before the DecayRule refactor: its UltraViCo kernel stays bf16
-        pass
-    try:
-        yield [f"{module.__name__}.{name}" for module, name, _ in replaced]
-    finally:
-        for module, name, original in reversed(replaced):
-            setattr(module, name, original)
-
-
 def uncompile(transformer) -> None:
     """Undo ``compile_repeated_blocks`` (it sets ``_compiled_call_impl`` on each block)."""
     for module in transformer.modules():
@@ -226,9 +167,12 @@ class Runner:
 
 def measure(runner: Runner, variant: str, full: bool, measure_steps: int) -> dict:
     """One variant's row (times in seconds)."""
+    from diffusers_attn_ext import kernels
+
     schedule = runner.prepare(variant, None if full else 0)
     quantized = variant.endswith("quantized")
-    with quantized_kernels(quantized) as replaced:
+    with kernels.use_quantized_attention(quantized, pv=runner.args.quantized_pv):
+        routed = kernels.kernel_report()["quantized"] if quantized else ""
         warm_steps = (schedule + 2 if schedule < STEPS else 2) if full else 1  # every phase compiles here
         warm_start = time.perf_counter()
         runner.generate(min(warm_steps, runner.args.steps))
@@ -240,7 +184,7 @@ def measure(runner: Runner, variant: str, full: bool, measure_steps: int) -> dic
             output = "np" if variant == "stock" else "latent"  # the decode is measured once, on stock
             total, steps, after = runner.generate(measure_steps, output_type=output)
     row = {"variant": variant, "dense steps": min(schedule, runner.args.steps), "warm-up + compile s": warm,
-           "peak GiB": peak_gib(), "quantized kernels": ", ".join(name.rsplit(".", 1)[-1] for name in replaced)}
+           "peak GiB": peak_gib(), "quantized kernels": routed}
     if full:
         dense_part = steps[:row["dense steps"]]
         sparse_part = steps[row["dense steps"]:]
@@ -285,11 +229,14 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--eager", action="store_true", help="do not compile")
     p.add_argument("--compile-backend", default="inductor")
+    p.add_argument("--quantized-pv", choices=("fp8", "bf16"), default="fp8",
+                   help="PV precision of the quantized kernel in the '+ quantized' variants")
     args = p.parse_args()
     setup(args)
     if args.smoke:
         args.steps, args.measure_steps, args.compile_backend = 2, 2, "eager"
-        args.variants = [v for v in args.variants if not v.endswith("quantized")] + ["radial + quantized"]
+        args.variants = [v for v in args.variants if not v.endswith("quantized")] + ["stock + quantized",
+                                                                                    "radial + quantized"]
     if args.quick:
         args.measure_steps = min(args.measure_steps, 2)
     from common import device_name

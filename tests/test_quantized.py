@@ -163,6 +163,8 @@ def test_kernel_rejects_bad_arguments_before_any_launch():
         launch_quantized(q, q[:, :128], q[:, :128])
     with pytest.raises(ValueError, match="must span the whole sequence"):
         launch_quantized(q, q, q, rule=DecayRule(start=10, length=290, far=100, alpha=0.5))
+    with pytest.raises(ValueError, match="alpha=1.5 is outside the allowed range"):
+        launch_quantized(q, q, q, rule=DecayRule(start=0, length=300, far=100, alpha=1.5))
     with pytest.raises(ValueError, match="needs CUDA"):
         quantized_block_sparse_attention(q, q, q)
 

@@ -20,6 +20,9 @@ Two passes:
 With a :class:`~diffusers_attn_ext.call.DecayRule`, the rule acts on the scores with ``q . mean(k)``
 added back (its sign test is not invariant to the smoothing; ``quantize`` module docstring). ``pv_dtype="bf16"`` keeps P and V in 16 bits
 (INT8 QK only, SageAttention v1). Kernel tiles are the table's 128x128 blocks; ``config`` tunes warps and stages.
+
+The kernel layer runs it only when asked (``kernels.use_quantized_attention``), launched as the custom operator
+``triton_ops.quantized`` so that compiled regions can call it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..call import DecayRule
-from ..validation import boolean, choice
+from ..validation import boolean, choice, real
 from .block_sparse_table import BLOCK, check_block_table, compressed_table
 from .flash_triton import decay_rule, load_rows, store_rows, tensor_descriptor
 from .quantize import FP8_MAX, INT8_MAX, LOG2_FP8_MAX, LOG2E, PV_DTYPES, TINY, key_mean, value_channel_scale
@@ -252,6 +255,8 @@ def launch_quantized(
     if rule is not None and (rule.start != 0 or rule.length != n):
         raise ValueError(f"the fused rule spans tokens {rule.start}..{rule.start + rule.length - 1}: it must span the "
                          f"whole sequence of {n} tokens")
+    if rule is not None:
+        real("alpha", rule.alpha, 0.0, 1.0, low_open=True)  # far scores take min(s, alpha * s): alpha <= 1
     scale = head_dim**-0.5 if scale is None else scale
     q_blocks = triton.cdiv(n, BLOCK)
     n_pad = q_blocks * BLOCK

@@ -7,8 +7,9 @@ the result on the tensor. Wrapped as ``torch.library.custom_op``s, each launch i
 compiles with ``fullgraph=True`` as the stock processor does (docs/benchmarks.md, 2026-12-02, measured the
 failure on the H200 before this wrapper). Eager calls pay one operator dispatch.
 
-The operators take plain arguments (the :class:`~diffusers_attn_ext.call.DecayRule`'s fields, a float scale);
-:func:`block_sparse` and :func:`decay` take the kernel layer's objects and unpack them. They are registered for
+The operators take plain arguments (the :class:`~diffusers_attn_ext.call.DecayRule`'s fields, a float scale, the
+quantized kernel's PV precision as a string); :func:`block_sparse`, :func:`decay` and :func:`quantized` take the
+kernel layer's objects and unpack them. They are registered for
 every device: on CUDA the compiled kernels run, on CPU Triton's interpreter (``TRITON_INTERPRET=1``, the tests).
 """
 
@@ -63,6 +64,22 @@ def _decay_fake(query, key, value, scale, start, length, far, alpha, horizon_que
     return _output(query)
 
 
+@torch.library.custom_op("diffusers_attn_ext::quantized_attention", mutates_args=())
+def _quantized_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor | None,
+                  scale: float, pv_dtype: str, has_rule: bool, start: int, length: int, far: int, alpha: float,
+                  horizon_queries: int, horizon_keys: int, blocked: float) -> torch.Tensor:
+    from .quantized_triton import launch_quantized
+
+    rule = DecayRule(start, length, far, alpha, horizon_queries, horizon_keys, blocked) if has_rule else None
+    return launch_quantized(query, key, value, blocks, scale, pv_dtype=pv_dtype, rule=rule)
+
+
+@_quantized_op.register_fake
+def _quantized_fake(query, key, value, blocks, scale, pv_dtype, has_rule, start, length, far, alpha,
+                    horizon_queries, horizon_keys, blocked):
+    return _output(query)
+
+
 def _scale(query: torch.Tensor, scale: float | None) -> float:
     return query.shape[-1] ** -0.5 if scale is None else float(scale)
 
@@ -80,4 +97,13 @@ def decay(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rule: Dec
     return _decay_op(query, key, value, _scale(query, scale), *_rule_fields(rule))
 
 
-__all__ = ["block_sparse", "decay"]
+def quantized(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor | None = None,
+              scale: float | None = None, rule: DecayRule | None = None, *, pv_dtype: str = "fp8") -> torch.Tensor:
+    """``quantized_triton.launch_quantized`` (``[B, N, H, D]``; INT8 QK with smoothed keys, PV in FP8 e4m3 or, with
+    ``pv_dtype="bf16"``, in the value's 16-bit dtype) as one custom operator: every key without ``blocks`` (the
+    dense-equivalent kernel), the kept 128x128 blocks of a bool table with them, ``rule`` inside either."""
+    return _quantized_op(query, key, value, blocks, _scale(query, scale), pv_dtype, rule is not None,
+                         *_rule_fields(rule))
+
+
+__all__ = ["block_sparse", "decay", "quantized"]
