@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .context import MODULE_NAME_ATTR, AttnContext, TokenGrid
+from .context import BLOCK_FLAGS, BLOCK_FLAGS_ATTR, MODULE_NAME_ATTR, AttnContext, TokenGrid, block_index
 
 # Kinds of attention call. "joint": text and visual tokens attend to each other in one sequence; "single": the joint
 # sequence arrives concatenated (text length from the context); "self": visual tokens only; "cross": visual queries,
@@ -162,6 +162,19 @@ class AttentionCall:
     @property
     def module_name(self) -> str | None:
         return getattr(self.module, MODULE_NAME_ATTR, None)
+
+    def in_first_blocks(self, count: int) -> bool:
+        """Whether this module is in one of the transformer's first ``count`` blocks (False when its name has no
+        block index). Compile-clean as :meth:`AttnContext.in_steps`: it reads a boolean the context keeps per
+        threshold on the module, never the module's name or index, so a regionally compiled block guards on which
+        side of ``count`` it is (two graphs), not on which block it is (one graph per block)."""
+        if count <= 0:
+            return False
+        flags = getattr(self.module, BLOCK_FLAGS_ATTR, None)
+        if flags is None or count >= BLOCK_FLAGS:
+            index = block_index(self.module_name)
+            return index is not None and index < count
+        return flags[count]
 
     @property
     def adapter(self):

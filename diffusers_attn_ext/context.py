@@ -31,6 +31,7 @@ methods that ask for it.
 from __future__ import annotations
 
 import inspect
+import re
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,10 @@ from diffusers.hooks.hooks import StateManager
 CONTEXT_HOOK_NAME = "diffusers_attn_ext.context"
 CONTEXT_ATTR = "_attn_ext_context"
 MODULE_NAME_ATTR = "_attn_ext_module_name"
+# k -> (the module's transformer block index < k) for k < BLOCK_FLAGS, set on each named attention module
+BLOCK_FLAGS_ATTR = "_attn_ext_before_block"
+BLOCK_FLAGS = 256
+_BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)\.")
 
 BRANCHES = ("uncond", "cond", "perturbed")
 # Step thresholds whose answer (step < k) the context keeps as a bool for compiled regions (:meth:`AttnContext.in_steps`);
@@ -350,7 +355,16 @@ def attach_context(target: Any) -> AttnContext:
         if hasattr(module, "processor") and hasattr(module, "set_processor"):
             setattr(module, CONTEXT_ATTR, hook.context)
             setattr(module, MODULE_NAME_ATTR, name)
+            index = block_index(name)
+            if index is not None:
+                setattr(module, BLOCK_FLAGS_ATTR, {k: index < k for k in range(BLOCK_FLAGS)})
     return hook.context
+
+
+def block_index(module_name: str | None) -> int | None:
+    """Transformer block index of an attention module ("blocks.3.attn1" -> 3; None when unnamed or unnumbered)."""
+    match = _BLOCK_INDEX.search(module_name or "")
+    return int(match.group(1)) if match else None
 
 
 def detach_context(target: Any) -> None:
@@ -360,7 +374,7 @@ def detach_context(target: Any) -> None:
     if registry.get_hook(CONTEXT_HOOK_NAME) is not None:
         registry.remove_hook(CONTEXT_HOOK_NAME, recurse=False)
     for module in transformer.modules():
-        for attr in (CONTEXT_ATTR, MODULE_NAME_ATTR):
+        for attr in (CONTEXT_ATTR, MODULE_NAME_ATTR, BLOCK_FLAGS_ATTR):
             if attr in module.__dict__:
                 delattr(module, attr)
 

@@ -11,8 +11,7 @@ densely; cross-attention is dense. As in the authors' attention processor
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+import functools
 
 import torch
 
@@ -22,50 +21,70 @@ from ..masks import NOT_GIVEN, radial_block_mask, radial_sink
 from ..validation import integer, real
 from .base import AttnExtProcessor
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)\.")
-
-
-def layer_index(module_name: str | None) -> int | None:
-    """Transformer block index of an attention module ("blocks.3.attn1" -> 3; None when unnamed)."""
-    match = _LAYER_INDEX.search(module_name or "")
-    return int(match.group(1)) if match else None
-
 
 def joint_block_mask(video_mask: torch.Tensor, call: AttentionCall, block_size: int) -> torch.Tensor:
-    """Block table ``[1, 1, blocks, blocks]`` of the call's whole sequence from a mask over its video tokens.
+    """Block table ``[1, 1, blocks, blocks]`` of the call's whole sequence from a mask over its video tokens
+    (:func:`joint_block_table` of the call's layout)."""
+    text = (0, 0) if call.text is None else (call.text.start, call.text.stop)
+    return joint_block_table(video_mask, call.query.shape[1], call.visual.start, call.visual.stop, *text, block_size)
+
+
+def joint_block_table(video_mask: torch.Tensor, total: int, video_start: int, video_stop: int, text_start: int,
+                      text_stop: int, block_size: int) -> torch.Tensor:
+    """Block table ``[1, 1, blocks, blocks]`` of a ``total``-token sequence from a mask over its video tokens.
 
     Blocks holding text tokens are dense (rows and columns). When the video starts mid-block (text first and
     its length not a multiple of ``block_size``), a sequence block is kept when it overlaps any kept video block
     (the cover of the video mask, slightly denser than it).
     """
-    total, start = call.query.shape[1], call.visual.start
-    if start == 0 and total == call.visual.stop:
+    if video_start == 0 and total == video_stop:
         return video_mask[None, None]
     blocks = -(-total // block_size)
     video_blocks = video_mask.shape[0]
+    start = video_start
     # Sequence block b covers video blocks floor((b*bs - start)/bs) .. floor(((b+1)*bs - 1 - start)/bs).
     first = (torch.arange(blocks) * block_size - start).clamp(min=0, max=video_blocks * block_size - 1) // block_size
     last = ((torch.arange(blocks) + 1) * block_size - 1 - start).clamp(min=0, max=video_blocks * block_size - 1)
     last = last // block_size
     covers = (torch.arange(video_blocks)[None, :] >= first[:, None]) & (torch.arange(video_blocks)[None, :] <= last[:, None])
     covers &= ((torch.arange(blocks) + 1) * block_size > start)[:, None]  # blocks of text only cover no video
-    mask = (covers.float() @ video_mask.float() @ covers.float().T) > 0
-    return (mask | dense_text_blocks(call, blocks, block_size, mask.device))[None, None]
+    mask = (covers.float() @ video_mask.float().to(covers.device) @ covers.float().T) > 0
+    return (mask | text_block_table(text_start, text_stop, blocks, block_size, mask.device))[None, None]
 
 
 def dense_text_blocks(call: AttentionCall, blocks: int, block_size: int, device) -> torch.Tensor:
     """``[blocks, blocks]`` table of the rows and columns of blocks that hold text tokens (none without text)."""
+    text = (0, 0) if call.text is None else (call.text.start, call.text.stop)
+    return text_block_table(*text, blocks, block_size, device)
+
+
+def text_block_table(text_start: int, text_stop: int, blocks: int, block_size: int, device) -> torch.Tensor:
+    """``[blocks, blocks]`` table of the rows and columns of blocks that hold tokens ``text_start:text_stop``."""
     text = torch.zeros(blocks, dtype=torch.bool, device=device)
-    if call.text is not None and call.text.stop > call.text.start:
-        text[call.text.start // block_size:-(-call.text.stop // block_size)] = True
+    if text_stop > text_start:
+        text[text_start // block_size:-(-text_stop // block_size)] = True
     return text[:, None] | text[None, :]
 
 
-@dataclass
-class BlockMaskState:
-    """Per generation: the block tables built, by grid and layout."""
+# The table comes into a compiled region through this: dynamo runs it at trace time, outside the graph, and bakes
+# the result in as a constant guarded by the arguments' values. Traced, the rule's Python loop over frame pairs
+# would put thousands of slice updates into every graph (441 pairs at Wan 480p); eagerly the table is cached.
+@torch.compiler.assume_constant_result
+def radial_table(frames: int, tokens_per_frame: int, block_size: int, decay_factor: float, sink_first_frame: bool,
+                 total: int, video_start: int, video_stop: int, text_start: int, text_stop: int,
+                 device: str) -> torch.Tensor:
+    """The joint block table of :func:`~diffusers_attn_ext.masks.radial_block_mask` for one grid and sequence
+    layout, on ``device``; one shared, static tensor per argument tuple (a pure function of them)."""
+    return _radial_table(frames, tokens_per_frame, block_size, decay_factor, sink_first_frame, total, video_start,
+                         video_stop, text_start, text_stop, device)
 
-    masks: dict = field(default_factory=dict)
+
+@functools.lru_cache(maxsize=32)
+def _radial_table(frames, tokens_per_frame, block_size, decay_factor, sink_first_frame, total, video_start,
+                  video_stop, text_start, text_stop, device) -> torch.Tensor:
+    video = radial_block_mask(frames, tokens_per_frame, block_size, decay_factor, sink_first_frame=sink_first_frame)
+    table = joint_block_table(video, total, video_start, video_stop, text_start, text_stop, block_size)
+    return mark_static(table.to(device))
 
 
 class SparseVideoProcessor(AttnExtProcessor):
@@ -90,13 +109,11 @@ class SparseVideoProcessor(AttnExtProcessor):
         if not call.is_self_attention:
             return False
         call.require_grid(self)
-        # the module name and the step are read only when they matter: under torch.compile each read is a guard,
-        # and a guard on the block's name or on the step makes every block or step compile its own graph
-        if self.dense_layers:
-            layer = layer_index(call.module_name)
-            if layer is not None and layer < self.dense_layers:
-                return False
-        return self.dense_steps == 0 or call.context.step_index >= self.dense_steps
+        # phase flags, not the block's name or the step: under torch.compile each read is a guard, and a guard on
+        # the name or the step would make every block or step compile its own graph
+        if call.in_first_blocks(self.dense_layers):
+            return False
+        return self.dense_steps == 0 or call.context.in_steps(self.dense_steps, None)
 
 
 class RadialSparseProcessor(SparseVideoProcessor):
@@ -124,24 +141,13 @@ class RadialSparseProcessor(SparseVideoProcessor):
         self.decay_factor = real("decay_factor", decay_factor, 0.0, low_open=True)
         self.sink_first_frame = radial_sink(model, sink_first_frame)
 
-    def new_state(self) -> BlockMaskState:
-        return BlockMaskState()
-
     def block_mask(self, call: AttentionCall) -> torch.Tensor:
-        """The call's block table, cached in the per-generation state per grid and layout."""
+        """The call's block table (:func:`radial_table`: built once per grid and layout, a constant when compiled)."""
         grid = call.require_grid(self)
-        if torch.compiler.is_compiling():  # no cache filled while tracing: the mask is built into the graph
-            return self._build_block_mask(call, grid)
-        cache = call.context.state_of(self).masks
-        key = (grid, call.visual.start, call.query.shape[1], call.query.device)
-        if key not in cache:
-            cache[key] = mark_static(self._build_block_mask(call, grid))
-        return cache[key]
-
-    def _build_block_mask(self, call: AttentionCall, grid) -> torch.Tensor:
-        video = radial_block_mask(grid.frames, grid.tokens_per_frame, self.block_size, self.decay_factor,
-                                  sink_first_frame=self.sink_first_frame)
-        return joint_block_mask(video, call, self.block_size).to(call.query.device)
+        text = (0, 0) if call.text is None else (call.text.start, call.text.stop)
+        return radial_table(grid.frames, grid.tokens_per_frame, self.block_size, float(self.decay_factor),
+                            bool(self.sink_first_frame), call.query.shape[1], call.visual.start, call.visual.stop,
+                            *text, str(call.query.device))
 
     def edit_attention(self, call: AttentionCall) -> None:
         call.add_block_mask(self.block_mask(call), self.block_size)
