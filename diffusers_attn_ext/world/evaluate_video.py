@@ -19,6 +19,7 @@ import torch
 from .metrics import frames_from_pipeline, moves_towards, track_colour
 from .models import wan_num_frames
 from .scenes import TRAIN_FRAMES, Scene, caption, sample_scene
+from .tasks import GUIDANCE, STEPS
 from .train_video import EVAL_SEED_BASE
 
 
@@ -28,7 +29,7 @@ def evaluation_scenes(count: int, *, offset: int = 0) -> list[Scene]:
 
 
 @torch.no_grad()
-def evaluate(pipe, count: int, *, steps: int = 20, guidance: float = 5.0, batch: int = 16, frames: int = TRAIN_FRAMES,
+def evaluate(pipe, count: int, *, steps: int = STEPS, guidance: float = GUIDANCE, batch: int = 16, frames: int = TRAIN_FRAMES,
              seed: int = 0) -> tuple[dict, list[torch.Tensor]]:
     scenes = evaluation_scenes(count)
     videos: list[torch.Tensor] = []
@@ -77,8 +78,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--guidance", type=float, default=GUIDANCE, help="default: the model's (world.tasks)")
     parser.add_argument("--output", default=".")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
