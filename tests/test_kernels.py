@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffusers_attn_ext.kernels import dense_attention, flex_attention_bnhd, flex_block_mask
-from diffusers_attn_ext.kernels.flex import compose_score_mods
+from diffusers_attn_ext.kernels.flex import compiled_tile_options, compose_score_mods
 
 
 def reference_attention(q, k, v, bias=None, scale=None):
@@ -68,3 +68,19 @@ def test_block_table_shape_errors():
         flex_block_mask(torch.ones(1, 1, 3, 4, dtype=torch.bool), 64, 200, 200)
     with pytest.raises(ValueError, match="4-d bool tensor"):
         flex_block_mask(torch.ones(4, 4, dtype=torch.bool), 64, 200, 200)
+
+
+@pytest.mark.parametrize(("block_size", "tiles"), [(128, None), (256, None), (64, 64), (32, 32), (48, 16), (16, 16)])
+def test_compiled_flex_tiles_divide_the_block_mask_blocks(block_size, tiles):
+    """Inductor's FlexAttention needs mask blocks that are multiples of its tiles: it refused the world model's
+    32-token blocks on the H200 ("Q and KV block size must be divisible by BLOCK_M and BLOCK_N"). Blocks of a
+    multiple of 128 keep the default tiles; smaller ones get tiles that divide them."""
+    tokens = 4 * block_size
+    mask = flex_block_mask(torch.ones(1, 1, 4, 4, dtype=torch.bool), block_size, tokens, tokens)
+    options = compiled_tile_options(mask)
+    if tiles is None:
+        assert options is None
+    else:
+        assert options == {"BLOCK_M": tiles, "BLOCK_N": tiles}
+        assert block_size % options["BLOCK_M"] == 0 and block_size % options["BLOCK_N"] == 0
+    assert compiled_tile_options(None) is None

@@ -76,6 +76,29 @@ def flex_block_mask(blocks: torch.Tensor, block_size: int, q_len: int, kv_len: i
     )
 
 
+def compiled_tile_options(block_mask: BlockMask | None) -> dict | None:
+    """Tile sizes for compiled FlexAttention when the block mask's blocks are smaller than its default tiles.
+
+    Inductor's FlexAttention kernel needs each mask block to be a multiple of its tiles (``BLOCK_M``, ``BLOCK_N``,
+    64-128 by default) and refuses a 32-token block mask ("Q and KV block size must be divisible by BLOCK_M and
+    BLOCK_N"; the world model's sparse attention uses 32-token blocks, H200 2026-12-02). For blocks that are not a
+    multiple of 128, the tiles are the largest power of two up to 64 that divides them (at least 16). None: the
+    defaults."""
+    if block_mask is None:
+        return None
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    if q_block % 128 == 0 and kv_block % 128 == 0:
+        return None
+
+    def tile(size: int) -> int:
+        t = 64
+        while t > 16 and size % t:
+            t //= 2
+        return t
+
+    return {"BLOCK_M": tile(q_block), "BLOCK_N": tile(kv_block)}
+
+
 def flex_attention_bnhd(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -87,10 +110,12 @@ def flex_attention_bnhd(
 ) -> torch.Tensor:
     """FlexAttention on ``[B, N, H, D]`` tensors, returning ``[B, N, H, D]``."""
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    options = compiled_tile_options(block_mask) if q.is_cuda else None
     if torch.compiler.is_compiling():  # inside the user's compiled region: it compiles flex itself, no warnings context
-        out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+        out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, kernel_options=options)
     elif q.is_cuda:
-        out = _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+        out = _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                               kernel_options=options)
     else:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
