@@ -210,6 +210,22 @@ def test_isolation_reposition_without_dropout_compiles_as_stock(tiny_pipes, fami
     assert_compiles_as_stock(pipe, family, mode, multi_subject_generation(pipe, family, ir_reference_dropout=0.0))
 
 
+@pytest.mark.parametrize("mode", ["whole", "regional"])
+def test_the_attention_inspector_under_compile_says_so(pipe_for, mode):
+    """It records statistics into Python containers per layer and step: refused under compile, with the reason
+    (before, dynamo failed on a data-dependent ``aten.equal`` deep inside the statistics)."""
+    from diffusers_attn_ext.inspect import AttentionInspector
+
+    pipe = pipe_for("wan")
+    install(pipe, AttentionInspector())
+    undo = compiled(pipe, mode, "eager")
+    try:
+        with pytest.raises(Exception, match="AttentionInspector records each call's attention statistics"):
+            generate(pipe, "wan")
+    finally:
+        undo()
+
+
 def test_isolation_reposition_with_reference_dropout_under_compile_says_so(tiny_pipes):
     """The authors' dropout draws new token sets (of data-dependent sizes) at every step: refused under compile."""
     pipe = FluxMultiSubjectPipeline.from_pipe(tiny_pipes("flux"))

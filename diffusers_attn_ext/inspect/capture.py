@@ -116,6 +116,12 @@ class AttentionInspector(AttnExtProcessor):
             )
         if not call.is_self_attention or not self.matches(call.module_name):
             return False
+        if torch.compiler.is_compiling():
+            raise ValueError(
+                "AttentionInspector records each call's attention statistics into per-layer, per-step Python "
+                "records, which a torch.compile'd region cannot fill: inspect an eager transformer (the inspector "
+                "changes nothing, so nothing is lost but speed)"
+            )
         return self.steps is None or call.context.step_index in self.steps
 
     def edit_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
