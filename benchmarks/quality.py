@@ -80,12 +80,21 @@ def sparse_configs(steps: int) -> dict[str, dict]:
 
 
 def run_sparse(pipe, seeds: list[int], steps: int, results: dict, save) -> None:
+    run_against_dense(pipe, seeds, steps, results, save, "sparse",
+                      {name: ({}, kwargs) for name, kwargs in sparse_configs(steps).items()})
+
+
+def run_against_dense(pipe, seeds: list[int], steps: int, results: dict, save, section: str,
+                      configs: dict[str, tuple[dict, dict]]) -> None:
+    """For each config (name -> (fields stored with its result, the sparse pipeline's arguments)): PSNR and SSIM of
+    its videos against the dense videos of the same seeds and prompts (``sparse_scene`` captions), stored under
+    ``{section}/{name}``; configs already in ``results`` are skipped, and the dense videos are made only if needed."""
     sparse = WanSparsePipeline.from_pipe(pipe)
     sparse.set_progress_bar_config(disable=True)
     prompts = [caption(sparse_scene(i)) for i in seeds]
     dense = None
-    for name, kwargs in sparse_configs(steps).items():
-        key = f"sparse/{name}"
+    for name, (fields, kwargs) in configs.items():
+        key = f"{section}/{name}"
         if key in results:
             continue
         if dense is None:
@@ -93,6 +102,7 @@ def run_sparse(pipe, seeds: list[int], steps: int, results: dict, save) -> None:
         start = time.perf_counter()
         videos = batched(lambda p, s, kw=kwargs: generate_many(sparse, p, s, steps=steps, **kw), prompts, seeds)
         results[key] = {
+            **fields,
             "psnr": [min(psnr(v, d), PSNR_CAP) for v, d in zip(videos, dense, strict=True)],
             "ssim": [ssim(v, d) for v, d in zip(videos, dense, strict=True)],
             "seconds": time.perf_counter() - start,
@@ -132,25 +142,8 @@ def rettention_configs(steps: int) -> dict[str, tuple[int, dict]]:
 
 
 def run_rettention(pipe, seeds: list[int], steps: int, results: dict, save) -> None:
-    sparse = WanSparsePipeline.from_pipe(pipe)
-    sparse.set_progress_bar_config(disable=True)
-    prompts = [caption(sparse_scene(i)) for i in seeds]
-    dense = None
-    for name, (full, kwargs) in rettention_configs(steps).items():
-        key = f"rettention/{name}"
-        if key in results:
-            continue
-        if dense is None:
-            dense = batched(lambda p, s: generate_many(sparse, p, s, steps=steps, sparse_method=None), prompts, seeds)
-        start = time.perf_counter()
-        videos = batched(lambda p, s, kw=kwargs: generate_many(sparse, p, s, steps=steps, **kw), prompts, seeds)
-        results[key] = {
-            "full_steps": full,
-            "psnr": [min(psnr(v, d), PSNR_CAP) for v, d in zip(videos, dense, strict=True)],
-            "ssim": [ssim(v, d) for v, d in zip(videos, dense, strict=True)],
-            "seconds": time.perf_counter() - start,
-        }
-        save()
+    run_against_dense(pipe, seeds, steps, results, save, "rettention",
+                      {name: ({"full_steps": full}, kwargs) for name, (full, kwargs) in rettention_configs(steps).items()})
 
 
 def run_layers(pipe, seeds: list[int], results: dict, save) -> None:
