@@ -66,7 +66,7 @@ class use_quantized_attention:  # noqa: N801 - a setter that is also a context m
     While on, :func:`choose_kernel` returns :data:`QUANTIZED` for the CUDA requests the kernel supports
     (``quantized_triton.supports``: fp16/bf16, head dim 64 or 128, one shape for query, key and value, 128-token
     blocks; a rule spanning the whole sequence): dense self-attention without an attention mask or context
-    parallelism, block-sparse, and fused-rule (UltraViCo) requests, with or without a block table. Other requests
+    parallelism, block-sparse, and fused-rule (decay rule) requests, with or without a block table. Other requests
     (cross-attention, score_mods, masks, float32, CPU tensors) keep their kernel. Stock diffusers processors never
     reach the dispatcher, so they stay unquantized.
 

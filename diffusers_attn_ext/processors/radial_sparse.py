@@ -68,7 +68,7 @@ def text_block_table(text_start: int, text_stop: int, blocks: int, block_size: i
 
 # The table comes into a compiled region through this: dynamo runs it at trace time, outside the graph, and bakes
 # the result in as a constant guarded by the arguments' values. Traced, the rule's Python loop over frame pairs
-# would put thousands of slice updates into every graph (441 pairs at Wan 480p); eagerly the table is cached.
+# would put thousands of slice updates into every graph (441 pairs for a 21-frame video); eagerly the table is cached.
 @torch.compiler.assume_constant_result
 def radial_table(frames: int, tokens_per_frame: int, block_size: int, decay_factor: float, sink_first_frame: bool,
                  total: int, video_start: int, video_stop: int, text_start: int, text_stop: int,
