@@ -42,6 +42,7 @@ from diffusers_attn_ext.sparse import sparse_processor
 from diffusers_attn_ext.world import caption, load_world_video_pipeline
 from diffusers_attn_ext.world.metrics import psnr, ssim
 from diffusers_attn_ext.world.tasks import (
+    GUIDANCE,
     SPARSE_BLOCK,
     STEPS,
     generate,
@@ -79,13 +80,13 @@ def sparse_configs(steps: int) -> dict[str, dict]:
     return configs
 
 
-def run_sparse(pipe, seeds: list[int], steps: int, results: dict, save) -> None:
+def run_sparse(pipe, seeds: list[int], steps: int, results: dict, save, guidance: float = GUIDANCE) -> None:
     run_against_dense(pipe, seeds, steps, results, save, "sparse",
-                      {name: ({}, kwargs) for name, kwargs in sparse_configs(steps).items()})
+                      {name: ({}, kwargs) for name, kwargs in sparse_configs(steps).items()}, guidance)
 
 
 def run_against_dense(pipe, seeds: list[int], steps: int, results: dict, save, section: str,
-                      configs: dict[str, tuple[dict, dict]]) -> None:
+                      configs: dict[str, tuple[dict, dict]], guidance: float = GUIDANCE) -> None:
     """For each config (name -> (fields stored with its result, the sparse pipeline's arguments)): PSNR and SSIM of
     its videos against the dense videos of the same seeds and prompts (``sparse_scene`` captions), stored under
     ``{section}/{name}``; configs already in ``results`` are skipped, and the dense videos are made only if needed."""
@@ -98,9 +99,9 @@ def run_against_dense(pipe, seeds: list[int], steps: int, results: dict, save, s
         if key in results:
             continue
         if dense is None:
-            dense = batched(lambda p, s: generate_many(sparse, p, s, steps=steps, sparse_method=None), prompts, seeds)
+            dense = batched(lambda p, s: generate_many(sparse, p, s, steps=steps, guidance=guidance, sparse_method=None), prompts, seeds)
         start = time.perf_counter()
-        videos = batched(lambda p, s, kw=kwargs: generate_many(sparse, p, s, steps=steps, **kw), prompts, seeds)
+        videos = batched(lambda p, s, kw=kwargs: generate_many(sparse, p, s, steps=steps, guidance=guidance, **kw), prompts, seeds)
         results[key] = {
             **fields,
             "psnr": [min(psnr(v, d), PSNR_CAP) for v, d in zip(videos, dense, strict=True)],
@@ -141,9 +142,10 @@ def rettention_configs(steps: int) -> dict[str, tuple[int, dict]]:
     return configs
 
 
-def run_rettention(pipe, seeds: list[int], steps: int, results: dict, save) -> None:
+def run_rettention(pipe, seeds: list[int], steps: int, results: dict, save, guidance: float = GUIDANCE) -> None:
     run_against_dense(pipe, seeds, steps, results, save, "rettention",
-                      {name: ({"full_steps": full}, kwargs) for name, (full, kwargs) in rettention_configs(steps).items()})
+                      {name: ({"full_steps": full}, kwargs) for name, (full, kwargs) in rettention_configs(steps).items()},
+                      guidance)
 
 
 def run_layers(pipe, seeds: list[int], results: dict, save) -> None:
@@ -203,7 +205,7 @@ def _layer_configs() -> dict:
 
 
 def run_ultravico(pipe, seeds: list[int], steps: int, results: dict, save, lengths=LENGTHS,
-                  methods=("stock", "UltraViCo")) -> None:
+                  methods=("stock", "UltraViCo"), guidance: float = GUIDANCE) -> None:
     uv = WanUltraViCoPipeline.from_pipe(pipe)
     uv.set_progress_bar_config(disable=True)
     scenes = [ultravico_scene(i) for i in seeds]
@@ -219,10 +221,10 @@ def run_ultravico(pipe, seeds: list[int], steps: int, results: dict, save, lengt
                 continue
             start = time.perf_counter()
             if method == "stock":
-                videos = batched(lambda p, s, f=frames: generate_many(pipe, p, s, frames=f, steps=steps), prompts, seeds,
+                videos = batched(lambda p, s, f=frames: generate_many(pipe, p, s, frames=f, steps=steps, guidance=guidance), prompts, seeds,
                                  size=max(1, 8 // ratio))
             else:
-                videos = batched(lambda p, s, f=frames: generate_many(uv, p, s, frames=f, steps=steps,
+                videos = batched(lambda p, s, f=frames: generate_many(uv, p, s, frames=f, steps=steps, guidance=guidance,
                                                                        ultravico_train_frames=9, ultravico_alpha=0.9),
                                  prompts, seeds, size=max(1, 8 // ratio))
             results[key] = {**_scores([object_scores(v, s) for v, s in zip(videos, scenes, strict=True)]),
@@ -230,7 +232,7 @@ def run_ultravico(pipe, seeds: list[int], steps: int, results: dict, save, lengt
             save()
 
 
-def run_ditraj(pipe, seeds: list[int], steps: int, results: dict, save) -> None:
+def run_ditraj(pipe, seeds: list[int], steps: int, results: dict, save, guidance: float = GUIDANCE) -> None:
     traj = WanTrajectoryPipeline.from_pipe(pipe)
     traj.set_progress_bar_config(disable=True)
     scenes = [trajectory_scene(i) for i in seeds]
@@ -251,7 +253,7 @@ def run_ditraj(pipe, seeds: list[int], steps: int, results: dict, save) -> None:
             if method == "STD-RoPE + fg/bg":
                 kwargs.update(foreground_prompt=prompts["foreground_prompt"],
                               background_prompt=prompts["background_prompt"], trajectory_mask_steps=mask_steps(steps))
-            video = generate(traj, prompts["prompt"], seed=seed, steps=steps, **kwargs)
+            video = generate(traj, prompts["prompt"], seed=seed, steps=steps, guidance=guidance, **kwargs)
             ious.append(trajectory_score(video, scene))
         results[key] = {"iou": ious, "seconds": time.perf_counter() - start}
         save()
@@ -322,19 +324,21 @@ def main(argv=None) -> None:
                             results="quality_results.json")
     parser.add_argument("--lengths", default="1,2,3,4", help="ultravico: multiples of the trained length")
     parser.add_argument("--methods", default="stock,UltraViCo", help="ultravico: which videos")
+    parser.add_argument("--guidance", type=float, default=GUIDANCE, help="default: the model's (world.tasks)")
     args = parser.parse_args(argv)
     if args.report:
         print(report(read_results(args.results)))
         return
-    results, save = open_results(args)
+    results, save = open_results(args, guidance=args.guidance)
     pipe = load_world_video_pipeline(args.model).to(args.device)
     seeds = list(range(args.seeds))
-    runners = {"sparse": lambda: run_sparse(pipe, seeds, args.steps, results, save),
+    g = args.guidance
+    runners = {"sparse": lambda: run_sparse(pipe, seeds, args.steps, results, save, g),
                "layers": lambda: run_layers(pipe, seeds, results, save),
                "ultravico": lambda: run_ultravico(pipe, seeds, args.steps, results, save,
-                                                  [int(x) for x in args.lengths.split(",")], args.methods.split(",")),
-               "ditraj": lambda: run_ditraj(pipe, seeds, args.steps, results, save),
-               "rettention": lambda: run_rettention(pipe, seeds, args.steps, results, save)}
+                                                  [int(x) for x in args.lengths.split(",")], args.methods.split(","), g),
+               "ditraj": lambda: run_ditraj(pipe, seeds, args.steps, results, save, g),
+               "rettention": lambda: run_rettention(pipe, seeds, args.steps, results, save, g)}
     run_sections(args.sections, runners, results, save, report)
 
 

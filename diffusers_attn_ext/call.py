@@ -167,7 +167,8 @@ class AttentionCall:
         """Whether this module is in one of the transformer's first ``count`` blocks (False when its name has no
         block index). Compile-clean as :meth:`AttnContext.in_steps`: it reads a boolean the context keeps per
         threshold on the module, never the module's name or index, so a regionally compiled block guards on which
-        side of ``count`` it is (two graphs), not on which block it is (one graph per block)."""
+        side of ``count`` it is (two graphs), not on which block it is (one graph per block). A ``count`` of
+        ``BLOCK_FLAGS`` (256) or more is answered from the name, which compiles a graph per block."""
         if count <= 0:
             return False
         flags = getattr(self.module, BLOCK_FLAGS_ATTR, None)

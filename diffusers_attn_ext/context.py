@@ -358,6 +358,8 @@ def attach_context(target: Any) -> AttnContext:
             index = block_index(name)
             if index is not None:
                 setattr(module, BLOCK_FLAGS_ATTR, {k: index < k for k in range(BLOCK_FLAGS)})
+            else:  # re-attached under a name without a block number: no flags left from the old name
+                module.__dict__.pop(BLOCK_FLAGS_ATTR, None)
     return hook.context
 
 

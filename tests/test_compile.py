@@ -321,10 +321,30 @@ def test_dense_first_blocks_compile_regionally_one_graph_per_kind_of_block(name,
     assert_compiles_as_stock(pipe, "wan", "regional", lambda: generate(pipe, "wan"), graphs=graphs)
 
 
+def test_a_compiled_radial_transformer_generates_a_second_length_and_a_new_decay(pipe_for):
+    """Another frame count on the compiled transformer (dynamo makes the length dynamic, which a trace-time
+    constant table could not follow: it failed so before the table became an operator) and a reinstalled radial
+    with another decay factor: both run and equal eager."""
+    pipe = pipe_for("wan")
+    install(pipe, RadialSparseProcessor(block_size=16))
+    lengths = (9, 13, 17)
+    eager = [torch.as_tensor(pipe(**tiny_call_kwargs("wan", num_inference_steps=2, num_frames=n))[0]) for n in lengths]
+    undo = compiled(pipe, "regional", "eager")
+    try:
+        for n, expected in zip(lengths, eager, strict=True):
+            out = torch.as_tensor(pipe(**tiny_call_kwargs("wan", num_inference_steps=2, num_frames=n))[0])
+            torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+        install(pipe, RadialSparseProcessor(block_size=16, decay_factor=0.5))
+        compiled_out = generate(pipe, "wan")
+    finally:
+        undo()
+    torch.testing.assert_close(compiled_out, generate(pipe, "wan"), rtol=0, atol=1e-6)
+
+
 def test_the_radial_table_is_a_constant_of_the_compiled_graph_not_traced(pipe_for):
-    """The radial rule's Python loop over frame pairs runs at trace time, outside the graph: the compiled graph's
-    size does not grow with the number of frames (measured: 176 operations at 3 and at 9 latent frames, against 381
-    and 861 when the loop was traced; StockAttnProcessor's graph has 112)."""
+    """The radial rule's Python loop over frame pairs runs inside one opaque operator, not in the graph: the
+    compiled graph's size does not grow with the number of frames (177 operations at 3 and at 9 latent frames,
+    against 381 and 861 when the loop was traced; StockAttnProcessor's graph has 112)."""
     pipe = pipe_for("wan")
     install(pipe, RadialSparseProcessor(block_size=16))
     counts = []

@@ -70,7 +70,7 @@ def test_block_table_shape_errors():
         flex_block_mask(torch.ones(4, 4, dtype=torch.bool), 64, 200, 200)
 
 
-@pytest.mark.parametrize(("block_size", "tiles"), [(128, None), (256, None), (64, 64), (32, 32), (48, 16), (16, 16)])
+@pytest.mark.parametrize(("block_size", "tiles"), [(128, None), (256, None), (64, 64), (32, 32), (48, 16), (16, 16), (80, 16)])
 def test_compiled_flex_tiles_divide_the_block_mask_blocks(block_size, tiles):
     """Inductor's FlexAttention needs mask blocks that are multiples of its tiles: it refused the world model's
     32-token blocks on the H200 ("Q and KV block size must be divisible by BLOCK_M and BLOCK_N"). Blocks of a
@@ -84,3 +84,9 @@ def test_compiled_flex_tiles_divide_the_block_mask_blocks(block_size, tiles):
         assert options == {"BLOCK_M": tiles, "BLOCK_N": tiles}
         assert block_size % options["BLOCK_M"] == 0 and block_size % options["BLOCK_N"] == 0
     assert compiled_tile_options(None) is None
+
+
+def test_compiled_flex_tiles_refuse_blocks_no_tile_divides():
+    mask = flex_block_mask(torch.ones(1, 1, 4, 4, dtype=torch.bool), 24, 96, 96)
+    with pytest.raises(ValueError, match=r"block_size=24: compiled FlexAttention on CUDA needs blocks of a multiple of 16"):
+        compiled_tile_options(mask)

@@ -114,14 +114,14 @@ class AttentionInspector(AttnExtProcessor):
                 "AttentionInspector needs the module names and steps of the context: install it with "
                 "diffusers_attn_ext.install(pipe, ..., inspector) or call attach_context(pipe)"
             )
-        if not call.is_self_attention or not self.matches(call.module_name):
-            return False
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # before the name is read: no graph per name on the way to the error
             raise ValueError(
                 "AttentionInspector records each call's attention statistics into per-layer, per-step Python "
                 "records, which a torch.compile'd region cannot fill: inspect an eager transformer (the inspector "
                 "changes nothing, so nothing is lost but speed)"
             )
+        if not call.is_self_attention or not self.matches(call.module_name):
+            return False
         return self.steps is None or call.context.step_index in self.steps
 
     def edit_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:

@@ -79,24 +79,27 @@ def flex_block_mask(blocks: torch.Tensor, block_size: int, q_len: int, kv_len: i
 def compiled_tile_options(block_mask: BlockMask | None) -> dict | None:
     """Tile sizes for compiled FlexAttention when the block mask's blocks are smaller than its default tiles.
 
-    Inductor's FlexAttention kernel needs each mask block to be a multiple of its tiles (``BLOCK_M``, ``BLOCK_N``,
-    64-128 by default) and refuses a 32-token block mask ("Q and KV block size must be divisible by BLOCK_M and
-    BLOCK_N"; the world model's sparse attention uses 32-token blocks, H200 2026-12-02). For blocks that are not a
-    multiple of 128, the tiles are the largest power of two up to 64 that divides them (at least 16). None: the
-    defaults."""
+    Inductor's FlexAttention kernel needs each mask block to be a multiple of its tiles (``BLOCK_M`` for query
+    blocks, ``BLOCK_N`` for key blocks, 64-128 by default) and refuses a 32-token block mask ("Q and KV block size
+    must be divisible by BLOCK_M and BLOCK_N"; the world model's sparse attention uses 32-token blocks, H200
+    2026-12-02). A side whose blocks are a multiple of 128 keeps its default tile; another gets the largest power
+    of two up to 64 that divides its blocks. ValueError for blocks that are not a multiple of 16 (the smallest
+    tile). None: the defaults."""
     if block_mask is None:
         return None
-    q_block, kv_block = block_mask.BLOCK_SIZE
-    if q_block % 128 == 0 and kv_block % 128 == 0:
-        return None
-
-    def tile(size: int) -> int:
-        t = 64
-        while t > 16 and size % t:
-            t //= 2
-        return t
-
-    return {"BLOCK_M": tile(q_block), "BLOCK_N": tile(kv_block)}
+    options = {}
+    for name, size in zip(("BLOCK_M", "BLOCK_N"), block_mask.BLOCK_SIZE, strict=True):
+        if size % 128 == 0:
+            continue
+        if size % 16:
+            raise ValueError(
+                f"block_size={size}: compiled FlexAttention on CUDA needs blocks of a multiple of 16 tokens"
+            )
+        tile = 64
+        while size % tile:
+            tile //= 2
+        options[name] = tile
+    return options or None
 
 
 def flex_attention_bnhd(

@@ -66,25 +66,34 @@ def text_block_table(text_start: int, text_stop: int, blocks: int, block_size: i
     return text[:, None] | text[None, :]
 
 
-# The table comes into a compiled region through this: dynamo runs it at trace time, outside the graph, and bakes
-# the result in as a constant guarded by the arguments' values. Traced, the rule's Python loop over frame pairs
-# would put thousands of slice updates into every graph (441 pairs for a 21-frame video); eagerly the table is cached.
-@torch.compiler.assume_constant_result
+@functools.lru_cache(maxsize=32)
 def radial_table(frames: int, tokens_per_frame: int, block_size: int, decay_factor: float, sink_first_frame: bool,
                  total: int, video_start: int, video_stop: int, text_start: int, text_stop: int,
                  device: str) -> torch.Tensor:
-    """The joint block table of :func:`~diffusers_attn_ext.masks.radial_block_mask` for one grid and sequence
-    layout, on ``device``; one shared, static tensor per argument tuple (a pure function of them)."""
-    return _radial_table(frames, tokens_per_frame, block_size, decay_factor, sink_first_frame, total, video_start,
-                         video_stop, text_start, text_stop, device)
-
-
-@functools.lru_cache(maxsize=32)
-def _radial_table(frames, tokens_per_frame, block_size, decay_factor, sink_first_frame, total, video_start,
-                  video_stop, text_start, text_stop, device) -> torch.Tensor:
+    """The joint block table ``[1, 1, blocks, blocks]`` of :func:`~diffusers_attn_ext.masks.radial_block_mask` for
+    one grid and sequence layout, on ``device``: a pure function of its arguments, one shared static tensor each."""
     video = radial_block_mask(frames, tokens_per_frame, block_size, decay_factor, sink_first_frame=sink_first_frame)
     table = joint_block_table(video, total, video_start, video_stop, text_start, text_stop, block_size)
     return mark_static(table.to(device))
+
+
+# In a compiled region the table comes from this operator, opaque to dynamo: traced, the rule's Python loop over
+# frame pairs would put hundreds of slice updates into every graph (441 pairs for a 21-frame video: the H200
+# compile that never finished), and a trace-time constant cannot follow a length that dynamo made symbolic. The
+# operator looks the table up in the cache at run time (a copy: an operator returns a fresh tensor).
+@torch.library.custom_op("diffusers_attn_ext::radial_table", mutates_args=())
+def _radial_table_op(frames: int, tokens_per_frame: int, block_size: int, decay_factor: float,
+                     sink_first_frame: bool, total: int, video_start: int, video_stop: int, text_start: int,
+                     text_stop: int, device: str) -> torch.Tensor:
+    return radial_table(frames, tokens_per_frame, block_size, decay_factor, sink_first_frame, total, video_start,
+                        video_stop, text_start, text_stop, device).clone()
+
+
+@_radial_table_op.register_fake
+def _radial_table_fake(frames, tokens_per_frame, block_size, decay_factor, sink_first_frame, total, video_start,
+                       video_stop, text_start, text_stop, device):
+    blocks = -(-total // block_size)
+    return torch.empty((1, 1, blocks, blocks), dtype=torch.bool, device=device)
 
 
 class SparseVideoProcessor(AttnExtProcessor):
@@ -145,9 +154,9 @@ class RadialSparseProcessor(SparseVideoProcessor):
         """The call's block table (:func:`radial_table`: built once per grid and layout, a constant when compiled)."""
         grid = call.require_grid(self)
         text = (0, 0) if call.text is None else (call.text.start, call.text.stop)
-        return radial_table(grid.frames, grid.tokens_per_frame, self.block_size, float(self.decay_factor),
-                            bool(self.sink_first_frame), call.query.shape[1], call.visual.start, call.visual.stop,
-                            *text, str(call.query.device))
+        args = (grid.frames, grid.tokens_per_frame, self.block_size, self.decay_factor, self.sink_first_frame,
+                call.query.shape[1], call.visual.start, call.visual.stop, *text, str(call.query.device))
+        return _radial_table_op(*args) if torch.compiler.is_compiling() else radial_table(*args)
 
     def edit_attention(self, call: AttentionCall) -> None:
         call.add_block_mask(self.block_mask(call), self.block_size)
