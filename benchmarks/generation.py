@@ -221,6 +221,8 @@ def extrapolate(rows: list[dict], steps: int) -> None:
 
 
 def main() -> None:
+    from diffusers_attn_ext.kernels.quantize import PV_DTYPES
+
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=("1.3b", "14b"), default="1.3b")
     p.add_argument("--steps", type=int, default=STEPS, help="denoising steps of the generation (default 50)")
@@ -229,7 +231,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--eager", action="store_true", help="do not compile")
     p.add_argument("--compile-backend", default="inductor")
-    p.add_argument("--quantized-pv", choices=("fp8", "bf16"), default="fp8",
+    p.add_argument("--quantized-pv", choices=PV_DTYPES, default="fp8",
                    help="PV precision of the quantized kernel in the '+ quantized' variants")
     args = p.parse_args()
     setup(args)

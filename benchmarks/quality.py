@@ -278,22 +278,37 @@ def _cell(values: list[float], digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {half:.{digits}f}" if not math.isnan(half) else f"{mean:.{digits}f}"
 
 
+def _section(results: dict, name: str) -> dict:
+    """The results of section ``name``, keyed by configuration (the part of the key after ``name/``)."""
+    prefix = f"{name}/"
+    return {k[len(prefix):]: v for k, v in results.items() if k.startswith(prefix)}
+
+
+def _against_dense_table(title: str, rows: dict, field: str | None = None, header: str | None = None) -> list[str]:
+    """Markdown lines of a PSNR/SSIM-against-dense table (``run_against_dense``), with the stored ``field`` as a
+    second column when given."""
+    extra = f" {header} |" if field else ""
+    lines = [f"### {title}", "", f"| method |{extra} PSNR (dB) | SSIM | seconds (all seeds) |",
+             "|---|" + ("---|" if field else "") + "---|---|---|"]
+    for k, v in rows.items():
+        cell = f" {v[field]} |" if field else ""
+        lines.append(f"| {k} |{cell} {_cell(v['psnr'])} | {_cell(v['ssim'], 3)} | {v['seconds']:.0f} |")
+    return lines + [""]
+
+
 def report(results: dict) -> str:
     lines = []
-    sparse = {k[7:]: v for k, v in results.items() if k.startswith("sparse/")}
+    sparse = _section(results, "sparse")
     if sparse:
-        lines += ["### Sparse attention vs dense (same seed and prompt)", "",
-                  "| method | PSNR (dB) | SSIM | seconds (all seeds) |", "|---|---|---|---|"]
-        lines += [f"| {k} | {_cell(v['psnr'])} | {_cell(v['ssim'], 3)} | {v['seconds']:.0f} |" for k, v in sparse.items()]
-        lines.append("")
-    layers = {k[7:]: v for k, v in results.items() if k.startswith("layers/")}
+        lines += _against_dense_table("Sparse attention vs dense (same seed and prompt)", sparse)
+    layers = _section(results, "layers")
     if layers:
         n = len(next(iter(layers.values()))["rel_l2_per_layer"])
         lines += ["### Attention-output relative L2 error per self-attention layer (that layer sparse alone)", "",
                   "| method | " + " | ".join(f"layer {i}" for i in range(n)) + " |", "|---|" + "---|" * n]
         lines += [f"| {k} | " + " | ".join(f"{e:.3f}" for e in v["rel_l2_per_layer"]) + " |" for k, v in layers.items()]
         lines.append("")
-    uv = {k[10:]: v for k, v in results.items() if k.startswith("ultravico/")}
+    uv = _section(results, "ultravico")
     if uv:
         lines += ["### UltraViCo: one bouncing object at 1x-4x the trained length (9 frames)", "",
                   "| length | video | presence | continuity | speed / prompt's | repetition at lag 9 (dB) | "
@@ -303,19 +318,16 @@ def report(results: dict) -> str:
             lines.append(f"| {length} | {method} | {_cell(v['presence'])} | {_cell(v['continuity'])} | "
                          f"{_cell(v['speed_ratio'])} | {_cell(v['repetition'], 1)} | {_cell(v['sharpness'], 3)} |")
         lines.append("")
-    traj = {k[7:]: v for k, v in results.items() if k.startswith("ditraj/")}
+    traj = _section(results, "ditraj")
     if traj:
         lines += ["### DiTraj: mean per-frame IoU of the object against the requested boxes", "",
                   "| video | IoU |", "|---|---|"]
         lines += [f"| {k} | {_cell(v['iou'], 3)} |" for k, v in traj.items()]
         lines.append("")
-    rett = {k[11:]: v for k, v in results.items() if k.startswith("rettention/")}
+    rett = _section(results, "rettention")
     if rett:
-        lines += ["### Re-ttention vs the uncorrected adaptive pattern with as many full-attention steps", "",
-                  "| method | full steps | PSNR (dB) | SSIM | seconds (all seeds) |", "|---|---|---|---|---|"]
-        lines += [f"| {k} | {v['full_steps']} | {_cell(v['psnr'])} | {_cell(v['ssim'], 3)} | {v['seconds']:.0f} |"
-                  for k, v in rett.items()]
-        lines.append("")
+        lines += _against_dense_table("Re-ttention vs the uncorrected adaptive pattern with as many full-attention steps",
+                                      rett, "full_steps", "full steps")
     return "\n".join(lines)
 
 

@@ -19,7 +19,9 @@ and how a forward lays out its tokens (:meth:`~diffusers_attn_ext.families.base.
 
 Compile-clean (see DESIGN.md): the Python bookkeeping (new generation, branch, step index, reading the timestep)
 runs outside any compiled region. Step schedules ask :meth:`AttnContext.in_steps`, which reads one boolean per
-schedule boundary that this bookkeeping keeps, so a compiled region guards on the schedule's phase, not the step. Pipelines enter ``transformer.cache_context(name)`` around each forward, outside
+schedule boundary that this bookkeeping keeps, so a compiled region guards on the schedule's phase, not the step;
+``dense_layers`` asks :meth:`~diffusers_attn_ext.call.AttentionCall.in_first_blocks`, one boolean per threshold kept
+on each attention module. Pipelines enter ``transformer.cache_context(name)`` around each forward, outside
 ``torch.compile`` (also of a whole ``OptimizedModule``): the hook's listener does the bookkeeping there. Inside the
 forward, which a whole-transformer ``torch.compile`` traces, the hook reads shapes only (token grid, text length,
 batch size), so one graph serves every step and branch. Transformers whose pipeline gives no cache context (SD3)

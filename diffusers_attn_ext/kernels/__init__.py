@@ -19,6 +19,8 @@ The Triton kernels are launched as torch custom operators (``triton_ops``), opaq
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..call import BLOCK_SPARSE, DENSE, FUSED_RULE, AttentionCall, KernelRequest
@@ -29,6 +31,7 @@ from .quantized_choice import QUANTIZED, quantized_kernel, quantized_report, qua
 from .xformers_backend import xformers_status
 
 FLEX, FUSED = "flex", "fused"  # kernels chosen besides DENSE, BLOCK_SPARSE and QUANTIZED
+
 
 def _fused_kernel(request: KernelRequest):
     """The fused kernel that computes a ``fused_rule`` request exactly, or None."""
@@ -49,25 +52,33 @@ def _fused_kernel(request: KernelRequest):
 def choose_kernel(call: AttentionCall | KernelRequest) -> str:
     """The kernel for a call (or its request): dense unless methods modified scores or gave a block mask; the
     quantized kernel for the requests it supports while :class:`use_quantized_attention` is on."""
-    request = call.kernel_request() if isinstance(call, AttentionCall) else call
+    return _selected(call.kernel_request() if isinstance(call, AttentionCall) else call)[0]
+
+
+def _selected(request: KernelRequest) -> tuple[str, Callable[[], torch.Tensor] | None]:
+    """:func:`choose_kernel`'s answer, with the launch of the quantized or fused kernel it chose (else None), so
+    that a call decides once."""
     if request.kind == DENSE:
-        return QUANTIZED if quantized_kernel(request) is not None else DENSE
+        quantized = quantized_kernel(request)
+        return (QUANTIZED, quantized) if quantized is not None else (DENSE, None)
     if request.attn_mask is not None:
         raise ValueError(
             "attention_mask together with a score modification or block mask is not supported: the model passed a "
             "mask to this attention call"
         )
-    if quantized_kernel(request) is not None:
-        return QUANTIZED
-    if _fused_kernel(request) is not None:
-        return FUSED
+    quantized = quantized_kernel(request)
+    if quantized is not None:
+        return QUANTIZED, quantized
+    fused = _fused_kernel(request)
+    if fused is not None:
+        return FUSED, fused
     if request.kind == BLOCK_SPARSE and request.query.is_cuda:
         from . import block_sparse_triton
 
         if (block_sparse_triton.supports(request.query, request.key, request.block_size)
                 and request.value.shape == request.query.shape):
-            return BLOCK_SPARSE
-    return FLEX
+            return BLOCK_SPARSE, None
+    return FLEX, None
 
 
 def attend(call: AttentionCall) -> torch.Tensor:
@@ -79,7 +90,7 @@ def attend(call: AttentionCall) -> torch.Tensor:
     """
     request = call.kernel_request()
     if request.kind == DENSE:
-        quantized = quantized_kernel(request)
+        _, quantized = _selected(request)
         if quantized is not None:
             return quantized()
         return dense_attention(
@@ -114,11 +125,9 @@ def _local_attend(call: AttentionCall) -> torch.Tensor:
 
 def _run(request: KernelRequest) -> torch.Tensor:
     """The kernel :func:`choose_kernel` picks for a score-modified or block-sparse request."""
-    kernel = choose_kernel(request)
-    if kernel == QUANTIZED:
-        return quantized_kernel(request)()
-    if kernel == FUSED:
-        return _fused_kernel(request)()
+    kernel, launch = _selected(request)
+    if launch is not None:  # the quantized or the fused kernel
+        return launch()
     if kernel == BLOCK_SPARSE:
         from .triton_ops import block_sparse
 
@@ -169,7 +178,7 @@ def kernel_report() -> dict[str, str]:
     report["block_sparse"] = f"Triton block-sparse kernel ({triton_reason})" if triton_reason == "available" else (
         f"FlexAttention block mask (Triton kernel: {triton_reason})"
     )
-    report["quantized"] = quantized_report(cuda, triton_reason)
+    report["quantized"] = quantized_report(triton_reason)
     works, reason = xformers_status()
     report["xformers"] = reason
     try:

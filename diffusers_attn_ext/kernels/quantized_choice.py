@@ -109,7 +109,7 @@ def quantized_kernel(request: KernelRequest):
     return lambda: triton_ops.quantized(query, key, value, request.block_mask, request.scale, rule, pv_dtype=pv)
 
 
-def quantized_report(cuda: bool, triton_reason: str) -> str:
+def quantized_report(triton_reason: str) -> str:
     """The quantized kernel's setting, what it takes while on, and whether it can run here."""
     if triton_reason != "available":
         where = f"{triton_reason}: these calls run the kernels above"

@@ -22,11 +22,16 @@ from ..validation import integer, real
 from .base import AttnExtProcessor
 
 
+def sequence_layout(call: AttentionCall) -> tuple[int, int, int, int, int]:
+    """(tokens, video start, video stop, text start, text stop) of the call's sequence; text (0, 0) without text."""
+    text = (0, 0) if call.text is None else (call.text.start, call.text.stop)
+    return (call.query.shape[1], call.visual.start, call.visual.stop, *text)
+
+
 def joint_block_mask(video_mask: torch.Tensor, call: AttentionCall, block_size: int) -> torch.Tensor:
     """Block table ``[1, 1, blocks, blocks]`` of the call's whole sequence from a mask over its video tokens
     (:func:`joint_block_table` of the call's layout)."""
-    text = (0, 0) if call.text is None else (call.text.start, call.text.stop)
-    return joint_block_table(video_mask, call.query.shape[1], call.visual.start, call.visual.stop, *text, block_size)
+    return joint_block_table(video_mask, *sequence_layout(call), block_size)
 
 
 def joint_block_table(video_mask: torch.Tensor, total: int, video_start: int, video_stop: int, text_start: int,
@@ -54,8 +59,7 @@ def joint_block_table(video_mask: torch.Tensor, total: int, video_start: int, vi
 
 def dense_text_blocks(call: AttentionCall, blocks: int, block_size: int, device) -> torch.Tensor:
     """``[blocks, blocks]`` table of the rows and columns of blocks that hold text tokens (none without text)."""
-    text = (0, 0) if call.text is None else (call.text.start, call.text.stop)
-    return text_block_table(*text, blocks, block_size, device)
+    return text_block_table(*sequence_layout(call)[3:], blocks, block_size, device)
 
 
 def text_block_table(text_start: int, text_stop: int, blocks: int, block_size: int, device) -> torch.Tensor:
@@ -151,11 +155,11 @@ class RadialSparseProcessor(SparseVideoProcessor):
         self.sink_first_frame = radial_sink(model, sink_first_frame)
 
     def block_mask(self, call: AttentionCall) -> torch.Tensor:
-        """The call's block table (:func:`radial_table`: built once per grid and layout, a constant when compiled)."""
+        """The call's block table (:func:`radial_table`: built once per grid and layout; compiled, looked up by an
+        opaque operator)."""
         grid = call.require_grid(self)
-        text = (0, 0) if call.text is None else (call.text.start, call.text.stop)
         args = (grid.frames, grid.tokens_per_frame, self.block_size, self.decay_factor, self.sink_first_frame,
-                call.query.shape[1], call.visual.start, call.visual.stop, *text, str(call.query.device))
+                *sequence_layout(call), str(call.query.device))
         return _radial_table_op(*args) if torch.compiler.is_compiling() else radial_table(*args)
 
     def edit_attention(self, call: AttentionCall) -> None:
