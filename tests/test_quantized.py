@@ -165,8 +165,34 @@ def test_kernel_rejects_bad_arguments_before_any_launch():
         launch_quantized(q, q, q, rule=DecayRule(start=10, length=290, far=100, alpha=0.5))
     with pytest.raises(ValueError, match="alpha=1.5 is outside the allowed range"):
         launch_quantized(q, q, q, rule=DecayRule(start=0, length=300, far=100, alpha=1.5))
+    with pytest.raises(ValueError, match=r"config\['int_to_float'\]='i2f' is not one of \('magic', 'magic-fma'"):
+        launch_quantized(q, q, q, config={"int_to_float": "i2f", "num_warps": 4})
     with pytest.raises(ValueError, match="needs CUDA"):
         quantized_block_sparse_attention(q, q, q)
+
+
+def test_magic_cast_is_exact_for_int8_dot_products():
+    """The kernel's INT32 -> float32 cast: the bits of ``s + 0x4B400000`` read as float32 are ``12582912 + s``
+    exactly for ``|s| <= 2^22``, so that less 12582912 is ``s``; the INT8 dot of head dim 128 stays within
+    127^2 * 128 = 2,064,512. Past the bound the mantissa overflows into the exponent and the cast is wrong."""
+    from diffusers_attn_ext.kernels.quantized_triton import MAGIC_FLOAT, MAGIC_INT
+
+    assert MAGIC_FLOAT == 1.5 * 2**23 and torch.tensor([MAGIC_INT], dtype=torch.int32).view(torch.float32) == MAGIC_FLOAT
+    largest = 127 * 127 * 128
+    s = torch.tensor([-largest, -largest + 1, -1, 0, 1, 12345, largest - 1, largest, 2**22 - 1, -2**22 + 1, 2**22,
+                      -2**22], dtype=torch.int32)
+    as_float = (s + MAGIC_INT).view(torch.float32)
+    assert torch.equal(as_float.double(), MAGIC_FLOAT + s.double())  # float64: no rounding in the check itself
+    assert torch.equal(as_float - MAGIC_FLOAT, s.float())  # the float32 subtraction is exact too
+    past = torch.tensor([2**22 + 1, 2**22 + 3, -2**22 - 1], dtype=torch.int32)  # 2^22 itself lands on 2^24 exactly
+    wrong = (past + MAGIC_INT).view(torch.float32).double() - MAGIC_FLOAT
+    assert torch.equal(wrong, torch.tensor([2**22 + 2, 2**22 + 6, -2**22 - 0.5], dtype=torch.float64))
+    # The INT8 dot products reach the bound's order: extreme rows give +-2,064,512 exactly.
+    rows = torch.full((2, 128), 127, dtype=torch.int32)
+    rows[1] = -127
+    dots = rows @ rows[0]
+    assert dots.tolist() == [largest, -largest]
+    assert torch.equal((dots + MAGIC_INT).view(torch.float32) - MAGIC_FLOAT, dots.float())
 
 
 CHECK = textwrap.dedent(
@@ -238,13 +264,24 @@ CHECK = textwrap.dedent(
         (torch.bfloat16, "fp8", table, None, True),
         (torch.bfloat16, "fp8", None, rule, True),
         (torch.float32, "bf16", table[:1], rule, False),  # 16-bit PV on float32 inputs: the interpreter's dot
+        (torch.float32, "bf16", None, None, True),
     ]
     for dtype, pv, blocks, r, smooth in cases:
         q, k, v = (x.to(dtype) for x in base)
-        out = qt.launch_quantized(q, k, v, blocks, pv_dtype=pv, rule=r, smooth_keys=smooth)
+        out = qt.launch_quantized(q, k, v, blocks, pv_dtype=pv, rule=r, smooth_keys=smooth)  # the magic cast
         ref = quantized_attention_reference(q, k, v, blocks, pv_dtype=pv, rule=r, smooth=smooth)
         exact = exact_attention(q, k, v, blocks, rule=r)
         case = (dtype, pv, blocks is not None, r is not None, smooth)
+        # INT32 -> float32 by I2F or by the exact magic cast: bit for bit one result. "magic-fma" (the offset folded
+        # into the exponent's per-row constant) equals "magic" with a rule (it subtracts first), else nearly.
+        by_cast = {how: qt.launch_quantized(q, k, v, blocks, pv_dtype=pv, rule=r, smooth_keys=smooth,
+                                            config={"int_to_float": how}) for how in ("convert", "magic-fma")}
+        assert torch.equal(by_cast["convert"], out), (case, (by_cast["convert"] - out).abs().max())
+        if r is not None:
+            assert torch.equal(by_cast["magic-fma"], out), case
+        else:
+            fma = by_cast["magic-fma"]  # folded: not bit-exact (its docstring), but as close to the reference
+            assert not torch.equal(fma, out) and rel(fma, out) < 4e-3 and rel(fma, ref.to(dtype)) < 4e-3, case
         assert out.dtype == dtype and out.shape == q.shape, case
         to_ref, to_exact = rel(out, ref.to(dtype)), rel(out, exact)
         assert to_ref < 4e-3 and to_exact > 5 * to_ref, (case, to_ref, to_exact)

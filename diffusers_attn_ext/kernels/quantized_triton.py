@@ -21,6 +21,15 @@ With a :class:`~diffusers_attn_ext.call.DecayRule`, the rule acts on the scores 
 added back (its sign test is not invariant to the smoothing; ``quantize`` module docstring). ``pv_dtype="bf16"`` keeps P and V in 16 bits
 (INT8 QK only, SageAttention v1). Kernel tiles are the table's 128x128 blocks; ``config`` tunes warps and stages.
 
+INT32 scores to float32 (``config["int_to_float"]``, :data:`INT_TO_FLOAT`): a plain conversion (I2F) is a
+quarter-rate instruction on sm90 (16 per SM per clock, as the softmax's EX2), so per score the INT8 kernel would pay
+a second quarter-rate op that the bf16 kernel does not. The default "magic" casts exactly without it: for an int32
+``|s| <= 2^22``, the bits of ``s + 0x4B400000`` (0x4B400000 is 1.5 * 2^23: the integer lands in the mantissa) are
+the float32 ``12582912 + s``, and subtracting ``12582912.0`` leaves ``s`` exactly (|s| <= 127^2 D = 2,064,512 for
+D <= 128): one integer add (64/clk) and one FADD (128/clk), results bit for bit those of "convert".
+"magic-fma" skips the FADD, folding ``12582912 * factor`` into the exponent's per-row constant (not bit-exact:
+:func:`_quantized_block`); with a rule both magic forms subtract first.
+
 The kernel layer runs it only when asked (``kernels.use_quantized_attention``), launched as the custom operator
 ``triton_ops.quantized`` so that compiled regions can call it.
 """
@@ -39,6 +48,10 @@ from .flash_triton import decay_rule, load_rows, store_rows, tensor_descriptor
 from .quantize import FP8_MAX, INT8_MAX, LOG2_FP8_MAX, LOG2E, PV_DTYPES, TINY, key_mean, value_channel_scale
 
 _INT8_MAX, _TINY, _LOG2_FP8_MAX = tl.constexpr(INT8_MAX), tl.constexpr(TINY), tl.constexpr(LOG2_FP8_MAX)
+MAGIC_INT = 0x4B400000  # the float32 1.5 * 2^23: int32 s added to its bits reads as 12582912 + s for |s| <= 2^22
+MAGIC_FLOAT = 12582912.0
+_MAGIC_INT, _MAGIC_FLOAT = tl.constexpr(MAGIC_INT), tl.constexpr(MAGIC_FLOAT)
+INT_TO_FLOAT = ("magic", "magic-fma", "convert")  # config["int_to_float"]; the first is the default
 
 
 @triton.jit
@@ -86,15 +99,33 @@ def _quantize_fp8_transposed(X, Tau, Out, stride_xz, stride_xn, stride_xh, H, N,
 def _quantized_block(acc, l_i, m_i, q, q_sigma, bias, k_desc, v_desc, KSigma, z, h, bh, start_n, offs_m, offs_n,
                      N, N_PAD, alpha, far, horizon_queries, horizon_keys, blocked_logit,
                      BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BOUNDS: tl.constexpr,
-                     RULE: tl.constexpr, HORIZON: tl.constexpr, PV_FP8: tl.constexpr):
-    """One kept key block: INT8 scores, online softmax step (log2 units), PV in FP8 or 16 bits."""
+                     RULE: tl.constexpr, HORIZON: tl.constexpr, PV_FP8: tl.constexpr, INT_TO_FLOAT: tl.constexpr):
+    """One kept key block: INT8 scores, online softmax step (log2 units), PV in FP8 or 16 bits.
+
+    ``INT_TO_FLOAT`` (module docstring): "convert" ``s = float(s_int)``; "magic" ``s = bits(s_int + 0x4B400000) -
+    12582912``, exact, so bit for bit "convert"; "magic-fma" (no rule) keeps ``s' = 12582912 + s`` and computes
+    ``2^(s' f - c)`` with ``c = m - offset + 12582912 f`` rounded once per row and key block. The FMA's product is
+    exact, so the only change is ``c``'s rounding, at most ``2^-24 |c|`` in log2 units: one row of one key block
+    scaled by a factor within ``1 ± 4e-8 |c|``. ``12582912 f`` is 12582912 / (127^2 D), about 6 (D 128) or 12
+    (D 64), times the largest score the block's scales allow (``D max|q| max|k| scale log2 e``); for |c| up to
+    1e4 the change stays below 4e-4, under P's own rounding (e4m3 2^-4, bf16 2^-9), though it moves some of P's
+    roundings to the neighbouring value (on the tests' D 64 inputs, |c| about 2000: 0.17% rel. L2 of the output
+    from "magic", against about 4% for the FP8 path from exact attention). The largest weight becomes at most
+    ``448 (1 + 4e-4)``, which e4m3 rounds to 448.
+    """
     if PV_FP8:  # weights in (0, 448] for e4m3, (0, 1] otherwise
         offset = _LOG2_FP8_MAX
     else:
         offset = 0.0
     k = k_desc.load([bh * N_PAD + start_n, 0])
     factor = q_sigma * tl.load(KSigma + bh * (N_PAD // BLOCK_N) + start_n // BLOCK_N)
-    s = tl.dot(q, k.T, out_dtype=tl.int32).to(tl.float32)
+    s = tl.dot(q, k.T, out_dtype=tl.int32)
+    if INT_TO_FLOAT == "convert":
+        s = s.to(tl.float32)
+    else:  # |s| <= 127^2 * 128 < 2^22: 12582912 + s exactly
+        s = (s + _MAGIC_INT).to(tl.float32, bitcast=True)
+        if RULE or INT_TO_FLOAT == "magic":
+            s = s - _MAGIC_FLOAT  # exact: an integer below 2^22
     if RULE:
         s = decay_rule(s * factor + bias[:, None], offs_m, start_n + offs_n, alpha, far, horizon_queries,
                        horizon_keys, blocked_logit, HORIZON)
@@ -105,8 +136,12 @@ def _quantized_block(acc, l_i, m_i, q, q_sigma, bias, k_desc, v_desc, KSigma, z,
     else:  # the scale is positive: the row max of s times it is the max of the scores (one FMA per score)
         if BOUNDS:
             s = tl.where((start_n + offs_n < N)[None, :], s, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(s, 1) * factor)
-        p = tl.math.exp2(s * factor - (m_ij - offset)[:, None])
+        if INT_TO_FLOAT == "magic-fma":  # s is 12582912 + the integer: the row max less that is exact
+            m_ij = tl.maximum(m_i, (tl.max(s, 1) - _MAGIC_FLOAT) * factor)
+            p = tl.math.exp2(s * factor - (m_ij - offset + _MAGIC_FLOAT * factor)[:, None])
+        else:
+            m_ij = tl.maximum(m_i, tl.max(s, 1) * factor)
+            p = tl.math.exp2(s * factor - (m_ij - offset)[:, None])
     correction = tl.math.exp2(m_i - m_ij)
     l_i = l_i * correction + tl.sum(p, 1)
     if PV_FP8:
@@ -124,7 +159,7 @@ def _quantized_forward(
     stride_cz, stride_ch, stride_cm, stride_iz, stride_ih, stride_im,
     H, N, N_PAD, alpha, far, horizon_queries, horizon_keys, blocked_logit,
     SPARSE: tl.constexpr, RULE: tl.constexpr, HORIZON: tl.constexpr, PV_FP8: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    INT_TO_FLOAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     bh = tl.program_id(1)
     z, h = bh // H, bh % H
@@ -161,23 +196,27 @@ def _quantized_forward(
             acc, l_i, m_i = _quantized_block(
                 acc, l_i, m_i, q, q_sigma, bias, k_desc, v_desc, KSigma, z, h, bh, start_n, offs_m, offs_n, N, N_PAD,
                 alpha, far, horizon_queries, horizon_keys, blocked_logit, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
-                BOUNDS=False, RULE=RULE, HORIZON=HORIZON, PV_FP8=PV_FP8)
+                BOUNDS=False, RULE=RULE, HORIZON=HORIZON, PV_FP8=PV_FP8,
+                INT_TO_FLOAT=INT_TO_FLOAT)
         if has_partial:
             acc, l_i, m_i = _quantized_block(
                 acc, l_i, m_i, q, q_sigma, bias, k_desc, v_desc, KSigma, z, h, bh, last * BLOCK_N, offs_m, offs_n,
                 N, N_PAD, alpha, far, horizon_queries, horizon_keys, blocked_logit, BLOCK_N=BLOCK_N,
-                HEAD_DIM=HEAD_DIM, BOUNDS=True, RULE=RULE, HORIZON=HORIZON, PV_FP8=PV_FP8)
+                HEAD_DIM=HEAD_DIM, BOUNDS=True, RULE=RULE, HORIZON=HORIZON, PV_FP8=PV_FP8,
+                INT_TO_FLOAT=INT_TO_FLOAT)
     else:
         for start_n in range(0, n_full * BLOCK_N, BLOCK_N):
             acc, l_i, m_i = _quantized_block(
                 acc, l_i, m_i, q, q_sigma, bias, k_desc, v_desc, KSigma, z, h, bh, start_n, offs_m, offs_n, N, N_PAD,
                 alpha, far, horizon_queries, horizon_keys, blocked_logit, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
-                BOUNDS=False, RULE=RULE, HORIZON=HORIZON, PV_FP8=PV_FP8)
+                BOUNDS=False, RULE=RULE, HORIZON=HORIZON, PV_FP8=PV_FP8,
+                INT_TO_FLOAT=INT_TO_FLOAT)
         if n_full * BLOCK_N < N:
             acc, l_i, m_i = _quantized_block(
                 acc, l_i, m_i, q, q_sigma, bias, k_desc, v_desc, KSigma, z, h, bh, n_full * BLOCK_N, offs_m, offs_n,
                 N, N_PAD, alpha, far, horizon_queries, horizon_keys, blocked_logit, BLOCK_N=BLOCK_N,
-                HEAD_DIM=HEAD_DIM, BOUNDS=True, RULE=RULE, HORIZON=HORIZON, PV_FP8=PV_FP8)
+                HEAD_DIM=HEAD_DIM, BOUNDS=True, RULE=RULE, HORIZON=HORIZON, PV_FP8=PV_FP8,
+                INT_TO_FLOAT=INT_TO_FLOAT)
 
     if PV_FP8:
         acc = acc * tl.load(Tau + bh * HEAD_DIM + tl.arange(0, HEAD_DIM))[None, :]
@@ -222,7 +261,8 @@ def quantized_block_sparse_attention(
         smooth_keys: subtract K's mean over tokens before quantizing (softmax-invariant; default on).
         rule: a :class:`~diffusers_attn_ext.call.DecayRule` applied inside the kept blocks, on the
             scores with ``q . mean(k)`` added back; it must span the whole sequence.
-        config: Triton launch options (``num_warps``, ``num_stages``).
+        config: Triton launch options (``num_warps``, ``num_stages``) and ``int_to_float``, how the INT32 scores
+            become float32: one of :data:`INT_TO_FLOAT`, default "magic" (exact; module docstring).
     """
     if not supports(query, key) or value.shape != query.shape:
         raise ValueError("quantized_block_sparse_attention needs CUDA fp16/bf16 [B, N, H, 64|128] self-attention "
@@ -246,6 +286,8 @@ def launch_quantized(
     tests)."""
     pv_dtype = choice("pv_dtype", pv_dtype, PV_DTYPES)
     smooth_keys = boolean("smooth_keys", smooth_keys)
+    launch = {**DEFAULT_CONFIG, **(config or {})}
+    int_to_float = choice("config['int_to_float']", launch.pop("int_to_float", INT_TO_FLOAT[0]), INT_TO_FLOAT)
     if key.shape != query.shape or value.shape != query.shape:
         raise ValueError(f"query, key and value must have one shape [B, N, H, D], got {tuple(query.shape)}, "
                          f"{tuple(key.shape)} and {tuple(value.shape)}")
@@ -306,11 +348,11 @@ def launch_quantized(
         rule.alpha if rule else 1.0, rule.far if rule else 0, rule.horizon_queries if rule else 0,
         rule.horizon_keys if rule else 0, (rule.blocked if rule else 0.0) * LOG2E,
         SPARSE=blocks is not None, RULE=rule is not None, HORIZON=bool(rule and rule.has_horizon),
-        PV_FP8=pv_dtype == "fp8",
-        BLOCK_M=BLOCK, BLOCK_N=BLOCK, HEAD_DIM=head_dim, **{**DEFAULT_CONFIG, **(config or {})},
+        PV_FP8=pv_dtype == "fp8", INT_TO_FLOAT=int_to_float,
+        BLOCK_M=BLOCK, BLOCK_N=BLOCK, HEAD_DIM=head_dim, **launch,
     )
     return out
 
 
-__all__ = ["DEFAULT_CONFIG", "FP8_MAX", "fp8_supported", "launch_quantized", "quantized_block_sparse_attention",
-           "supports"]
+__all__ = ["DEFAULT_CONFIG", "FP8_MAX", "INT_TO_FLOAT", "MAGIC_FLOAT", "MAGIC_INT", "fp8_supported",
+           "launch_quantized", "quantized_block_sparse_attention", "supports"]
