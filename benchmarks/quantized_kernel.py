@@ -17,12 +17,20 @@ Wan2.1-1.3B self-attention shape (12 heads, 21x30x52 = 32760 tokens) and the Wan
    cuDNN; quantized block-sparse >= 1.5/d, i.e. "x cuDNN * d" >= 1.5. The pre-pass alone is timed as the quantized
    kernel on an empty table (the attention programs exit at once).
 
-    PYTHONPATH=. python benchmarks/quantized_kernel.py --output $OUT [--quick] [--configs] [--budget S] [--smoke]
+    PYTHONPATH=. python benchmarks/quantized_kernel.py --output $OUT [--quick] [--configs | --configs-only]
+        [--budget S] [--smoke]
 
-``--quick``: 1.3B shape with all densities, 14B at densities 1 and 0.1. ``--configs``: also other warp/stage
-counts of the FP8 kernel at densities 1 and 0.1 (1.3B), timed last. ``--smoke``: tiny shapes on CPU through Triton's interpreter (only
-checks that the script runs; its numbers mean nothing). Writes quantized_accuracy.{json,md} and
-quantized_speed.{json,md} under --output, after every row.
+``--quick``: 1.3B shape with all densities, 14B at densities 1 and 0.1. ``--configs``: also, timed last, the
+tuning rows at densities 1 and 0.1 (1.3B): the FP8 and 16-bit-PV kernels with each INT32 -> float32 cast
+(``config["int_to_float"]``: "convert" = I2F, "magic" = the exact magic-number cast, the default, "magic-fma" =
+its offset folded into the exponent's FMA; ``quantized_triton`` module docstring) at 8 warps / 3 stages, then the
+default cast at 8 warps with 2 and 4 stages (and FP8 at 4 warps / 3 stages); with them, per cast, the outputs'
+accuracy on the 1.3B inputs (whether "magic" is bit for bit "convert" on the GPU too) and, in the speed table's
+notes, the INT32 -> float32 conversions left in each compiled attention kernel (PTX ``cvt.rn.f32.s32``, SASS
+``I2F``), which shows whether the compiler kept the cast. ``--configs-only``: cuDNN and the tuning rows alone (the
+decision in one short run). ``--smoke``: tiny shapes on CPU through Triton's interpreter (only checks that the
+script runs; its numbers mean nothing). Writes quantized_accuracy.{json,md} and quantized_speed.{json,md} under
+--output, after every row.
 """
 
 from __future__ import annotations
@@ -231,21 +239,100 @@ def speed_rows(bench: Bench, shape: str, densities, rows_out: list, header: str)
     synchronize()
 
 
-def config_rows(bench: Bench, shape: str, configs: list[dict], rows_out: list, header: str) -> None:
-    """Other warp/stage counts of the FP8 kernel at density 1 and 0.1 (tuning; timed after everything else)."""
+CASTS = ("convert", "magic", "magic-fma")  # quantized_triton.INT_TO_FLOAT, in the order of the tuning rows
+PV_NAMES = {"fp8": "FP8 PV", "bf16": "16-bit PV"}
+
+
+def tuning_configs() -> list[tuple[str, dict]]:
+    """(pv_dtype, config) of the tuning rows: each cast at the default launch, then the default cast at other
+    pipeline depths."""
+    configs = [(pv, {"int_to_float": cast}) for pv in PV_NAMES for cast in CASTS]
+    configs += [(pv, {"num_warps": 8, "num_stages": stages}) for pv in PV_NAMES for stages in (2, 4)]
+    return configs + [("fp8", {"num_warps": 4, "num_stages": 3})]
+
+
+def conversion_notes(kernel) -> list[str]:
+    """Per compiled variant of the attention kernel so far (none under the interpreter): its constants, launch and
+    INT32 -> float32 conversions (PTX ``cvt.rn.f32.s32``, SASS ``I2F``): whether the compiler kept the cast."""
+    notes = []
+    for cache in getattr(kernel, "device_caches", {}).values():
+        for compiled in cache[0].values():
+            if not hasattr(compiled, "asm"):
+                continue
+            try:
+                constants = {kernel.arg_names[key[0]]: value for key, value in compiled.src.constants.items()}
+                name = ", ".join(f"{c} {constants.get(c)}" for c in ("INT_TO_FLOAT", "PV_FP8", "SPARSE", "RULE"))
+                name += f", w{compiled.metadata.num_warps} s{compiled.metadata.num_stages}"
+            except Exception as error:  # Triton's internals differ between versions
+                name = f"(constants n/a: {type(error).__name__})"
+            ptx = compiled.asm["ptx"].count("cvt.rn.f32.s32")
+            try:
+                sass = str(compiled.asm["sass"].count("I2F"))
+            except Exception as error:  # the disassembler may be missing
+                sass = f"n/a ({type(error).__name__})"
+            notes.append(f"compiled attention kernel {name}: PTX cvt.rn.f32.s32 {ptx}, SASS I2F {sass}")
+    return notes
+
+
+def cast_accuracy(bench: Bench, table: SpeedTable, rows_out: list, header: str) -> None:
+    """Each cast's output on the speed table's gaussian inputs, against cuDNN and float64 rows, and whether it is
+    bit for bit the "convert" output."""
+    n = table.q.shape[1]
+    sample = torch.randperm(n, generator=torch.Generator().manual_seed(3))[:SAMPLE_ROWS].sort().values.to(bench.device)
+    q, k, v = table.q, table.k, table.v
+    reference, exact = bench.dense(q, k, v), float64_rows(q, k, v, sample, None)
+    for pv in PV_NAMES:
+        outs = {}
+        for cast in CASTS:
+            try:
+                outs[cast] = bench.quantized(q, k, v, pv_dtype=pv, config={"int_to_float": cast})
+            except Exception as error:
+                rows_out.append({"inputs": "gaussian (speed inputs)", "kernel": f"quantized {PV_NAMES[pv]}, {cast}",
+                                 "density": 1.0, "error": f"{type(error).__name__}: {error}"[:200]})
+                continue
+            out = outs[cast]
+            rows_out.append({
+                "inputs": "gaussian (speed inputs)", "kernel": f"quantized {PV_NAMES[pv]}, int_to_float {cast}",
+                "density": 1.0, "bf16 baseline": "cuDNN", "rel. L2 % vs bf16 baseline": rel_percent(out, reference),
+                "rel. L2 % vs float64 (sampled rows)": rel_percent(out[:, sample], exact),
+                "bit-equal to convert": str(torch.equal(out, outs["convert"])) if "convert" in outs else "",
+                "rel. L2 % vs convert": rel_percent(out, outs["convert"]) if "convert" in outs else "",
+            })
+            write("quantized_accuracy", rows_out, header)
+
+
+def config_rows(bench: Bench, shape: str, rows_out: list, header: str, accuracy: list, accuracy_header: str) -> None:
+    """The tuning rows (:func:`tuning_configs`) at density 1 and 0.1, the casts' accuracy, and the conversions
+    left in each compiled kernel (notes)."""
+    from diffusers_attn_ext.kernels.quantized_triton import DEFAULT_CONFIG, INT_TO_FLOAT, _quantized_forward
+
+    assert set(CASTS) == set(INT_TO_FLOAT), (CASTS, INT_TO_FLOAT)
     table = SpeedTable(bench, shape, rows_out, header)
     mask = bench.random_table(table.heads, table.blocks, 0.1)
     d = mask.float().mean().item()
-    for config in configs:
-        table.add(f"quantized FP8 (no table) {config}", 1.0, lambda q, k, v, c=config: bench.quantized(q, k, v, config=c),
-                  TARGET_DENSE)
-        table.add(f"quantized block-sparse FP8 {config}", d,
-                  lambda q, k, v, c=config: bench.quantized(q, k, v, mask, config=c), TARGET_SPARSE, per_density=True)
+    for pv, config in tuning_configs():
+        full = {**DEFAULT_CONFIG, "int_to_float": INT_TO_FLOAT[0], **config}
+        label = f"{PV_NAMES[pv]} {full['int_to_float']} w{full['num_warps']} s{full['num_stages']}"
+        target = pv == "fp8"
+        table.add(f"quantized {label} (no table)", 1.0,
+                  lambda q, k, v, c=config, pv=pv: bench.quantized(q, k, v, pv_dtype=pv, config=c),
+                  TARGET_DENSE if target else None)
+        table.add(f"quantized block-sparse {label}", d,
+                  lambda q, k, v, c=config, pv=pv: bench.quantized(q, k, v, mask, pv_dtype=pv, config=c),
+                  TARGET_SPARSE if target else None, per_density=True)
+    bench.notes.extend(conversion_notes(_quantized_forward))
+    write("quantized_speed", rows_out, header, bench.notes)
+    if bench.deadline.allows(5):
+        cast_accuracy(bench, table, accuracy, accuracy_header)
+    else:
+        print("cast accuracy skipped: time budget")
 
 
 def main() -> None:
     p = parser(__doc__.split("\n\n")[0])
-    p.add_argument("--configs", action="store_true", help="also other warp/stage counts of the FP8 kernel")
+    p.add_argument("--configs", action="store_true",
+                   help="also the tuning rows: INT32 -> float32 casts, pipeline stages (timed last)")
+    p.add_argument("--configs-only", action="store_true", help="cuDNN and the tuning rows alone")
     args = p.parse_args()
     setup(args)
     from common import device_name
@@ -253,8 +340,6 @@ def main() -> None:
     bench = Bench(args)
     device = device_name()
     shapes = list(bench.shapes)
-    configs = [dict(num_warps=8, num_stages=2), dict(num_warps=8, num_stages=4), dict(num_warps=4, num_stages=3)] \
-        if args.configs else []
     fp8 = "" if args.smoke else f"; FP8 tensor cores: {bench.fp8_supported()}"
     notes = [f"targets (issue 19): quantized dense-equivalent >= {TARGET_DENSE}x cuDNN bf16; quantized block-sparse "
              f"x cuDNN * d >= {TARGET_SPARSE}",
@@ -268,13 +353,15 @@ def main() -> None:
     accuracy_header = f"Quantized attention accuracy, {shapes[0]}, d {bench.head_dim}, {device}{fp8}"
     # In order of need, so that a run cut by its budget keeps the most: the first shape's speeds, the accuracy,
     # the second shape's speeds, then tuning configs.
-    speed_rows(bench, shapes[0], DENSITIES, speed, speed_header)
-    accuracy_rows(bench, shapes[0], accuracy, accuracy_header)
-    print(write("quantized_accuracy", accuracy, accuracy_header))
-    for shape in shapes[1:]:
-        speed_rows(bench, shape, (1.0, 0.1) if args.quick else DENSITIES, speed, speed_header)
-    if configs:
-        config_rows(bench, shapes[0], configs, speed, speed_header)
+    if not args.configs_only:
+        speed_rows(bench, shapes[0], DENSITIES, speed, speed_header)
+        accuracy_rows(bench, shapes[0], accuracy, accuracy_header)
+        print(write("quantized_accuracy", accuracy, accuracy_header))
+        for shape in shapes[1:]:
+            speed_rows(bench, shape, (1.0, 0.1) if args.quick else DENSITIES, speed, speed_header)
+    if args.configs or args.configs_only:
+        config_rows(bench, shapes[0], speed, speed_header, accuracy, accuracy_header)
+        print(write("quantized_accuracy", accuracy, accuracy_header))
     print(write("quantized_speed", speed, speed_header, notes))
 
 
