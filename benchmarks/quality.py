@@ -21,7 +21,12 @@ Sections (``diffusers_attn_ext.world.tasks`` defines each task and its scores):
   guidance (the authors' step fractions), and the ground truth's own IoU (the segmentation's ceiling);
 - ``rettention``: Re-ttention (adaptive 0.1 and the 3.125% window, the first fifth of the steps dense, a refresh
   every 4 or 2 steps) against the uncorrected adaptive pattern with as many full-attention steps; PSNR and SSIM
-  against the dense video, as ``sparse``.
+  against the dense video, as ``sparse``;
+- ``quantized``: our quantized attention kernel (``kernels.use_quantized_attention``: INT8 QK + FP8 PV, and INT8
+  QK + 16-bit PV) on a bf16 copy of the transformer (VAE and text encoder float32) with ``StockAttnProcessor``
+  installed (stock processors never reach the kernel), against bf16 dense attention and against the float32
+  model; plus bf16 dense against float32 dense, the floor of 16-bit arithmetic itself. PSNR and SSIM at the
+  ``sparse`` section's seeds and prompts. The kernel is CUDA-only: elsewhere only the bf16 row is made.
 
 Results are appended to ``--results`` as they finish (one key per configuration), so a cut run resumes.
 """
@@ -30,14 +35,21 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+from unittest import mock
 
 import torch
 from quality_common import open_results, quality_parser, read_results, run_sections
 
+from diffusers_attn_ext import kernels
 from diffusers_attn_ext.install import install, uninstall
 from diffusers_attn_ext.pipelines.sparse_video import WanSparsePipeline
 from diffusers_attn_ext.pipelines.trajectory_video import WanTrajectoryPipeline
 from diffusers_attn_ext.pipelines.ultravico_video import WanUltraViCoPipeline
+from diffusers_attn_ext.processors import StockAttnProcessor
 from diffusers_attn_ext.sparse import sparse_processor
 from diffusers_attn_ext.world import caption, load_world_video_pipeline
 from diffusers_attn_ext.world.metrics import psnr, ssim
@@ -80,33 +92,60 @@ def sparse_configs(steps: int) -> dict[str, dict]:
     return configs
 
 
+@dataclass(frozen=True, eq=False)
+class Videos:
+    """One set of videos of :func:`run_against_dense`: ``pipe`` (None: ``WanSparsePipeline`` around the section's
+    pipeline) called with ``kwargs`` for every seed, all of it inside ``context()``. The context's value (a dict,
+    or None) is stored with every row made from these videos; it may fill the dict until it exits. Made at most
+    once per section run (the same object as two rows' method or reference is generated once)."""
+
+    kwargs: dict = field(default_factory=dict)
+    pipe: Any = None
+    context: Callable[[], AbstractContextManager] = nullcontext
+
+
+DENSE_VIDEOS = Videos({"sparse_method": None})  # the pipeline as it is: the reference of every sparse row
+
+
 def run_sparse(pipe, seeds: list[int], steps: int, results: dict, save, guidance: float = GUIDANCE) -> None:
     run_against_dense(pipe, seeds, steps, results, save, "sparse",
-                      {name: ({}, kwargs) for name, kwargs in sparse_configs(steps).items()}, guidance)
+                      {name: ({}, Videos(kwargs), DENSE_VIDEOS) for name, kwargs in sparse_configs(steps).items()},
+                      guidance)
 
 
 def run_against_dense(pipe, seeds: list[int], steps: int, results: dict, save, section: str,
-                      configs: dict[str, tuple[dict, dict]], guidance: float = GUIDANCE) -> None:
-    """For each config (name -> (fields stored with its result, the sparse pipeline's arguments)): PSNR and SSIM of
-    its videos against the dense videos of the same seeds and prompts (``sparse_scene`` captions), stored under
-    ``{section}/{name}``; configs already in ``results`` are skipped, and the dense videos are made only if needed."""
+                      configs: dict[str, tuple[dict, Videos, Videos]], guidance: float = GUIDANCE) -> None:
+    """For each config (name -> (fields stored with its result, its videos, the reference videos)): PSNR and SSIM
+    of its videos against the reference videos of the same seeds and prompts (``sparse_scene`` captions), stored
+    under ``{section}/{name}`` with ``seconds``, the time its videos took; configs already in ``results`` are
+    skipped, and each set of videos is made only if a config still needs it, the reference first."""
     sparse = WanSparsePipeline.from_pipe(pipe)
     sparse.set_progress_bar_config(disable=True)
     prompts = [caption(sparse_scene(i)) for i in seeds]
-    dense = None
-    for name, (fields, kwargs) in configs.items():
+    made: dict[int, tuple[list[torch.Tensor], dict, float]] = {}  # id(Videos) -> (videos, context's fields, s)
+
+    def make(spec: Videos) -> tuple[list[torch.Tensor], dict, float]:
+        if id(spec) not in made:
+            target = spec.pipe if spec.pipe is not None else sparse
+            start = time.perf_counter()
+            with spec.context() as extra:
+                videos = batched(lambda p, s: generate_many(target, p, s, steps=steps, guidance=guidance, **spec.kwargs),
+                                 prompts, seeds)
+            made[id(spec)] = videos, dict(extra or {}), time.perf_counter() - start
+        return made[id(spec)]
+
+    for name, (fields, spec, reference) in configs.items():
         key = f"{section}/{name}"
         if key in results:
             continue
-        if dense is None:
-            dense = batched(lambda p, s: generate_many(sparse, p, s, steps=steps, guidance=guidance, sparse_method=None), prompts, seeds)
-        start = time.perf_counter()
-        videos = batched(lambda p, s, kw=kwargs: generate_many(sparse, p, s, steps=steps, guidance=guidance, **kw), prompts, seeds)
+        dense = make(reference)[0]
+        videos, extra, seconds = make(spec)
         results[key] = {
             **fields,
+            **extra,
             "psnr": [min(psnr(v, d), PSNR_CAP) for v, d in zip(videos, dense, strict=True)],
             "ssim": [ssim(v, d) for v, d in zip(videos, dense, strict=True)],
-            "seconds": time.perf_counter() - start,
+            "seconds": seconds,
         }
         save()
 
@@ -144,8 +183,89 @@ def rettention_configs(steps: int) -> dict[str, tuple[int, dict]]:
 
 def run_rettention(pipe, seeds: list[int], steps: int, results: dict, save, guidance: float = GUIDANCE) -> None:
     run_against_dense(pipe, seeds, steps, results, save, "rettention",
-                      {name: ({"full_steps": full}, kwargs) for name, (full, kwargs) in rettention_configs(steps).items()},
-                      guidance)
+                      {name: ({"full_steps": full}, Videos(kwargs), DENSE_VIDEOS)
+                       for name, (full, kwargs) in rettention_configs(steps).items()}, guidance)
+
+
+QUANTIZED_PV = {"fp8": "FP8 PV", "bf16": "16-bit PV"}  # use_quantized_attention's pv -> the rows' wording
+
+
+def bf16_pipeline(pipe):
+    """A ``WanSparsePipeline`` sharing ``pipe``'s VAE, text encoder and scheduler, with a bf16 copy of its
+    transformer on which :class:`StockAttnProcessor` is installed (so its attention calls reach our dispatcher
+    and, opted in, the quantized kernel). ``pipe``'s own float32 weights are only read.
+
+    The copy is bf16 as diffusers' ``from_pretrained(torch_dtype=torch.bfloat16)`` makes it: the modules of the
+    class's ``_keep_in_fp32_modules`` (Wan: rope, time_embedder, scale_shift_table, norm1-3) stay float32, as
+    diffusers warns a plain ``.to(torch.bfloat16)`` would not. It is built from the config and loaded from the
+    state dict rather than deep-copied, so that context hooks an earlier section left on ``pipe.transformer``
+    (which hold its pipeline) are not copied with it, and cast after ``from_pipe``, which casts every component to
+    its ``dtype`` argument (float32 by default). Diffusers' Wan pipeline casts the text embeddings and latents to
+    the transformer's dtype for each step and the latents back to the VAE's dtype for decoding, so the rest of the
+    pipeline stays float32."""
+    source = pipe.transformer
+    transformer = type(source).from_config(source.config)
+    transformer.load_state_dict(source.state_dict())
+    transformer = transformer.to(source.device).eval()
+    bf16 = WanSparsePipeline.from_pipe(pipe, transformer=transformer)
+    keep = tuple(type(source)._keep_in_fp32_modules or ())
+    for name, tensor in [*transformer.named_parameters(), *transformer.named_buffers()]:
+        if tensor.is_floating_point() and not any(k in name.split(".") for k in keep):
+            tensor.data = tensor.data.to(torch.bfloat16)
+    if bf16.transformer is not transformer or transformer.dtype != torch.bfloat16:
+        raise RuntimeError(f"the bf16 pipeline's transformer is {bf16.transformer.dtype}")
+    bf16.set_progress_bar_config(disable=True)
+    install(bf16, StockAttnProcessor())
+    return bf16
+
+
+@contextmanager
+def quantized_attention(pv: str):
+    """Our processors' calls on the quantized kernel with PV precision ``pv`` inside; yields the fields stored
+    with the rows: ``kernel`` (``kernels.kernel_report()["quantized"]`` inside) and, filled on exit,
+    ``quantized_calls``, the launches of the kernel counted inside (RuntimeError if none: the rows would be bf16
+    dense under another name)."""
+    from diffusers_attn_ext.kernels import triton_ops
+
+    fields = {}
+    with kernels.use_quantized_attention(True, pv=pv), \
+            mock.patch.object(triton_ops, "quantized", wraps=triton_ops.quantized) as launches:
+        fields["kernel"] = kernels.kernel_report()["quantized"]
+        yield fields
+    if launches.call_count == 0:
+        raise RuntimeError(f"the quantized kernel (pv={pv!r}) took no attention call: {fields['kernel']}")
+    fields["quantized_calls"] = launches.call_count
+
+
+def quantized_configs(pipe, cuda: bool) -> dict[str, tuple[dict, Videos, Videos]]:
+    """The ``quantized`` section's rows: bf16 dense vs float32 dense, and (``cuda`` only) each PV precision of
+    the quantized kernel vs bf16 dense and vs float32 dense. Builds the bf16 pipeline only when called."""
+    bf16 = bf16_pipeline(pipe)
+    dense16 = Videos({"sparse_method": None}, bf16)
+    configs = {"bf16 dense": ({"reference": "bf16 dense vs float32 dense"}, dense16, DENSE_VIDEOS)}
+    if not cuda:
+        return configs
+    for pv, wording in QUANTIZED_PV.items():
+        videos = Videos({"sparse_method": None}, bf16, lambda pv=pv: quantized_attention(pv))
+        for reference, against in (("bf16 dense", dense16), ("float32 dense", DENSE_VIDEOS)):
+            suffix = "" if against is dense16 else ", vs float32"
+            configs[f"INT8 QK + {wording}{suffix}"] = (
+                {"reference": f"quantized INT8 QK + {wording} vs {reference}"}, videos, against)
+    return configs
+
+
+def run_quantized(pipe, seeds: list[int], steps: int, results: dict, save, guidance: float = GUIDANCE) -> None:
+    """The ``quantized`` section (module docstring). Without CUDA (or with the pipeline off CUDA) only the bf16
+    row is made; the quantized rows are left out of ``results``, so a CUDA run with the same file fills them in."""
+    cuda = pipe.device.type == "cuda"
+    if not cuda:
+        print("quantized: the quantized kernel needs CUDA (this pipeline is on "
+              f"{pipe.device.type}): only the bf16-vs-float32 row is made, the quantized rows are skipped", flush=True)
+    configs = quantized_configs(pipe, cuda)
+    try:
+        run_against_dense(pipe, seeds, steps, results, save, "quantized", configs, guidance)
+    finally:
+        uninstall(configs["bf16 dense"][1].pipe)
 
 
 def run_layers(pipe, seeds: list[int], results: dict, save) -> None:
@@ -284,15 +404,16 @@ def _section(results: dict, name: str) -> dict:
     return {k[len(prefix):]: v for k, v in results.items() if k.startswith(prefix)}
 
 
-def _against_dense_table(title: str, rows: dict, field: str | None = None, header: str | None = None) -> list[str]:
-    """Markdown lines of a PSNR/SSIM-against-dense table (``run_against_dense``), with the stored ``field`` as a
-    second column when given."""
-    extra = f" {header} |" if field else ""
+def _against_dense_table(title: str, rows: dict, columns: dict[str, str] | None = None) -> list[str]:
+    """Markdown lines of a PSNR/SSIM-against-dense table (``run_against_dense``), with the stored fields of
+    ``columns`` (field -> header; "-" where a row lacks it) after the method."""
+    columns = columns or {}
+    extra = "".join(f" {header} |" for header in columns.values())
     lines = [f"### {title}", "", f"| method |{extra} PSNR (dB) | SSIM | seconds (all seeds) |",
-             "|---|" + ("---|" if field else "") + "---|---|---|"]
+             "|---|" + "---|" * len(columns) + "---|---|---|"]
     for k, v in rows.items():
-        cell = f" {v[field]} |" if field else ""
-        lines.append(f"| {k} |{cell} {_cell(v['psnr'])} | {_cell(v['ssim'], 3)} | {v['seconds']:.0f} |")
+        cells = "".join(f" {v.get(name, '-')} |" for name in columns)
+        lines.append(f"| {k} |{cells} {_cell(v['psnr'])} | {_cell(v['ssim'], 3)} | {v['seconds']:.0f} |")
     return lines + [""]
 
 
@@ -327,12 +448,17 @@ def report(results: dict) -> str:
     rett = _section(results, "rettention")
     if rett:
         lines += _against_dense_table("Re-ttention vs the uncorrected adaptive pattern with as many full-attention steps",
-                                      rett, "full_steps", "full steps")
+                                      rett, {"full_steps": "full steps"})
+    quantized = _section(results, "quantized")
+    if quantized:
+        lines += _against_dense_table("Quantized attention (our kernel, bf16 transformer) and bf16 dense, same seed "
+                                      "and prompt", quantized, {"reference": "reference", "kernel": "kernel",
+                                                                "quantized_calls": "kernel launches"})
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
-    parser = quality_parser(__doc__.split("\n")[0], steps=STEPS, sections="sparse,layers,ditraj,ultravico,rettention",
+    parser = quality_parser(__doc__.split("\n")[0], steps=STEPS, sections="sparse,layers,ditraj,ultravico,rettention,quantized",
                             results="quality_results.json")
     parser.add_argument("--lengths", default="1,2,3,4", help="ultravico: multiples of the trained length")
     parser.add_argument("--methods", default="stock,UltraViCo", help="ultravico: which videos")
@@ -350,7 +476,8 @@ def main(argv=None) -> None:
                "ultravico": lambda: run_ultravico(pipe, seeds, args.steps, results, save,
                                                   [int(x) for x in args.lengths.split(",")], args.methods.split(","), g),
                "ditraj": lambda: run_ditraj(pipe, seeds, args.steps, results, save, g),
-               "rettention": lambda: run_rettention(pipe, seeds, args.steps, results, save, g)}
+               "rettention": lambda: run_rettention(pipe, seeds, args.steps, results, save, g),
+               "quantized": lambda: run_quantized(pipe, seeds, args.steps, results, save, g)}
     run_sections(args.sections, runners, results, save, report)
 
 
