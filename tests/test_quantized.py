@@ -165,7 +165,7 @@ def test_kernel_rejects_bad_arguments_before_any_launch():
         launch_quantized(q, q, q, rule=DecayRule(start=10, length=290, far=100, alpha=0.5))
     with pytest.raises(ValueError, match="alpha=1.5 is outside the allowed range"):
         launch_quantized(q, q, q, rule=DecayRule(start=0, length=300, far=100, alpha=1.5))
-    with pytest.raises(ValueError, match=r"config\['int_to_float'\]='i2f' is not one of \('magic', 'magic-fma'"):
+    with pytest.raises(ValueError, match=r"config\['int_to_float'\]='i2f' is not one of \('magic-fma', 'magic-acc'"):
         launch_quantized(q, q, q, config={"int_to_float": "i2f", "num_warps": 4})
     with pytest.raises(ValueError, match="needs CUDA"):
         quantized_block_sparse_attention(q, q, q)
@@ -268,20 +268,26 @@ CHECK = textwrap.dedent(
     ]
     for dtype, pv, blocks, r, smooth in cases:
         q, k, v = (x.to(dtype) for x in base)
-        out = qt.launch_quantized(q, k, v, blocks, pv_dtype=pv, rule=r, smooth_keys=smooth)  # the magic cast
+        by_cast = {how: qt.launch_quantized(q, k, v, blocks, pv_dtype=pv, rule=r, smooth_keys=smooth,
+                                            config={"int_to_float": how}) for how in qt.INT_TO_FLOAT}
+        out = qt.launch_quantized(q, k, v, blocks, pv_dtype=pv, rule=r, smooth_keys=smooth)  # the default cast
+        assert torch.equal(out, by_cast[qt.INT_TO_FLOAT[0]]), case
         ref = quantized_attention_reference(q, k, v, blocks, pv_dtype=pv, rule=r, smooth=smooth)
         exact = exact_attention(q, k, v, blocks, rule=r)
         case = (dtype, pv, blocks is not None, r is not None, smooth)
-        # INT32 -> float32 by I2F or by the exact magic cast: bit for bit one result. "magic-fma" (the offset folded
-        # into the exponent's per-row constant) equals "magic" with a rule (it subtracts first), else nearly.
-        by_cast = {how: qt.launch_quantized(q, k, v, blocks, pv_dtype=pv, rule=r, smooth_keys=smooth,
-                                            config={"int_to_float": how}) for how in ("convert", "magic-fma")}
-        assert torch.equal(by_cast["convert"], out), (case, (by_cast["convert"] - out).abs().max())
+        # INT32 -> float32 by I2F or by the exact magic cast: bit for bit one result; the dot accumulating onto the
+        # magic constant is bit for bit the integer add. The folded forms (the offset in the exponent's per-row
+        # constant) equal "magic" with a rule (they subtract first), else nearly.
+        exact_cast = by_cast["magic"]
+        assert torch.equal(by_cast["convert"], exact_cast), (case, (by_cast["convert"] - exact_cast).abs().max())
+        assert torch.equal(by_cast["magic-acc"], by_cast["magic-fma"]), case
         if r is not None:
-            assert torch.equal(by_cast["magic-fma"], out), case
+            assert torch.equal(by_cast["magic-fma"], exact_cast), case
         else:
             fma = by_cast["magic-fma"]  # folded: not bit-exact (its docstring), but as close to the reference
-            assert not torch.equal(fma, out) and rel(fma, out) < 4e-3 and rel(fma, ref.to(dtype)) < 4e-3, case
+            assert not torch.equal(fma, exact_cast) and rel(fma, exact_cast) < 4e-3, case
+        for how, result in by_cast.items():
+            assert rel(result, ref.to(dtype)) < 4e-3, (case, how)
         assert out.dtype == dtype and out.shape == q.shape, case
         to_ref, to_exact = rel(out, ref.to(dtype)), rel(out, exact)
         assert to_ref < 4e-3 and to_exact > 5 * to_ref, (case, to_ref, to_exact)

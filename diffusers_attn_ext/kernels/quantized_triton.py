@@ -22,13 +22,14 @@ added back (its sign test is not invariant to the smoothing; ``quantize`` module
 (INT8 QK only, SageAttention v1). Kernel tiles are the table's 128x128 blocks; ``config`` tunes warps and stages.
 
 INT32 scores to float32 (``config["int_to_float"]``, :data:`INT_TO_FLOAT`): a plain conversion (I2F) is a
-quarter-rate instruction on sm90 (16 per SM per clock, as the softmax's EX2), so per score the INT8 kernel would pay
-a second quarter-rate op that the bf16 kernel does not. The default "magic" casts exactly without it: for an int32
-``|s| <= 2^22``, the bits of ``s + 0x4B400000`` (0x4B400000 is 1.5 * 2^23: the integer lands in the mantissa) are
-the float32 ``12582912 + s``, and subtracting ``12582912.0`` leaves ``s`` exactly (|s| <= 127^2 D = 2,064,512 for
-D <= 128): one integer add (64/clk) and one FADD (128/clk), results bit for bit those of "convert".
-"magic-fma" skips the FADD, folding ``12582912 * factor`` into the exponent's per-row constant (not bit-exact:
-:func:`_quantized_block`); with a rule both magic forms subtract first.
+quarter-rate instruction on sm90 (16 per SM per clock, as the softmax's EX2). The magic-number cast avoids it: for
+an int32 ``|s| <= 2^22``, the bits of ``s + 0x4B400000`` (0x4B400000 is 1.5 * 2^23: the integer lands in the
+mantissa) are the float32 ``12582912 + s`` exactly (|s| <= 127^2 D = 2,064,512 for D <= 128). "magic" then
+subtracts ``12582912.0`` (exact: bit for bit "convert"); the default "magic-fma" folds ``12582912 * factor`` into
+the exponent's per-row constant instead, one FADD per score fewer (not bit-exact: :func:`_quantized_block`);
+"magic-acc" is "magic-fma" with the INT8 dot accumulating onto 0x4B400000 instead of zero, so that no integer add
+is left either (bit for bit "magic-fma"). With a rule every magic form subtracts first. Measured on the H200
+(docs/benchmarks.md): the exact cast alone gains nothing there (the kernel is not bound by I2F), the fold 8%.
 
 The kernel layer runs it only when asked (``kernels.use_quantized_attention``), launched as the custom operator
 ``triton_ops.quantized`` so that compiled regions can call it.
@@ -51,7 +52,7 @@ _INT8_MAX, _TINY, _LOG2_FP8_MAX = tl.constexpr(INT8_MAX), tl.constexpr(TINY), tl
 MAGIC_INT = 0x4B400000  # the float32 1.5 * 2^23: int32 s added to its bits reads as 12582912 + s for |s| <= 2^22
 MAGIC_FLOAT = 12582912.0
 _MAGIC_INT, _MAGIC_FLOAT = tl.constexpr(MAGIC_INT), tl.constexpr(MAGIC_FLOAT)
-INT_TO_FLOAT = ("magic", "magic-fma", "convert")  # config["int_to_float"]; the first is the default
+INT_TO_FLOAT = ("magic-fma", "magic-acc", "magic", "convert")  # config["int_to_float"]; the first is the default
 
 
 @triton.jit
@@ -119,13 +120,18 @@ def _quantized_block(acc, l_i, m_i, q, q_sigma, bias, k_desc, v_desc, KSigma, z,
         offset = 0.0
     k = k_desc.load([bh * N_PAD + start_n, 0])
     factor = q_sigma * tl.load(KSigma + bh * (N_PAD // BLOCK_N) + start_n // BLOCK_N)
-    s = tl.dot(q, k.T, out_dtype=tl.int32)
+    if INT_TO_FLOAT == "magic-acc":  # the dot adds the integer scores onto the magic constant
+        s = tl.dot(q, k.T, acc=tl.full((q.shape[0], BLOCK_N), _MAGIC_INT, tl.int32), out_dtype=tl.int32)
+        s = s.to(tl.float32, bitcast=True)
+    else:
+        s = tl.dot(q, k.T, out_dtype=tl.int32)
     if INT_TO_FLOAT == "convert":
         s = s.to(tl.float32)
-    else:  # |s| <= 127^2 * 128 < 2^22: 12582912 + s exactly
+    elif INT_TO_FLOAT != "magic-acc":  # |s| <= 127^2 * 128 < 2^22: 12582912 + s exactly
         s = (s + _MAGIC_INT).to(tl.float32, bitcast=True)
-        if RULE or INT_TO_FLOAT == "magic":
-            s = s - _MAGIC_FLOAT  # exact: an integer below 2^22
+    folded = (INT_TO_FLOAT == "magic-fma" or INT_TO_FLOAT == "magic-acc") and not RULE
+    if INT_TO_FLOAT != "convert" and not folded:
+        s = s - _MAGIC_FLOAT  # exact: an integer below 2^22
     if RULE:
         s = decay_rule(s * factor + bias[:, None], offs_m, start_n + offs_n, alpha, far, horizon_queries,
                        horizon_keys, blocked_logit, HORIZON)
@@ -136,7 +142,7 @@ def _quantized_block(acc, l_i, m_i, q, q_sigma, bias, k_desc, v_desc, KSigma, z,
     else:  # the scale is positive: the row max of s times it is the max of the scores (one FMA per score)
         if BOUNDS:
             s = tl.where((start_n + offs_n < N)[None, :], s, float("-inf"))
-        if INT_TO_FLOAT == "magic-fma":  # s is 12582912 + the integer: the row max less that is exact
+        if folded:  # s is 12582912 + the integer: the row max less that is exact
             m_ij = tl.maximum(m_i, (tl.max(s, 1) - _MAGIC_FLOAT) * factor)
             p = tl.math.exp2(s * factor - (m_ij - offset + _MAGIC_FLOAT * factor)[:, None])
         else:
@@ -262,7 +268,7 @@ def quantized_block_sparse_attention(
         rule: a :class:`~diffusers_attn_ext.call.DecayRule` applied inside the kept blocks, on the
             scores with ``q . mean(k)`` added back; it must span the whole sequence.
         config: Triton launch options (``num_warps``, ``num_stages``) and ``int_to_float``, how the INT32 scores
-            become float32: one of :data:`INT_TO_FLOAT`, default "magic" (exact; module docstring).
+            become float32: one of :data:`INT_TO_FLOAT`, default "magic-fma" (module docstring).
     """
     if not supports(query, key) or value.shape != query.shape:
         raise ValueError("quantized_block_sparse_attention needs CUDA fp16/bf16 [B, N, H, 64|128] self-attention "
