@@ -2,7 +2,7 @@
 real Wan2.1 configs, 50 UniPC steps with classifier-free guidance (two transformer forwards per step), the
 transformer compiled with ``compile_repeated_blocks(fullgraph=True)``, VAE decode included; stock vs Radial
 Attention and the adaptive draft pattern with their authors' dense-step schedules, each with and without the
-quantized kernel (INT8 QK + FP8 PV, ``kernels/quantized_triton.py``). Wall time, speedup over stock, peak memory.
+quantized kernel (INT8 QK + 16-bit or FP8 PV, ``kernels/quantized_triton.py``). Wall time, speedup over stock, peak memory.
 
 - Wan2.1-1.3B at 480x832, 81 frames (32760 video tokens; UniPC flow_shift 3.0), Wan2.1-14B at 720x1280, 81 frames
   (75600 tokens; flow_shift 5.0). The text encoder (UMT5-XXL) is not built: random prompt embeddings ``[1, 512,
@@ -14,7 +14,7 @@ quantized kernel (INT8 QK + FP8 PV, ``kernels/quantized_triton.py``). Wall time,
   steps at flow_shift 3, 15 at 5) and in the first block, sparsity 0.75 (density 0.25); compiled, the pattern is
   searched at every step (``cache_steps=1``: a cache cannot be filled in a compiled region).
 - Quantized: a "+ quantized" variant runs under the dispatcher's opt-in ``kernels.use_quantized_attention(pv=...)``
-  (``--quantized-pv``, default fp8): our processors' dense self-attention, block-sparse and fused-rule calls take the
+  (``--quantized-pv``, default bf16, the opt-in's default): our processors' dense self-attention, block-sparse and fused-rule calls take the
   quantized kernel (dense steps its dense-equivalent form); cross-attention (512 text keys) stays bf16. "stock +
   quantized" is StockAttnProcessor with the opt-in on. The "quantized kernels" column is ``kernel_report()``'s line
   for it during the run.
@@ -231,7 +231,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--eager", action="store_true", help="do not compile")
     p.add_argument("--compile-backend", default="inductor")
-    p.add_argument("--quantized-pv", choices=PV_DTYPES, default="fp8",
+    p.add_argument("--quantized-pv", choices=PV_DTYPES, default="bf16",
                    help="PV precision of the quantized kernel in the '+ quantized' variants")
     args = p.parse_args()
     setup(args)

@@ -150,8 +150,8 @@ def test_setting_works_as_setter_and_as_context_manager():
             assert kernels.quantized_setting() is None
         assert kernels.quantized_setting() == "bf16"  # the outer setting back
     assert kernels.quantized_setting() is None
-    kernels.use_quantized_attention()  # a setter: on until turned off
-    assert kernels.quantized_setting() == "fp8"
+    kernels.use_quantized_attention()  # a setter: on until turned off, 16-bit PV by default
+    assert kernels.quantized_setting() == "bf16"
     kernels.use_quantized_attention(False)
     assert kernels.quantized_setting() is None
 
