@@ -1,10 +1,22 @@
 """Shared fixtures: tiny pipelines are built once per family and session (building is the slow part)."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
 from diffusers_attn_ext import uninstall
 from diffusers_attn_ext.testing import FAMILIES, tiny_call_kwargs, tiny_pipeline
+
+
+@pytest.fixture
+def interpreter_env():
+    """The environment of a subprocess that runs Triton's CPU interpreter on this checkout: TRITON_INTERPRET=1 (it
+    must be set before Triton is imported) and the checkout first on PYTHONPATH, the caller's path kept after it
+    (where diffusers may come from)."""
+    path = os.pathsep.join(p for p in (str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
 
 
 @pytest.fixture(scope="session")

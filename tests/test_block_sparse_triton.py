@@ -4,11 +4,9 @@ The interpreter needs TRITON_INTERPRET=1 before Triton is imported, so the check
 On a GPU, benchmarks/block_sparse_kernel.py checks the compiled kernel the same way.
 """
 
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -51,8 +49,8 @@ CHECK = textwrap.dedent(
 )
 
 
-def test_kernel_matches_reference_in_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+def test_kernel_matches_reference_in_interpreter(interpreter_env):
+    env = interpreter_env
     result = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
@@ -132,10 +130,10 @@ COMPILED_OPS = textwrap.dedent(
 )
 
 
-def test_kernels_are_single_custom_ops_under_fullgraph_compile():
+def test_kernels_are_single_custom_ops_under_fullgraph_compile(interpreter_env):
     """The launch code (descriptors test data_ptr() alignment) is not traced: each kernel is one custom op, so a
     fullgraph compile of code calling them makes one graph with no break and the kernels' own results."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = interpreter_env
     result = subprocess.run([sys.executable, "-c", COMPILED_OPS], env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "ok", result.stderr[-3000:]

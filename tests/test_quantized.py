@@ -11,11 +11,9 @@ benchmarks/quantized_kernel.py checks the compiled kernel against the same refer
 """
 
 import math
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -301,8 +299,8 @@ CHECK = textwrap.dedent(
 )
 
 
-def test_kernel_matches_reference_in_interpreter():
+def test_kernel_matches_reference_in_interpreter(interpreter_env):
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = interpreter_env
     result = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -8,11 +8,9 @@ The operator's numbers are checked in Triton's CPU interpreter (a subprocess: TR
 Triton is imported) against the direct launch, which tests/test_quantized.py holds to the float64 reference.
 """
 
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -257,9 +255,9 @@ COMPILED_OP = textwrap.dedent(
 )
 
 
-def test_quantized_kernel_is_one_custom_op_under_fullgraph_compile():
+def test_quantized_kernel_is_one_custom_op_under_fullgraph_compile(interpreter_env):
     """The launch code (descriptors test ``data_ptr() % 16``) is not traced: a fullgraph compile of code calling the
     quantized kernel makes one graph with no break, and gives the direct launch's results bit for bit."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = interpreter_env
     result = subprocess.run([sys.executable, "-c", COMPILED_OP], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "ok", result.stderr[-3000:]

@@ -5,11 +5,9 @@ The interpreter needs TRITON_INTERPRET=1 before Triton is imported, so the check
 On a GPU, benchmarks/ultravico.py checks the compiled kernel the same way.
 """
 
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -41,7 +39,7 @@ CHECK = textwrap.dedent(
 )
 
 
-def test_kernel_matches_reference_in_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+def test_kernel_matches_reference_in_interpreter(interpreter_env):
+    env = interpreter_env
     result = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
