@@ -23,8 +23,7 @@ Wan2.1-1.3B self-attention shape (12 heads, 21x30x52 = 32760 tokens) and the Wan
 ``--quick``: 1.3B shape with all densities, 14B at densities 1 and 0.1. ``--configs``: also, timed last, the
 tuning rows at densities 1 and 0.1 (1.3B): the FP8 and 16-bit-PV kernels with each INT32 -> float32 cast
 (``config["int_to_float"]``: "convert" = I2F, "magic" = the exact magic-number cast, "magic-fma" = its offset
-folded into the exponent's FMA, the default, "magic-acc" = that with the dot accumulating onto the magic constant;
-``quantized_triton`` module docstring) at 8 warps / 3 stages, then the
+folded into the exponent's FMA, the default; ``quantized_triton`` module docstring) at 8 warps / 3 stages, then the
 default cast at 8 warps with 2 and 4 stages (and FP8 at 4 warps / 3 stages); with them, per cast, the outputs'
 accuracy on the 1.3B inputs (whether "magic" is bit for bit "convert" on the GPU too) and, in the speed table's
 notes, the INT32 -> float32 conversions left in each compiled attention kernel (PTX ``cvt.rn.f32.s32``, SASS
@@ -240,7 +239,7 @@ def speed_rows(bench: Bench, shape: str, densities, rows_out: list, header: str)
     synchronize()
 
 
-CASTS = ("convert", "magic", "magic-fma", "magic-acc")  # quantized_triton.INT_TO_FLOAT, in the order of the tuning rows
+CASTS = ("convert", "magic", "magic-fma")  # quantized_triton.INT_TO_FLOAT, in the order of the tuning rows
 PV_NAMES = {"fp8": "FP8 PV", "bf16": "16-bit PV"}
 
 

@@ -26,10 +26,10 @@ quarter-rate instruction on sm90 (16 per SM per clock, as the softmax's EX2). Th
 an int32 ``|s| <= 2^22``, the bits of ``s + 0x4B400000`` (0x4B400000 is 1.5 * 2^23: the integer lands in the
 mantissa) are the float32 ``12582912 + s`` exactly (|s| <= 127^2 D = 2,064,512 for D <= 128). "magic" then
 subtracts ``12582912.0`` (exact: bit for bit "convert"); the default "magic-fma" folds ``12582912 * factor`` into
-the exponent's per-row constant instead, one FADD per score fewer (not bit-exact: :func:`_quantized_block`);
-"magic-acc" is "magic-fma" with the INT8 dot accumulating onto 0x4B400000 instead of zero, so that no integer add
-is left either (bit for bit "magic-fma"). With a rule every magic form subtracts first. Measured on the H200
-(docs/benchmarks.md): the exact cast alone gains nothing there (the kernel is not bound by I2F), the fold 8%.
+the exponent's per-row constant instead, one FADD per score fewer (not bit-exact: :func:`_quantized_block`).
+With a rule both subtract first. Measured on the H200 (docs/benchmarks.md): the exact cast alone gains nothing
+(the kernel is not bound by I2F), the fold 8%; letting the INT8 dot accumulate onto the magic constant, so that no
+integer add is left either, gained nothing more and was removed.
 
 The kernel layer runs it only when asked (``kernels.use_quantized_attention``), launched as the custom operator
 ``triton_ops.quantized`` so that compiled regions can call it.
@@ -52,7 +52,7 @@ _INT8_MAX, _TINY, _LOG2_FP8_MAX = tl.constexpr(INT8_MAX), tl.constexpr(TINY), tl
 MAGIC_INT = 0x4B400000  # the float32 1.5 * 2^23: int32 s added to its bits reads as 12582912 + s for |s| <= 2^22
 MAGIC_FLOAT = 12582912.0
 _MAGIC_INT, _MAGIC_FLOAT = tl.constexpr(MAGIC_INT), tl.constexpr(MAGIC_FLOAT)
-INT_TO_FLOAT = ("magic-fma", "magic-acc", "magic", "convert")  # config["int_to_float"]; the first is the default
+INT_TO_FLOAT = ("magic-fma", "magic", "convert")  # config["int_to_float"]; the first is the default
 
 
 @triton.jit
@@ -120,16 +120,12 @@ def _quantized_block(acc, l_i, m_i, q, q_sigma, bias, k_desc, v_desc, KSigma, z,
         offset = 0.0
     k = k_desc.load([bh * N_PAD + start_n, 0])
     factor = q_sigma * tl.load(KSigma + bh * (N_PAD // BLOCK_N) + start_n // BLOCK_N)
-    if INT_TO_FLOAT == "magic-acc":  # the dot adds the integer scores onto the magic constant
-        s = tl.dot(q, k.T, acc=tl.full((q.shape[0], BLOCK_N), _MAGIC_INT, tl.int32), out_dtype=tl.int32)
-        s = s.to(tl.float32, bitcast=True)
-    else:
-        s = tl.dot(q, k.T, out_dtype=tl.int32)
+    s = tl.dot(q, k.T, out_dtype=tl.int32)
     if INT_TO_FLOAT == "convert":
         s = s.to(tl.float32)
-    elif INT_TO_FLOAT != "magic-acc":  # |s| <= 127^2 * 128 < 2^22: 12582912 + s exactly
+    else:  # |s| <= 127^2 * 128 < 2^22: 12582912 + s exactly
         s = (s + _MAGIC_INT).to(tl.float32, bitcast=True)
-    folded = (INT_TO_FLOAT == "magic-fma" or INT_TO_FLOAT == "magic-acc") and not RULE
+    folded = INT_TO_FLOAT == "magic-fma" and not RULE
     if INT_TO_FLOAT != "convert" and not folded:
         s = s - _MAGIC_FLOAT  # exact: an integer below 2^22
     if RULE:
