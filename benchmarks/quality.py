@@ -220,20 +220,36 @@ def bf16_pipeline(pipe):
 
 
 @contextmanager
+def unquantized_attention():
+    """The quantized kernel off inside, whatever the process set (the bf16 dense reference must be bf16 dense)."""
+    with kernels.use_quantized_attention(False):
+        yield None
+
+
+@contextmanager
 def quantized_attention(pv: str):
     """Our processors' calls on the quantized kernel with PV precision ``pv`` inside; yields the fields stored
     with the rows: ``kernel`` (``kernels.kernel_report()["quantized"]`` inside) and, filled on exit,
-    ``quantized_calls``, the launches of the kernel counted inside (RuntimeError if none: the rows would be bf16
-    dense under another name)."""
+    ``quantized_calls``, the launches of the kernel counted inside. RuntimeError unless every self-attention
+    request (query and key of one shape) the dispatcher saw inside was launched on the kernel: else the rows
+    would be partly or wholly bf16 dense under another name."""
     from diffusers_attn_ext.kernels import triton_ops
 
-    fields = {}
+    fields, self_attention = {}, []
+
+    def counted(request):
+        self_attention.extend([1] if request.key.shape == request.query.shape else [])
+        return choose(request)
+
+    choose = kernels.quantized_kernel
     with kernels.use_quantized_attention(True, pv=pv), \
+            mock.patch.object(kernels, "quantized_kernel", counted), \
             mock.patch.object(triton_ops, "quantized", wraps=triton_ops.quantized) as launches:
         fields["kernel"] = kernels.kernel_report()["quantized"]
         yield fields
-    if launches.call_count == 0:
-        raise RuntimeError(f"the quantized kernel (pv={pv!r}) took no attention call: {fields['kernel']}")
+    if launches.call_count == 0 or launches.call_count != len(self_attention):
+        raise RuntimeError(f"the quantized kernel (pv={pv!r}) took {launches.call_count} of "
+                           f"{len(self_attention)} self-attention calls: {fields['kernel']}")
     fields["quantized_calls"] = launches.call_count
 
 
@@ -241,7 +257,7 @@ def quantized_configs(pipe, cuda: bool) -> dict[str, tuple[dict, Videos, Videos]
     """The ``quantized`` section's rows: bf16 dense vs float32 dense, and (``cuda`` only) each PV precision of
     the quantized kernel vs bf16 dense and vs float32 dense. Builds the bf16 pipeline only when called."""
     bf16 = bf16_pipeline(pipe)
-    dense16 = Videos({"sparse_method": None}, bf16)
+    dense16 = Videos({"sparse_method": None}, bf16, unquantized_attention)
     configs = {"bf16 dense": ({"reference": "bf16 dense vs float32 dense"}, dense16, DENSE_VIDEOS)}
     if not cuda:
         return configs

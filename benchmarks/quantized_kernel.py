@@ -137,9 +137,10 @@ def dense_variants(bench: Bench, heads: int, blocks: int) -> dict:
     return {
         "cuDNN bf16 (noise floor)": bench.dense,
         "Triton bf16 (all blocks)": lambda q, k, v: bench.sparse(q, k, v, bench.random_table(heads, blocks, 1.0)),
-        "quantized INT8 QK + FP8 PV": lambda q, k, v: bench.quantized(q, k, v),
+        "quantized INT8 QK + FP8 PV": lambda q, k, v: bench.quantized(q, k, v, pv_dtype="fp8"),
         "quantized INT8 QK + 16-bit PV": lambda q, k, v: bench.quantized(q, k, v, pv_dtype="bf16"),
-        "quantized FP8 PV, keys not smoothed": lambda q, k, v: bench.quantized(q, k, v, smooth_keys=False),
+        "quantized FP8 PV, keys not smoothed": lambda q, k, v: bench.quantized(q, k, v, pv_dtype="fp8",
+                                                                                 smooth_keys=False),
     }
 
 
@@ -171,7 +172,7 @@ def accuracy_rows(bench: Bench, shape: str, rows_out: list, header: str) -> None
             table = bench.mark_static(draft_block_pattern(q, k, 128, density=0.25))
             exact_sparse, bf16_sparse = float64_rows(q, k, v, sample, table), bench.sparse(q, k, v, table)
             for name, out in (("Triton bf16 block-sparse", bf16_sparse),
-                              ("quantized block-sparse INT8 QK + FP8 PV", bench.quantized(q, k, v, table))):
+                              ("quantized block-sparse INT8 QK + FP8 PV", bench.quantized(q, k, v, table, pv_dtype="fp8"))):
                 rows_out.append({"inputs": kind, "kernel": name, "density": table.float().mean().item(),
                                  "bf16 baseline": "Triton bf16 block-sparse, same mask",
                                  "rel. L2 % vs bf16 baseline": rel_percent(out, bf16_sparse),
@@ -220,19 +221,20 @@ def speed_rows(bench: Bench, shape: str, densities, rows_out: list, header: str)
     table = SpeedTable(bench, shape, rows_out, header)
     heads, blocks, quantized, sparse = table.heads, table.blocks, bench.quantized, bench.sparse
     empty = bench.mark_static(torch.zeros(1, heads, blocks, blocks, dtype=torch.bool, device=bench.device))
-    table.add("quantize pre-pass only (empty table)", 0.0, lambda q, k, v: quantized(q, k, v, empty))
+    table.add("quantize pre-pass only (empty table)", 0.0, lambda q, k, v: quantized(q, k, v, empty, pv_dtype="fp8"))
     for density in densities:
         if density >= 1.0:
             full = bench.random_table(heads, blocks, 1.0)
             table.add("Triton bf16 (all blocks)", 1.0, lambda q, k, v, t=full: sparse(q, k, v, t))
-            table.add("quantized INT8 QK + FP8 PV (no table)", 1.0, quantized, TARGET_DENSE)
+            table.add("quantized INT8 QK + FP8 PV (no table)", 1.0, lambda q, k, v: quantized(q, k, v, pv_dtype="fp8"),
+                      TARGET_DENSE)
             table.add("quantized INT8 QK + 16-bit PV (no table)", 1.0,
                       lambda q, k, v: quantized(q, k, v, pv_dtype="bf16"))
             continue
         mask = bench.random_table(heads, blocks, density)
         d = mask.float().mean().item()
         table.add("Triton bf16 block-sparse", d, lambda q, k, v, t=mask: sparse(q, k, v, t))
-        table.add("quantized block-sparse INT8 QK + FP8 PV", d, lambda q, k, v, t=mask: quantized(q, k, v, t),
+        table.add("quantized block-sparse INT8 QK + FP8 PV", d, lambda q, k, v, t=mask: quantized(q, k, v, t, pv_dtype="fp8"),
                   TARGET_SPARSE, per_density=True)
         table.add("quantized block-sparse INT8 QK + 16-bit PV", d,
                   lambda q, k, v, t=mask: quantized(q, k, v, t, pv_dtype="bf16"))

@@ -4,6 +4,7 @@ left out, and the shared float32 model is untouched."""
 
 import importlib.util
 import sys
+from collections import Counter
 from pathlib import Path
 from unittest import mock
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from diffusers_attn_ext import kernels
+from diffusers_attn_ext.call import DENSE, KernelRequest
 from diffusers_attn_ext.processors import StockAttnProcessor
 from diffusers_attn_ext.world import load_world_video_pipeline
 
@@ -45,8 +47,11 @@ def test_on_cpu_the_section_stores_the_bf16_row_only_and_leaves_the_float32_mode
     assert 0.5 < row["ssim"][0] < 1
     # Every attention call of the bf16 copy asked the dispatcher's quantized kernel (which declines CPU tensors);
     # the float32 model's stock processors never did, so every query seen is bf16.
-    queries = [call.args[0].query for call in spy.call_args_list]
-    assert queries and {q.dtype for q in queries} == {torch.bfloat16} and {q.shape[-1] for q in queries} == {64}
+    requests = [call.args[0] for call in spy.call_args_list]
+    assert {r.query.dtype for r in requests} == {torch.bfloat16} and {r.query.shape[-1] for r in requests} == {64}
+    # One step with guidance: two forwards of six blocks, each a self-attention over the 576 video tokens and a
+    # cross-attention to the 512 text tokens.
+    assert Counter((r.query.shape[1], r.key.shape[1]) for r in requests) == {(576, 576): 12, (576, 512): 12}
     # The float32 model: same weights, still float32, same processors.
     state = world.transformer.state_dict()
     assert state.keys() == weights.keys()
@@ -76,7 +81,26 @@ def test_the_bf16_copy_keeps_diffusers_float32_modules_and_reaches_our_processor
 
 def test_a_quantized_row_without_a_kernel_launch_is_refused(quality):
     before = kernels.quantized_setting()
-    with pytest.raises(RuntimeError, match=r"the quantized kernel \(pv='bf16'\) took no attention call: on"):
+    with pytest.raises(RuntimeError, match=r"the quantized kernel \(pv='bf16'\) took 0 of 0 self-attention calls: on"):
         with quality.quantized_attention("bf16") as fields:
             assert fields["kernel"].startswith("on: INT8 QK + 16-bit PV")
     assert kernels.quantized_setting() == before
+
+
+def test_a_quantized_row_with_a_self_attention_call_off_the_kernel_is_refused(quality):
+    """A self-attention request the kernel declines (here: CPU tensors) makes the row partly bf16 dense."""
+    q = torch.randn(1, 256, 2, 64, dtype=torch.bfloat16)
+    request = KernelRequest(kind=DENSE, query=q, key=q, value=q, scale=None, attn_mask=None, score_mods=(),
+                            block_mask=None, block_size=128, rule=None, dense_via="dispatch", backend=None,
+                            parallel_config=None)
+    with pytest.raises(RuntimeError, match=r"took 0 of 1 self-attention calls"):
+        with quality.quantized_attention("bf16"):
+            assert kernels.quantized_kernel(request) is None
+
+
+def test_the_bf16_dense_reference_is_never_quantized(quality):
+    with kernels.use_quantized_attention(True):
+        with quality.unquantized_attention() as value:
+            assert value is None and kernels.quantized_setting() is None
+        assert kernels.quantized_setting() == "bf16"
+    assert kernels.quantized_setting() is None

@@ -266,13 +266,13 @@ CHECK = textwrap.dedent(
     ]
     for dtype, pv, blocks, r, smooth in cases:
         q, k, v = (x.to(dtype) for x in base)
+        case = (dtype, pv, blocks is not None, r is not None, smooth)
         by_cast = {how: qt.launch_quantized(q, k, v, blocks, pv_dtype=pv, rule=r, smooth_keys=smooth,
                                             config={"int_to_float": how}) for how in qt.INT_TO_FLOAT}
         out = qt.launch_quantized(q, k, v, blocks, pv_dtype=pv, rule=r, smooth_keys=smooth)  # the default cast
-        assert torch.equal(out, by_cast[qt.INT_TO_FLOAT[0]]), case
+        assert qt.INT_TO_FLOAT[0] == "magic-fma" and torch.equal(out, by_cast["magic-fma"]), case
         ref = quantized_attention_reference(q, k, v, blocks, pv_dtype=pv, rule=r, smooth=smooth)
         exact = exact_attention(q, k, v, blocks, rule=r)
-        case = (dtype, pv, blocks is not None, r is not None, smooth)
         # INT32 -> float32 by I2F or by the exact magic cast: bit for bit one result. The folded form (the offset
         # in the exponent's per-row constant) equals "magic" with a rule (it subtracts first), else nearly.
         exact_cast = by_cast["magic"]

@@ -173,6 +173,14 @@ def test_bad_arguments_raise_and_leave_the_setting_unchanged(monkeypatch):
     kernels.use_quantized_attention(pv="bf16")
     kernels.use_quantized_attention(False, pv="fp8")  # turning it off needs no FP8
     assert kernels.quantized_setting() is None
+    # Off, the report judges the opt-in's default (16-bit PV), which this GPU runs; on by default, it is taken.
+    from diffusers_attn_ext.kernels.quantized_choice import quantized_report
+
+    assert quantized_report("available") == "off (opt-in: diffusers_attn_ext.kernels.use_quantized_attention; available)"
+    kernels.use_quantized_attention()
+    assert kernels.quantized_setting() == "bf16"
+    assert quantized_report("available").endswith("(available)")
+    kernels.use_quantized_attention(False)
 
 
 def test_kernel_report_shows_the_setting():
@@ -225,8 +233,8 @@ COMPILED_OP = textwrap.dedent(
     q, k, v = base
 
     def attention(q8, k8, v8, q, k, v, blocks):
-        return (triton_ops.quantized(q8, k8, v8),
-                triton_ops.quantized(q8, k8, v8, blocks, 0.1, rule),
+        return (triton_ops.quantized(q8, k8, v8, pv_dtype="fp8"),
+                triton_ops.quantized(q8, k8, v8, blocks, 0.1, rule, pv_dtype="fp8"),
                 triton_ops.quantized(q, k, v, blocks, pv_dtype="bf16"))
 
     graphs = []
@@ -240,7 +248,8 @@ COMPILED_OP = textwrap.dedent(
     compiled = torch.compile(attention, fullgraph=True, backend=backend)
     outs = compiled(q8, k8, v8, q, k, v, blocks)
     again = compiled(q8, k8, v8, q, k, v, blocks)
-    expected = (qt.launch_quantized(q8, k8, v8), qt.launch_quantized(q8, k8, v8, blocks, 0.1, rule=rule),
+    expected = (qt.launch_quantized(q8, k8, v8, pv_dtype="fp8"),
+                qt.launch_quantized(q8, k8, v8, blocks, 0.1, pv_dtype="fp8", rule=rule),
                 qt.launch_quantized(q, k, v, blocks, pv_dtype="bf16"))
     for out, second, ref in zip(outs, again, expected):
         assert out.shape == ref.shape and out.dtype == ref.dtype and out.is_contiguous()

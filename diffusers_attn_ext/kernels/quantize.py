@@ -35,6 +35,9 @@ LOG2E = 1.4426950408889634
 LOG2_FP8_MAX = math.log2(FP8_MAX)
 TINY = 1e-20  # floor of a block's absolute maximum, so an all-zero block quantizes to zeros
 PV_DTYPES = ("fp8", "bf16")
+# The PV precision when none is named: 16 bits, as fast as FP8 on the H200 at a third to a ninth of its error
+# (docs/benchmarks.md, 2026-12-02).
+DEFAULT_PV = "bf16"
 
 
 def key_mean(key: torch.Tensor) -> torch.Tensor:
@@ -116,7 +119,7 @@ def _block_rows(table: torch.Tensor | None, batch: int, heads: int, n: int, kv_b
 
 def quantized_attention_reference(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor | None = None,
-    scale: float | None = None, *, pv_dtype: str = "fp8", smooth: bool = True, rule: DecayRule | None = None,
+    scale: float | None = None, *, pv_dtype: str = DEFAULT_PV, smooth: bool = True, rule: DecayRule | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """What the quantized kernel computes (module docstring), step by step in ``dtype``: ``[B, N, H, D]``.
@@ -185,7 +188,7 @@ def exact_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 def quantization_error_bound(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor | None = None,
-    scale: float | None = None, *, pv_dtype: str = "fp8", smooth: bool = True, rule: DecayRule | None = None,
+    scale: float | None = None, *, pv_dtype: str = DEFAULT_PV, smooth: bool = True, rule: DecayRule | None = None,
 ) -> torch.Tensor:
     """A bound ``[B, N, H, D]`` (float64) on ``|quantized_attention_reference - exact_attention|`` per element, from
     the quantizers' rounding alone (explicit N x N scores: small inputs only).

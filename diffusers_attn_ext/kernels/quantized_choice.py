@@ -12,7 +12,7 @@ import torch
 from ..call import BLOCK_SPARSE, DENSE, FUSED_RULE, KernelRequest
 from ..validation import boolean, choice
 from .block_sparse_table import BLOCK
-from .quantize import PV_DTYPES
+from .quantize import DEFAULT_PV, PV_DTYPES
 
 QUANTIZED = "quantized"  # the dispatcher's name for this kernel
 
@@ -59,15 +59,15 @@ class use_quantized_attention:  # noqa: N801 - a setter that is also a context m
         pv: the PV product's precision: "bf16" (the default: P in the value's 16-bit dtype, V unquantized; INT8 QK
             only, SageAttention v1) or "fp8" (P and V in e4m3, SageAttention2; needs FP8 tensor cores, compute
             capability 8.9+, else ValueError: no silent change of precision). On the H200 "fp8" is no faster
-            (dense 10.79 vs 10.90 ms, sparse slower; docs/benchmarks.md) and about 3x the error (3.96% vs 1.38%
-            rel. L2 on Gaussian inputs; world-model video 41.1 vs 43.2 dB against bf16 attention), hence the
-            default. On a machine without CUDA any value is accepted (no call takes the kernel there).
+            (dense 10.79 vs 10.90 ms, block-sparse slower; docs/benchmarks.md) and has more error (3.6-6.7% rel.
+            L2 vs 0.6-5.9% on three kinds of inputs; world-model video 41.1 vs 43.2 dB against bf16 attention),
+            hence the default. On a machine without CUDA any value is accepted (no call takes the kernel there).
 
     The setting is read while ``torch.compile`` traces: a compiled region makes one graph per setting and guards
     on it, so changing it between generations recompiles once, not per call. Set it outside compiled code.
     """
 
-    def __init__(self, enabled: bool = True, pv: str = "bf16"):
+    def __init__(self, enabled: bool = True, pv: str = DEFAULT_PV):
         global _quantized_pv
         enabled = boolean("enabled", enabled)
         pv = choice("pv", pv, PV_DTYPES)
@@ -116,7 +116,7 @@ def quantized_report(triton_reason: str) -> str:
     if triton_reason != "available":
         where = f"{triton_reason}: these calls run the kernels above"
     else:
-        problem = _quantized_problem(_quantized_pv or "fp8")
+        problem = _quantized_problem(_quantized_pv or DEFAULT_PV)
         where = "available" if problem is None else f"unavailable: {problem}"
     if _quantized_pv is None:
         return f"off (opt-in: diffusers_attn_ext.kernels.use_quantized_attention; {where})"

@@ -1,5 +1,6 @@
 """A quantized block-sparse FlashAttention-2 forward in Triton (CUDA only, opt-in): INT8 Q/K with per-block
-scales and key smoothing, FP8 (e4m3) P and V for the PV product on Hopper, fp32 online softmax, bf16/fp16 output.
+scales and key smoothing, P and V for the PV product in 16 bits (the default) or in FP8 (e4m3; Ada and Hopper),
+fp32 online softmax, bf16/fp16 output.
 
 The arithmetic is SageAttention's (SageAttention, arXiv 2410.02367, section 3; SageAttention2, arXiv 2411.10958,
 section 3; thu-ml/SageAttention ``sageattention/triton/``) and is restated step by step in torch by
@@ -27,9 +28,10 @@ an int32 ``|s| <= 2^22``, the bits of ``s + 0x4B400000`` (0x4B400000 is 1.5 * 2^
 mantissa) are the float32 ``12582912 + s`` exactly (|s| <= 127^2 D = 2,064,512 for D <= 128). "magic" then
 subtracts ``12582912.0`` (exact: bit for bit "convert"); the default "magic-fma" folds ``12582912 * factor`` into
 the exponent's per-row constant instead, one FADD per score fewer (not bit-exact: :func:`_quantized_block`).
-With a rule both subtract first. Measured on the H200 (docs/benchmarks.md): the exact cast alone gains nothing
-(the kernel is not bound by I2F), the fold 8%; letting the INT8 dot accumulate onto the magic constant, so that no
-integer add is left either, gained nothing more and was removed.
+With a rule both subtract first. Measured on the H200 (docs/benchmarks.md, dense, 1.3B shape): the exact cast
+alone gains nothing over I2F (FP8 PV 11.61 vs 11.67 ms; 16-bit PV 3.8% slower): the kernel is not bound by I2F;
+the fold is 7.6% faster than I2F with FP8 PV, 3.1% with 16-bit PV. Letting the INT8 dot accumulate onto the magic
+constant, so that no integer add is left either, gained nothing on the dense kernel and was removed.
 
 The kernel layer runs it only when asked (``kernels.use_quantized_attention``), launched as the custom operator
 ``triton_ops.quantized`` so that compiled regions can call it.
@@ -46,7 +48,17 @@ from ..call import DecayRule
 from ..validation import boolean, choice, real
 from .block_sparse_table import BLOCK, check_block_table, compressed_table
 from .flash_triton import decay_rule, load_rows, store_rows, tensor_descriptor
-from .quantize import FP8_MAX, INT8_MAX, LOG2_FP8_MAX, LOG2E, PV_DTYPES, TINY, key_mean, value_channel_scale
+from .quantize import (
+    DEFAULT_PV,
+    FP8_MAX,
+    INT8_MAX,
+    LOG2_FP8_MAX,
+    LOG2E,
+    PV_DTYPES,
+    TINY,
+    key_mean,
+    value_channel_scale,
+)
 
 _INT8_MAX, _TINY, _LOG2_FP8_MAX = tl.constexpr(INT8_MAX), tl.constexpr(TINY), tl.constexpr(LOG2_FP8_MAX)
 MAGIC_INT = 0x4B400000  # the float32 1.5 * 2^23: int32 s added to its bits reads as 12582912 + s for |s| <= 2^22
@@ -106,13 +118,13 @@ def _quantized_block(acc, l_i, m_i, q, q_sigma, bias, k_desc, v_desc, KSigma, z,
     ``INT_TO_FLOAT`` (module docstring): "convert" ``s = float(s_int)``; "magic" ``s = bits(s_int + 0x4B400000) -
     12582912``, exact, so bit for bit "convert"; "magic-fma" (no rule) keeps ``s' = 12582912 + s`` and computes
     ``2^(s' f - c)`` with ``c = m - offset + 12582912 f`` rounded once per row and key block. The FMA's product is
-    exact, so the only change is ``c``'s rounding, at most ``2^-24 |c|`` in log2 units: one row of one key block
-    scaled by a factor within ``1 ± 4e-8 |c|``. ``12582912 f`` is 12582912 / (127^2 D), about 6 (D 128) or 12
+    exact, so the only change is the rounding of ``c`` (and of ``12582912 f`` within it), at most ``2^-23 |c|`` in
+    log2 units: one row of one key block scaled by a factor within ``1 ± 9e-8 |c|``. ``12582912 f`` is 12582912 / (127^2 D), about 6 (D 128) or 12
     (D 64), times the largest score the block's scales allow (``D max|q| max|k| scale log2 e``); for |c| up to
-    1e4 the change stays below 4e-4, under P's own rounding (e4m3 2^-4, bf16 2^-9), though it moves some of P's
+    1e4 the change stays below 9e-4, under P's own rounding (e4m3 2^-4, bf16 2^-9), though it moves some of P's
     roundings to the neighbouring value (on the tests' D 64 inputs, |c| about 2000: 0.17% rel. L2 of the output
     from "magic", against about 4% for the FP8 path from exact attention). The largest weight becomes at most
-    ``448 (1 + 4e-4)``, which e4m3 rounds to 448.
+    ``448 (1 + 9e-4)``, which e4m3 rounds to 448.
     """
     if PV_FP8:  # weights in (0, 448] for e4m3, (0, 1] otherwise
         offset = _LOG2_FP8_MAX
@@ -248,7 +260,7 @@ DEFAULT_CONFIG = dict(num_warps=8, num_stages=3)
 
 def quantized_block_sparse_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor | None = None,
-    scale: float | None = None, *, pv_dtype: str = "fp8", smooth_keys: bool = True, rule: DecayRule | None = None,
+    scale: float | None = None, *, pv_dtype: str = DEFAULT_PV, smooth_keys: bool = True, rule: DecayRule | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
     """Quantized attention on ``[B, N, H, D]`` CUDA tensors, returning ``[B, N, H, D]`` in the query's dtype.
@@ -258,8 +270,8 @@ def quantized_block_sparse_attention(
             :func:`~diffusers_attn_ext.kernels.block_sparse_triton.block_sparse_attention` takes it; None attends to
             every key (the quantized dense-equivalent kernel). Query blocks that keep nothing output zeros.
         scale: logit scale, default ``D ** -0.5``.
-        pv_dtype: "fp8" (P and V in e4m3, SageAttention2; needs :func:`fp8_supported`) or "bf16" (P in V's
-            16-bit dtype, V unquantized; INT8 QK only, SageAttention v1).
+        pv_dtype: "bf16" (the default: P in V's 16-bit dtype, V unquantized; INT8 QK only, SageAttention v1) or
+            "fp8" (P and V in e4m3, SageAttention2; needs :func:`fp8_supported`).
         smooth_keys: subtract K's mean over tokens before quantizing (softmax-invariant; default on).
         rule: a :class:`~diffusers_attn_ext.call.DecayRule` applied inside the kept blocks, on the
             scores with ``q . mean(k)`` added back; it must span the whole sequence.
@@ -281,7 +293,7 @@ def _int8_descriptor(x: torch.Tensor) -> TensorDescriptor:
 
 def launch_quantized(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor | None = None,
-    scale: float | None = None, *, pv_dtype: str = "fp8", smooth_keys: bool = True, rule: DecayRule | None = None,
+    scale: float | None = None, *, pv_dtype: str = DEFAULT_PV, smooth_keys: bool = True, rule: DecayRule | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
     """:func:`quantized_block_sparse_attention` without the device check (Triton's CPU interpreter runs it in the

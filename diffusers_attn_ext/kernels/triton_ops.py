@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..call import DecayRule
+from .quantize import DEFAULT_PV
 
 _NO_RULE = (0, 0, 0, 1.0, 0, 0, 0.0)  # DecayRule fields when there is none (ignored by the kernels)
 
@@ -98,9 +99,9 @@ def decay(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rule: Dec
 
 
 def quantized(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor | None = None,
-              scale: float | None = None, rule: DecayRule | None = None, *, pv_dtype: str = "fp8") -> torch.Tensor:
-    """``quantized_triton.launch_quantized`` (``[B, N, H, D]``; INT8 QK with smoothed keys, PV in FP8 e4m3 or, with
-    ``pv_dtype="bf16"``, in the value's 16-bit dtype) as one custom operator: every key without ``blocks`` (the
+              scale: float | None = None, rule: DecayRule | None = None, *, pv_dtype: str = DEFAULT_PV) -> torch.Tensor:
+    """``quantized_triton.launch_quantized`` (``[B, N, H, D]``; INT8 QK with smoothed keys, PV in the value's 16-bit
+    dtype, ``pv_dtype="bf16"``, the default, or in FP8 e4m3, ``"fp8"``) as one custom operator: every key without ``blocks`` (the
     dense-equivalent kernel), the kept 128x128 blocks of a bool table with them, ``rule`` inside either."""
     return _quantized_op(query, key, value, blocks, _scale(query, scale), pv_dtype, rule is not None,
                          *_rule_fields(rule))
