@@ -105,12 +105,37 @@ def test_checkpoint_facts_live_in_the_adapters():
         adapter_named("ltx")
 
 
+def test_a_checkpoint_records_what_its_config_cannot_say():
+    """A private config key (kept by diffusers' loaders) overrides the family's checkpoint lines; the shipped world
+    models record theirs: 9 latent frames, not Wan2.1's 21, and 64 image tokens at 32x32, not FLUX's 4096."""
+    from diffusers_attn_ext.families.base import RECORDED_IMAGE_TOKENS, RECORDED_LATENT_FRAMES
+    from diffusers_attn_ext.pipelines.ultravico_video import WanUltraViCoPipeline
+    from diffusers_attn_ext.world import load_world_image_pipeline, load_world_video_pipeline
+    from diffusers_attn_ext.world.image_models import ImageModelConfig, build_image_pipeline
+    from diffusers_attn_ext.world.models import build_video_pipeline
+
+    wan, flux = WanAdapter(), adapter_named("flux")
+    assert wan.trained_latent_frames({"in_channels": 16, RECORDED_LATENT_FRAMES: 9}) == 9
+    assert flux.trained_image_tokens({RECORDED_IMAGE_TOKENS: 64}) == 64
+    for bad in (0, -3, "9", 9.0, True):
+        with pytest.raises(ValueError, match=rf"config's _trained_latent_frames={bad!r} must be a positive integer"):
+            wan.trained_latent_frames({RECORDED_LATENT_FRAMES: bad})
+    video = load_world_video_pipeline(pipeline_class=WanUltraViCoPipeline)
+    assert default_train_frames("wan", video.transformer.config) == 9
+    assert video.extrapolated_num_frames(2) == 18  # twice the trained 9 frames (the world VAE keeps every frame)
+    image = load_world_image_pipeline()
+    assert flux.trained_image_tokens(image.transformer.config) == ImageModelConfig().image_tokens == 64
+    # The builders record them, so a model trained and saved anew carries them too.
+    assert build_video_pipeline().transformer.config[RECORDED_LATENT_FRAMES] == 9
+    assert build_image_pipeline().transformer.config[RECORDED_IMAGE_TOKENS] == 64
+
+
 class TinyVideoAdapter(FamilyAdapter):
     """A family that no method knows: video, rotary positions, no cross-attention."""
 
     family, media, rotary = "tinyvideo", "video", True
 
-    def trained_latent_frames(self, config):
+    def checkpoint_latent_frames(self, config):
         return 7
 
 

@@ -20,6 +20,23 @@ from ..context import AttnContext, TokenGrid
 
 MEDIA = ("image", "video")
 
+# What a checkpoint's config cannot say but the checkpoint may record: diffusers keeps private config keys (those
+# starting with "_") through from_pretrained and save_pretrained without passing them to the model's __init__. Our
+# shipped world models record the length and size they were trained at (their configs look like any Wan or FLUX
+# checkpoint's, whose family defaults would be wrong for them).
+RECORDED_LATENT_FRAMES = "_trained_latent_frames"
+RECORDED_IMAGE_TOKENS = "_trained_image_tokens"
+
+
+def recorded_training_fact(config: Any, key: str) -> int | None:
+    """The positive integer ``config[key]`` a checkpoint records, None where it records none; ValueError naming
+    the key and the value for anything else."""
+    value = None if config is None else config.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"the transformer config's {key}={value!r} must be a positive integer (the checkpoint's "
+                         "training length or size)")
+    return value
+
 
 class KeyRotation(Protocol):
     """How a family's RoPE moves an already rotated key from its source position ``n`` to a target ``m``:
@@ -60,11 +77,24 @@ class FamilyAdapter:
         return None if self.rotary else f"{self.family} models have no rotary positions"
 
     def trained_latent_frames(self, config: Any) -> int | None:
-        """Latent frames (after temporal patching) the checkpoint was trained on; None if unknown or an image model."""
-        return None
+        """Latent frames (after temporal patching) the checkpoint was trained on; None if unknown or an image model:
+        what the config records (:data:`RECORDED_LATENT_FRAMES`), else the family's checkpoint lines
+        (:meth:`checkpoint_latent_frames`)."""
+        recorded = recorded_training_fact(config, RECORDED_LATENT_FRAMES)
+        return recorded if recorded is not None else self.checkpoint_latent_frames(config)
 
     def trained_image_tokens(self, config: Any) -> int | None:
-        """Image tokens at the checkpoint's trained resolution; None if unknown or a video model."""
+        """Image tokens at the checkpoint's trained resolution; None if unknown or a video model: what the config
+        records (:data:`RECORDED_IMAGE_TOKENS`), else the family's checkpoints' (:meth:`checkpoint_image_tokens`)."""
+        recorded = recorded_training_fact(config, RECORDED_IMAGE_TOKENS)
+        return recorded if recorded is not None else self.checkpoint_image_tokens(config)
+
+    def checkpoint_latent_frames(self, config: Any) -> int | None:
+        """The family's released checkpoints' latent frames for ``config``; None if unknown or an image family."""
+        return None
+
+    def checkpoint_image_tokens(self, config: Any) -> int | None:
+        """The family's released checkpoints' image tokens at their trained resolution; None if unknown or video."""
         return None
 
     def forward_layout(self, module: torch.nn.Module, inputs: dict[str, Any],

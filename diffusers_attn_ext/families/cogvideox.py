@@ -25,7 +25,7 @@ class CogVideoXAdapter(FamilyAdapter):
         return ("this CogVideoX transformer has use_rotary_positional_embeddings=False (CogVideoX has 3D RoPE with "
                 "use_rotary_positional_embeddings=True)")
 
-    def trained_latent_frames(self, config):
+    def checkpoint_latent_frames(self, config):
         """``sample_frames`` through the VAE's temporal compression and the temporal patch (1.5 pads latent frames to
         a multiple of ``patch_size_t``): 49 frames -> 13 latent frames (1.0), 81 -> 21 -> 11 (1.5, ``patch_size_t`` 2)."""
         if config is None:

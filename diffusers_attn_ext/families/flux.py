@@ -71,7 +71,7 @@ class FluxAdapter(FamilyAdapter):
     attention_classes = ("FluxAttention",)
     rotary = True
 
-    def trained_image_tokens(self, config):
+    def checkpoint_image_tokens(self, config):
         return TRAINED_IMAGE_TOKENS
 
     def forward_layout(self, module, inputs, context):

@@ -23,7 +23,7 @@ class SD3Adapter(FamilyAdapter):
     media = "image"
     transformer_classes = ("SD3Transformer2DModel",)
 
-    def trained_image_tokens(self, config):
+    def checkpoint_image_tokens(self, config):
         return TRAINED_IMAGE_TOKENS
 
     def forward_layout(self, module, inputs, context):

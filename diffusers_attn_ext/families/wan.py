@@ -69,7 +69,7 @@ class WanAdapter(FamilyAdapter):
     rotary = True
     text_cross_attention = True
 
-    def trained_latent_frames(self, config):
+    def checkpoint_latent_frames(self, config):
         if config is None:
             return None
         return wan_checkpoint_line(config).latent_frames

@@ -29,8 +29,9 @@ class EntropyScalingProcessor(AttnExtProcessor):
     """Scale self-attention logits by sqrt(log N / log n) (Jin et al. 2023) in image models.
 
     Args:
-        train_tokens: image tokens at the trained resolution; None takes the checkpoint's from its family adapter
-            (:meth:`~diffusers_attn_ext.families.base.FamilyAdapter.trained_image_tokens`).
+        train_tokens: image tokens at the trained resolution; None takes the checkpoint's: what its config records
+            (``_trained_image_tokens``, as the shipped world image model's 64), else its family's released
+            checkpoints' (:meth:`~diffusers_attn_ext.families.base.FamilyAdapter.trained_image_tokens`).
 
     Not under diffusers' context parallelism: the scale needs the global key count, which a rank's shard does not
     show (refused rather than scaled by a rank's share).

@@ -24,7 +24,8 @@ from .base import AttnExtProcessor
 
 def default_train_frames(family: str, config) -> int | None:
     """Latent frames a checkpoint of ``family`` was trained on, from its transformer config (None if unknown):
-    the family adapter's fact (:meth:`~diffusers_attn_ext.families.base.FamilyAdapter.trained_latent_frames`)."""
+    what the config records, else the family's checkpoint lines
+    (:meth:`~diffusers_attn_ext.families.base.FamilyAdapter.trained_latent_frames`)."""
     return adapter_named(family).trained_latent_frames(config)
 
 
@@ -34,7 +35,8 @@ class UltraViCoProcessor(AttnExtProcessor):
     Args:
         alpha: factor on positive logits of far pairs, in (0, 1]; the authors' default 0.9.
         train_frames: latent frames of the training window (after temporal patching); None takes the
-            checkpoint's from its family adapter (:func:`default_train_frames`).
+            checkpoint's (:func:`default_train_frames`): what its config records (``_trained_latent_frames``,
+            as the shipped world video model's 9), else its family's released checkpoints'.
         restrict_first_frame: first-frame queries attend only inside the training length (authors: on).
         center_keys: apply the rule to logits against mean-centred keys, q.(k - mean k) / sqrt(d), as the
             authors' kernel does (SageAttention smooths K by its mean over the sequence before the logits,

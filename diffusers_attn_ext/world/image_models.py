@@ -23,6 +23,7 @@ import dataclasses
 
 import torch
 
+from ..families.base import RECORDED_IMAGE_TOKENS
 from ..validation import integer
 from .models import build_tokenizer, shipped_model_path
 from .vocabulary import all_words
@@ -140,6 +141,8 @@ def build_image_pipeline(config: ImageModelConfig = ImageModelConfig(), pipeline
         num_attention_heads=config.heads, joint_attention_dim=config.t5_dim, pooled_projection_dim=config.clip_dim,
         guidance_embeds=False, axes_dims_rope=tuple(config.axes_dims_rope),
     )
+    # The trained size, for the methods that need it (entropy scaling): FLUX's default is 4096 tokens (1024 px).
+    transformer.register_to_config(**{RECORDED_IMAGE_TOKENS: config.image_tokens})
     scheduler = FlowMatchEulerDiscreteScheduler(**image_scheduler_config(config))
     return pipeline_class(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tokenizer,
                           text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer)

@@ -13,6 +13,8 @@ import dataclasses
 
 import torch
 
+from ..families.base import RECORDED_LATENT_FRAMES
+from .scenes import TRAIN_FRAMES
 from .vocabulary import all_words
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
@@ -138,6 +140,8 @@ def build_video_pipeline(config: VideoModelConfig = VideoModelConfig()):
         eps=1e-6,
         rope_max_seq_len=1024,
     )
+    # The training length, for the methods that need it (UltraViCo): the config alone reads as Wan2.1's 21.
+    transformer.register_to_config(**{RECORDED_LATENT_FRAMES: (TRAIN_FRAMES - 1) // temporal + 1})
     scheduler = FlowMatchEulerDiscreteScheduler(shift=config.flow_shift)
     return WanPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
