@@ -2,7 +2,8 @@
 
 - ``info``: the kernels available on this machine and which one runs;
 - ``demo --output DIR [--model ID] [--tiny [--family F]] [--steps N] [--only M ...]``: stock vs method for
-  every video method on the shipped world model (or a checkpoint; ``--tiny``: every method on tiny pipelines);
+  every video method on the shipped world video model and every image method on the shipped world image model
+  (or a checkpoint; ``--tiny``: every method on tiny pipelines);
 - ``inspect --family F --output DIR [--model ID] [--layers P ...] [--heads H ...] [--steps S ...]``: attention
   statistics of one generation, as plots and ``summary.json``;
 - ``bench [NAME ...] [--smoke]``: list the scripts in ``benchmarks/``, or run the named ones (CUDA; ``--smoke``
@@ -82,13 +83,15 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="print the kernels available on this machine and which one is chosen")
-    demo = commands.add_parser("demo", help="stock vs method for every video method on the shipped world model "
-                                             "(or --model, or --tiny) and write outputs")
+    demo = commands.add_parser("demo", help="stock vs method for every video and image method on the shipped world "
+                                             "models (or --model, or --tiny) and write outputs")
     demo.add_argument("--output", required=True, help="folder for videos, strips and summary.md")
     demo.add_argument("--model", default=None, help="a diffusers checkpoint id or path (default: the shipped world model)")
     demo.add_argument("--tiny", action="store_true", help="every method on tiny random pipelines (noise: shows they run)")
     demo.add_argument("--family", default=None, choices=FAMILY_CHOICES, help="with --tiny: only this family")
-    demo.add_argument("--steps", type=int, default=None, help="denoising steps (shipped world models: 10)")
+    demo.add_argument("--steps", type=int, default=None,
+                      help="denoising steps, an integer >= 1 (default: 10 on the shipped world models, 2 with --tiny, "
+                           "the checkpoint's own with --model, 50 for a Wan checkpoint)")
     demo.add_argument("--only", nargs="+", default=None, help="methods to run, video and image names (default: all)")
     inspect = commands.add_parser("inspect", help="attention statistics of one generation: plots and summary.json")
     inspect.add_argument("--family", required=True, choices=FAMILY_CHOICES)

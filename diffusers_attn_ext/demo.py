@@ -35,7 +35,7 @@ from .processors import (
 )
 from .testing import FAMILIES, TEXT_DIM, TEXT_SEQ_LEN, tiny_call_kwargs, tiny_pipeline
 from .trajectory import Trajectory
-from .validation import choice
+from .validation import choice, integer
 
 
 @dataclass
@@ -132,7 +132,9 @@ def _save(frames: list[np.ndarray], path: Path) -> Path:
 _TINY_SIZES = ("height", "width", "num_frames", "batch_size")
 
 
-def _output(pipe, family: str, overrides: dict[str, Any], model: str | None) -> Any:
+def _output(pipe, family: str, overrides: dict[str, Any], model: str | None, steps: int | None = None) -> Any:
+    if steps is not None:  # None: the tiny pipelines' 2 steps, a checkpoint's own default
+        overrides = {**overrides, "num_inference_steps": steps}
     if model is None:
         kwargs = tiny_call_kwargs(family, **overrides)
     else:
@@ -141,12 +143,15 @@ def _output(pipe, family: str, overrides: dict[str, Any], model: str | None) -> 
     return pipe(**kwargs)[0]
 
 
-def run_demo(output_dir: str | Path, model: str | None = None, family: str | None = None) -> Path:
+def run_demo(output_dir: str | Path, model: str | None = None, family: str | None = None,
+             steps: int | None = None) -> Path:
     """Run every registered demo (of ``family`` when given) and write outputs and ``summary.md``.
 
     With ``model`` (a checkpoint id or path) the pipeline is loaded with ``DiffusionPipeline.from_pretrained``
-    and only the entries of its family run; otherwise tiny random pipelines are built.
+    and only the entries of its family run; otherwise tiny random pipelines are built. ``steps``: denoising
+    steps (an integer >= 1; None: 2 on the tiny pipelines, the checkpoint's default otherwise).
     """
+    steps = integer("steps", steps, 1, allow_none=True)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = ["| method | family | seconds | max abs diff vs stock | file |", "|---|---|---|---|---|"]
@@ -164,14 +169,15 @@ def run_demo(output_dir: str | Path, model: str | None = None, family: str | Non
         pipe = pipes[entry.family]
         if pipe is None:
             continue
-        stock = torch.as_tensor(np.asarray(_output(pipe, entry.family, entry.call_overrides, model))).float()
+        stock = torch.as_tensor(np.asarray(_output(pipe, entry.family, entry.call_overrides, model, steps))).float()
         install(pipe, *entry.processors())
         start = time.perf_counter()
         try:
             runner = pipe if entry.pipeline is None else entry.pipeline(pipe)
             if entry.pipeline is not None:
                 runner.set_progress_bar_config(disable=True)
-            result = _output(runner, entry.family, {**entry.call_overrides, **entry.method_kwargs}, model)
+            result = _output(runner, entry.family, {**entry.call_overrides, **entry.method_kwargs}, model,
+                             steps)
         finally:
             uninstall(pipe)
         seconds = time.perf_counter() - start
@@ -201,7 +207,9 @@ def run(output_dir: str | Path, model: str | None = None, *, tiny: bool = False,
         steps: int | None = None, only: list[str] | None = None) -> Path:
     """The ``demo`` command: the world models' video and image demos by default (``only``: names of either),
     every method on tiny pipelines with ``tiny``, or a checkpoint (video demo for Wan, the image entries
-    otherwise)."""
+    otherwise). ``steps``: denoising steps, an integer >= 1 (None: each demo's default); refused, like every
+    argument here, before any model work."""
+    steps = integer("steps", steps, 1, allow_none=True)  # 0 is refused here, never read as "not given"
     from .image_demo import IMAGE_METHODS, image_section
     from .video_demo import VIDEO_METHODS, run_video_demo
 
@@ -214,7 +222,7 @@ def run(output_dir: str | Path, model: str | None = None, *, tiny: bool = False,
     if tiny or family is not None:
         if model is not None:
             raise ValueError("demo: --tiny/--family run the tiny random pipelines; they take no --model")
-        return run_demo(output_dir, family=family)
+        return run_demo(output_dir, family=family, steps=steps)
     if model is None:
         video = [m for m in only if m in VIDEO_METHODS] if only else None
         image = [m for m in only if m in IMAGE_METHODS] if only else None
@@ -231,4 +239,4 @@ def run(output_dir: str | Path, model: str | None = None, *, tiny: bool = False,
 
     if family_of_transformer(pipe.transformer) == "wan":
         return run_video_demo(output_dir, pipe, steps=steps, only=only)
-    return run_demo(output_dir, model=pipe)
+    return run_demo(output_dir, model=pipe, steps=steps)

@@ -9,7 +9,8 @@ A layer name selects the attention modules whose name equals it or continues it 
 "transformer_blocks.12" selects "transformer_blocks.12.attn" (and SD3.5's "transformer_blocks.12.attn2"),
 never "transformer_blocks.120.attn". JSON form: ``{"heads": {...}, "description": ..., "source": ...,
 "model": ...}``; :meth:`HeadSet.preset` loads the sets shipped in the package (``diffusers_attn_ext/headsets/``,
-package data, so any install has them).
+package data, so any install has them); :func:`as_headset`, which reads every ``heads`` / ``pag_heads`` argument,
+takes a preset's name wherever it takes a JSON path.
 """
 
 from __future__ import annotations
@@ -141,10 +142,27 @@ def preset_names() -> list[str]:
     return sorted(item.name.removesuffix(".json") for item in PRESETS.iterdir() if item.name.endswith(".json"))
 
 
-def as_headset(heads: HeadSet | Mapping[str, Iterable[int]] | str | Path) -> HeadSet:
-    """A :class:`HeadSet` from a head set, a ``{layer: [heads]}`` mapping, or the path of a head set JSON."""
+def as_headset(heads: HeadSet | Mapping[str, Iterable[int]] | str | Path, name: str = "heads") -> HeadSet:
+    """A :class:`HeadSet` from a head set, a ``{layer: [heads]}`` mapping, the path of a head set JSON, or the name
+    of a preset (:func:`preset_names`): a string that is not an existing file but names a preset loads the preset.
+    ValueError naming ``name`` (the caller's parameter, e.g. ``pag_heads``) for anything else, before any file
+    error: a missing file that is no preset, a folder, a misspelled preset name, a value of another type."""
     if isinstance(heads, HeadSet):
         return heads
     if isinstance(heads, (str, Path)):
-        return HeadSet.load(heads)
+        try:
+            is_file = Path(heads).is_file()
+        except OSError:  # e.g. a name too long for the file system: not a file
+            is_file = False
+        if is_file:
+            return HeadSet.load(heads)
+        if isinstance(heads, str) and heads in preset_names():
+            return HeadSet.preset(heads)
+        raise ValueError(f"{name}={heads!r} is neither an existing file nor a preset name: {_ALLOWED}, one of "
+                         f"{preset_names()}")
+    if not isinstance(heads, Mapping):
+        raise ValueError(f"{name}={heads!r} is not allowed: {_ALLOWED}, one of {preset_names()}")
     return HeadSet(heads)
+
+
+_ALLOWED = "allowed are a {layer: [heads]} mapping, a HeadSet, a JSON file path or a preset name"

@@ -66,9 +66,9 @@ class HeadPAGMixin:
     method_inputs = ()
 
     def set_pag_heads(self, pag_heads: HeadSet | Mapping | str | None, pag_alpha: AlphaSpec = 1.0) -> None:
-        """Set the default head set (a HeadSet, ``{layer: [heads]}`` or a JSON path) and alpha; ValueError, before
-        anything is set, when they do not fit each other or this transformer."""
-        headset = None if pag_heads is None else as_headset(pag_heads)
+        """Set the default head set (a HeadSet, ``{layer: [heads]}``, a JSON path or a preset name) and alpha;
+        ValueError, before anything is set, when they do not fit each other or this transformer."""
+        headset = None if pag_heads is None else as_headset(pag_heads, "pag_heads")
         if headset is not None and len(headset):
             softpag_with_pag_names(headset, pag_alpha).validate(self.transformer)
         elif as_number_or_mapping(pag_alpha):
@@ -85,7 +85,7 @@ class HeadPAGMixin:
         ValueError when the head set does not fit this transformer, or for a bad argument (heads or not)."""
         choice("pag_identity", pag_identity, IDENTITY_MODES)
         boolean("pag_dual_attention", pag_dual_attention)
-        heads = self._pag_heads if pag_heads is None else as_headset(pag_heads)
+        heads = self._pag_heads if pag_heads is None else as_headset(pag_heads, "pag_heads")
         if heads is None or not len(heads):
             return None
         processor = softpag_with_pag_names(heads, self._pag_alpha if pag_alpha is None else pag_alpha, pag_identity,
@@ -116,7 +116,8 @@ def guidance_scales(kwargs: dict, pag_scale_default: float = 3.0) -> tuple[float
 class StableDiffusion3HeadPAGPipeline(HeadPAGMixin, StableDiffusion3PAGPipeline):
     """diffusers' ``StableDiffusion3PAGPipeline`` with SoftPAG on a head set instead of PAG on whole layers.
 
-    Extra ``__call__`` arguments: ``pag_heads`` (head set; default the one given to ``__init__``),
+    Extra ``__call__`` arguments: ``pag_heads`` (a HeadSet, ``{layer: [heads]}``, a head set JSON path or a preset
+    name of :func:`~diffusers_attn_ext.headset.preset_names`; default the one given to ``__init__``),
     ``pag_alpha`` (u of Eq. 7, scalar or per head), ``pag_identity`` ("image" as diffusers' PAG, "all" as
     the authors' code), ``pag_dual_attention`` (False, as the authors: a named SD3.5 block perturbs its joint
     attention, not ``attn2``); ``pag_scale`` and ``pag_adaptive_scale`` as in diffusers. No head set or
@@ -264,7 +265,8 @@ class HeadPerturbedAttentionGuidance(PerturbedAttentionGuidance):
         super().__init__(guidance_scale, perturbed_guidance_scale, perturbed_guidance_start, perturbed_guidance_stop,
                          perturbed_guidance_config=[], guidance_rescale=guidance_rescale,
                          use_original_formulation=use_original_formulation, start=start, stop=stop, enabled=enabled)
-        self.processor = softpag_with_pag_names(pag_heads, pag_alpha, pag_identity, pag_dual_attention)
+        self.processor = softpag_with_pag_names(as_headset(pag_heads, "pag_heads"), pag_alpha, pag_identity,
+                                                pag_dual_attention)
         self.register_to_config(pag_heads=dict(self.processor.headset.heads), pag_alpha=pag_alpha,
                                 pag_identity=pag_identity, pag_dual_attention=pag_dual_attention)
         self._installation = ExitStack()

@@ -118,7 +118,8 @@ class SoftPAGProcessor(AttnExtProcessor):
 
     Args:
         heads: a :class:`~diffusers_attn_ext.headset.HeadSet`, a ``{layer: [heads]}`` mapping (e.g.
-            ``{"transformer_blocks.12": [3, 7]}``) or the path of a head set JSON.
+            ``{"transformer_blocks.12": [3, 7]}``), the path of a head set JSON or the name of a preset
+            (:func:`~diffusers_attn_ext.headset.preset_names`).
         alpha: interpolation weight u of Eq. 7 in [0, 1]: a scalar, or ``{layer: alpha or [alpha per head]}``.
         identity: ``"image"`` (diffusers' PAG treatment of text tokens) or ``"all"`` (the authors' code).
         dual_attention: a layer that names a block also perturbs the block's image-only self-attention beside
