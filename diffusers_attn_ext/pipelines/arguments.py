@@ -10,16 +10,20 @@ Rule: a ready-made pipeline takes its diffusers parent's arguments plus
 
 ValueErrors name the pipeline's argument (``ultravico_alpha=0 is outside ...``), not the processor's
 (:func:`pipeline_argument_errors`). Names from before the rule are deprecated aliases (:func:`deprecated_aliases`):
-they still work, with a ``FutureWarning`` that names the new argument.
+they still work, with a ``FutureWarning`` that names the new argument. A setting given without the input it acts
+on would be silently ignored (the pipeline runs stock): :func:`settings_need_input` makes that a ValueError.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+import torch
 
 
 def deprecated_aliases(**renamed: str) -> Callable:
@@ -67,3 +71,31 @@ def pipeline_argument_errors(prefix: str, names: Iterable[str] | None = None) ->
         if names is None or message.startswith(tuple(names)):
             raise ValueError(f"{prefix}_{message}") from None
         raise
+
+
+def _shown(value: Any) -> str:
+    """``repr`` of an argument for a message; a tensor as its shape (its values would flood the message)."""
+    if isinstance(value, torch.Tensor):
+        return f"<tensor of shape {tuple(value.shape)}>"
+    return repr(value)
+
+
+def settings_need_input(call: Callable, needed: str, values: dict[str, Any], what: str) -> None:
+    """ValueError naming every argument of ``values`` (name -> value as given, after its range check) that
+    differs from its default in ``call``'s signature, when the call lacks the input ``needed`` that they act on:
+    without it the pipeline runs stock and would silently ignore them. ``what`` names the method in the message
+    (``"IR-Diffusion"``). A default of None counts as given for any other value, with no comparison (tensors)."""
+    parameters = inspect.signature(call).parameters
+    changed = []
+    for name, value in values.items():
+        default = parameters[name].default
+        differs = value is not None if default is None else (value is None or bool(value != default))
+        if differs:
+            changed.append(f"{name}={_shown(value)}")
+    if changed:
+        verb = "needs" if len(changed) == 1 else "need"
+        raise ValueError(
+            f"{', '.join(changed)} {verb} {needed}: without {needed} the pipeline runs stock and {what} is off, "
+            f"so {'this setting would be' if len(changed) == 1 else 'these settings would be'} ignored; "
+            f"give {needed}, or leave {'it' if len(changed) == 1 else 'them'} out"
+        )

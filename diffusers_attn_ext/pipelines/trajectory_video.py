@@ -12,7 +12,8 @@ pipeline (both experts of Wan 2.2 A14B, each on the steps it runs), composed aft
   :class:`~diffusers_attn_ext.processors.fg_bg_guidance.ForegroundBackgroundCrossAttnProcessor` masks the
   cross-attention; the base prompt conditions the later steps.
 
-No trajectory: the parent pipeline, unchanged.
+No trajectory: the parent pipeline, unchanged; a DiTraj setting or a foreground/background prompt other than its
+default is then a ValueError (it would be ignored). The settings' ranges are checked in every call.
 
 torch.compile (fullgraph, whole transformer or ``compile_repeated_blocks``): STD-RoPE compiles as the stock
 transformer does; each schedule that ends inside the loop adds one graph for its later phase (never one per step),
@@ -34,7 +35,7 @@ from ..processors.fg_bg_guidance import DEFAULT_MASK_STEPS, ForegroundBackground
 from ..processors.std_rope import DEFAULT_ROPE_STEPS, STDRoPEProcessor
 from ..trajectory import Trajectory
 from ..validation import boolean, integer, layer_patterns
-from .arguments import deprecated_aliases
+from .arguments import deprecated_aliases, settings_need_input
 
 FG_BG_HOOK_NAME = "diffusers_attn_ext.fg_bg_prompts"
 
@@ -112,21 +113,28 @@ class _TrajectoryCall:
         ``rope_steps``, ``isolate_duplicates`` and ``mask_steps`` are deprecated aliases of the ``trajectory_*``
         settings.
         """
-        if trajectory is None:
-            return super().__call__(*args, **kwargs)
-        if not isinstance(trajectory, Trajectory):
+        if trajectory is not None and not isinstance(trajectory, Trajectory):
             raise ValueError(f"trajectory must be a Trajectory or None, got {type(trajectory).__name__!r}")
         rope_steps = integer("trajectory_rope_steps", trajectory_rope_steps, 0, allow_none=True)
         mask_steps = integer("trajectory_mask_steps", trajectory_mask_steps, 0)
         isolate_duplicates = boolean("trajectory_isolate_duplicates", trajectory_isolate_duplicates)
         layer_patterns("trajectory_layers", trajectory_layers)
+        if trajectory is None:  # every DiTraj argument acts on the trajectory: none may be silently ignored
+            settings_need_input(_TrajectoryCall.__call__, "trajectory", {
+                "trajectory_rope_steps": rope_steps, "trajectory_isolate_duplicates": isolate_duplicates,
+                "trajectory_mask_steps": mask_steps, "trajectory_layers": trajectory_layers,
+                "foreground_prompt": foreground_prompt, "background_prompt": background_prompt,
+                "foreground_prompt_embeds": foreground_prompt_embeds,
+                "background_prompt_embeds": background_prompt_embeds,
+            }, "DiTraj")
+            return super().__call__(*args, **kwargs)
         self.check_rope()
         # The parent's arguments by name, whether given by position or keyword.
         call_kwargs = inspect.signature(super().__call__).bind_partial(*args, **kwargs).arguments
         height = call_kwargs.get("height") or self.default_video_size()[0]
         width = call_kwargs.get("width") or self.default_video_size()[1]
         num_frames = call_kwargs.get("num_frames") or self.default_num_frames()
-        trajectory.check_video(self.check_num_frames(num_frames), height, width)
+        trajectory.check_video(self.check_num_frames(num_frames, trajectory.num_frames), height, width)
         config = pipeline_transformers(self)[0].config  # the experts of a Wan 2.2 pipeline share their layout
         frame_stride = self.vae_scale_factor_temporal * (config.get("patch_size_t") or 1)
         processors = [STDRoPEProcessor(trajectory, rope_steps, frame_stride, isolate_duplicates)]
@@ -161,9 +169,10 @@ class _TrajectoryCall:
         """Frames the parent pipeline makes when the call gives no ``num_frames``."""
         return 81
 
-    def check_num_frames(self, num_frames: int) -> int:
-        """The frames the parent pipeline makes for ``num_frames`` (the trajectory needs one box for each);
-        ValueError when it would round a request. Default: any count is kept."""
+    def check_num_frames(self, num_frames: int, boxes: int | None = None) -> int:
+        """The frames the parent pipeline makes for ``num_frames`` (the trajectory, of ``boxes`` frames, needs one
+        box for each); ValueError when it would round a request to a count the trajectory does not have.
+        Default: any count is kept."""
         return num_frames
 
     def foreground_background_text(self, foreground_prompt, background_prompt, foreground_prompt_embeds,
@@ -226,19 +235,39 @@ class WanTrajectoryPipeline(_TrajectoryCall, WanPipeline):
             parts = [embeds.repeat_interleave(per_prompt, dim=0) for embeds in parts]
         return parts[0].to(self._execution_device), parts[1].to(self._execution_device)
 
-    def check_num_frames(self, num_frames: int) -> int:
-        """The frames WanPipeline makes for ``num_frames``; ValueError when it would round a request the
-        trajectory was drawn for. With no temporal compression (factor 1) Wan's pipeline always adds one frame
-        (its check ``num_frames % 1 != 1`` always holds), so ``num_frames`` makes ``num_frames + 1`` frames."""
+    def check_num_frames(self, num_frames: int, boxes: int | None = None) -> int:
+        """The frames WanPipeline makes for ``num_frames``; ValueError when it would round a request to a count
+        other than the trajectory's ``boxes``.
+
+        WanPipeline (diffusers 0.42.1, ``__call__``) keeps ``num_frames`` when ``num_frames % t == 1`` (``t`` the
+        VAE's temporal factor ``vae_scale_factor_temporal``: ``num_frames - 1`` must be divisible by it) and
+        otherwise makes ``num_frames // t * t + 1`` frames. With ``t = 4`` (Wan2.1) a request that is not
+        ``4k + 1`` is refused; with no temporal compression (``t = 1``, the world model) the check
+        ``num_frames % 1 != 1`` always holds, so ``num_frames`` makes ``num_frames + 1`` frames, and a trajectory of
+        ``T`` frames needs ``num_frames = T - 1`` (``diffusers_attn_ext.world.wan_num_frames(T, pipe.vae)``)."""
         temporal = self.vae_scale_factor_temporal
+        made = num_frames if num_frames % temporal == 1 else num_frames // temporal * temporal + 1
+        rule = (f"WanPipeline makes num_frames // {temporal} * {temporal} + 1 frames unless num_frames % {temporal} "
+                f"== 1, since num_frames - 1 must be divisible by the VAE's temporal factor "
+                f"(vae_scale_factor_temporal={temporal})")
         if temporal == 1:
-            return num_frames + 1
-        if num_frames % temporal != 1:
+            if boxes is None or made == boxes:
+                return made
             raise ValueError(
-                f"num_frames={num_frames} with a trajectory must be {temporal}k + 1 (WanPipeline would round it "
-                f"to {num_frames // temporal * temporal + 1} frames, and the trajectory has one box per frame)"
+                f"num_frames={num_frames} makes {made} frames, not {num_frames}: {rule}; with factor 1 (no temporal "
+                f"compression) every request gets one frame more. The trajectory has {boxes} boxes, one per frame: "
+                f"pass num_frames={boxes - 1} for a {boxes}-frame trajectory (diffusers_attn_ext.world."
+                f"wan_num_frames({boxes}, pipe.vae) gives it), or give a trajectory of {made} frames"
             )
-        return num_frames
+        if made != num_frames:
+            fix = (f"pass num_frames={boxes}, the trajectory's frame count" if boxes is not None
+                   and boxes % temporal == 1 else f"draw the trajectory for {temporal}k + 1 frames and pass that count")
+            raise ValueError(
+                f"num_frames={num_frames} with a trajectory must be {temporal}k + 1 (WanPipeline would round it to "
+                f"{made} frames: {rule}; the trajectory has one box per frame"
+                + ("" if boxes is None else f", {boxes} boxes") + f"): {fix}"
+            )
+        return made
 
 
 class CogVideoXTrajectoryPipeline(_TrajectoryCall, CogVideoXPipeline):
