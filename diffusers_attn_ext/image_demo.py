@@ -140,7 +140,7 @@ def image_section(output_dir: str | Path, *, steps: int | None = None, only: lis
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    steps = steps or IMAGE_DEMO_STEPS
+    steps = IMAGE_DEMO_STEPS if steps is None else steps
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 2 M-parameter model: one thread is faster than several contending
     try:

@@ -53,7 +53,7 @@ class VideoSetup:
     @classmethod
     def for_checkpoint(cls, pipe, steps: int | None) -> VideoSetup:
         """Wan 2.1/2.2 checkpoints: 81 frames at 480x832, 21 latent frames, blocks of 128 tokens."""
-        return cls(81, 480, 832, steps or 50, 21, 128, False)
+        return cls(81, 480, 832, 50 if steps is None else steps, 21, 128, False)
 
 
 def _generate(pipe, setup: VideoSetup, prompt: str, frames: int, **kwargs) -> torch.Tensor:
@@ -83,7 +83,7 @@ def run_video_demo(output_dir: str | Path, model=None, *, steps: int | None = No
         from .world import load_world_video_pipeline
 
         pipe = load_world_video_pipeline(pipeline_class=WanSparsePipeline)
-        setup = VideoSetup.for_world(steps or DEMO_STEPS)
+        setup = VideoSetup.for_world(DEMO_STEPS if steps is None else steps)
     else:
         if isinstance(model, str):
             pipe = WanSparsePipeline.from_pretrained(model, dtype=torch.bfloat16)
