@@ -39,6 +39,12 @@ from .world.image_models import ImageModelConfig, world_image_call
 from .world.image_scenes import ImageScene, image_caption, subject_boxes
 
 IMAGE_METHODS = ("ir-diffusion", "softpag", "entropy-2x")
+# What one seed cannot show: the measurement over many (docs/quality.md, "What each image method did on this model").
+IMAGE_FINDINGS = ("One seed illustrates; it does not measure. Over many seeds and held-out prompts (docs/quality.md) "
+                  "none of the three image methods helps on this model: IR-Diffusion leaves the targets' consistency "
+                  "where stock has it and sometimes merges subjects, SoftPAG's searched heads do no better than "
+                  "random heads or CFG alone, and entropy scaling has nothing to restore at 2x, where the model "
+                  "fails outright.")
 IMAGE_DEMO_STEPS = 10  # as the video demo; single-subject class rate 77% at 10 steps, 74% at 20 (216 prompts)
 SEED = 0
 # first evaluation scene the demo reads (evaluation_scenes offset): away from the 64 of evaluate_image and from the
@@ -190,7 +196,7 @@ def image_section(output_dir: str | Path, *, steps: int | None = None, only: lis
     finally:
         torch.set_num_threads(threads)
     return (f"Image methods on the shipped world image model (CPU), seed {SEED}, {steps} steps, true CFG 4; stock "
-            "and method share the seed.\n\n" + "\n".join(rows) + "\n")
+            "and method share the seed.\n\n" + "\n".join(rows) + "\n\n" + IMAGE_FINDINGS + "\n")
 
 
 def run_image_demo(output_dir: str | Path, *, steps: int | None = None, only: list[str] | None = None) -> Path:

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from diffusers_attn_ext.__main__ import main
-from diffusers_attn_ext.video_demo import VIDEO_METHODS, run_video_demo
+from diffusers_attn_ext.video_demo import VIDEO_METHODS, WORLD_FINDINGS, run_video_demo
 
 
 def test_the_demo_writes_stock_and_method_side_by_side_with_a_metric(tmp_path):
@@ -20,6 +20,7 @@ def test_the_demo_writes_stock_and_method_side_by_side_with_a_metric(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "| radial |" in summary and "PSNR" in summary
     assert "| ditraj |" in summary and "IoU" in summary
+    assert summary.rstrip().endswith(WORLD_FINDINGS)  # one seed is no measurement: the docs' findings follow
 
 
 def test_an_unknown_video_method_is_a_value_error_before_any_model_work(tmp_path):
@@ -39,7 +40,7 @@ def test_the_demo_shows_each_image_method_beside_stock_with_the_judges_scores(tm
     a method row of the same images at the same seed, and a summary row of the judge's scores."""
     import numpy as np
 
-    from diffusers_attn_ext.image_demo import IMAGE_METHODS, PROMPTS
+    from diffusers_attn_ext.image_demo import IMAGE_FINDINGS, IMAGE_METHODS, PROMPTS
 
     assert main(["demo", "--output", str(tmp_path), "--steps", "2", "--only", *IMAGE_METHODS]) == 0
     rows = {}
@@ -62,3 +63,4 @@ def test_the_demo_shows_each_image_method_beside_stock_with_the_judges_scores(tm
         for cell in cells[3:5]:  # stock, method: judge scores in [0, 1]
             assert all(0.0 <= float(v) <= 1.0 for v in cell.split(" / "))
     assert "Video methods" not in summary  # only image methods were asked for
+    assert summary.rstrip().endswith(IMAGE_FINDINGS)  # one seed is no measurement: the docs' findings follow
