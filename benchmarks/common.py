@@ -25,6 +25,17 @@ def out_dir() -> Path:
     return path
 
 
+def cast_as_loaded(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``model``'s floating-point parameters and buffers in ``dtype`` in place, but for the modules its class's
+    ``_keep_in_fp32_modules`` names, which stay float32 as ``from_pretrained(torch_dtype=dtype)`` keeps them
+    (a plain ``.to(dtype)`` would cast them too)."""
+    keep = set(type(model)._keep_in_fp32_modules or ())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not keep & set(name.split(".")):
+            tensor.data = tensor.data.to(dtype)
+    return model
+
+
 def wan_transformer(config: dict | None = None, dtype=torch.bfloat16, device="cuda"):
     """A Wan transformer with random weights, built directly on the device."""
     from diffusers import WanTransformer3DModel

@@ -70,11 +70,10 @@ def build_pipeline(setting: dict, device: str):
     with torch.device(device):
         transformer = WanTransformer3DModel(**setting["config"]).eval()
         vae = AutoencoderKLWan(**setting["vae"]).eval()  # float32, as diffusers' Wan examples load it
-    if device == "cuda":  # bf16 but for the modules from_pretrained(torch_dtype=torch.bfloat16) keeps in float32
-        keep = set(transformer._keep_in_fp32_modules or ())
-        for name, tensor in [*transformer.named_parameters(), *transformer.named_buffers()]:
-            if not keep & set(name.split(".")) and tensor.is_floating_point():
-                tensor.data = tensor.data.to(torch.bfloat16)
+    if device == "cuda":
+        from common import cast_as_loaded
+
+        cast_as_loaded(transformer, torch.bfloat16)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         num_train_timesteps=1000, flow_shift=setting["flow_shift"])
     pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae, scheduler=scheduler)

@@ -42,6 +42,7 @@ from typing import Any
 from unittest import mock
 
 import torch
+from common import cast_as_loaded
 from quality_common import open_results, quality_parser, read_results, run_sections
 
 from diffusers_attn_ext import kernels
@@ -208,10 +209,7 @@ def bf16_pipeline(pipe):
     transformer.load_state_dict(source.state_dict())
     transformer = transformer.to(source.device).eval()
     bf16 = WanSparsePipeline.from_pipe(pipe, transformer=transformer)
-    keep = tuple(type(source)._keep_in_fp32_modules or ())
-    for name, tensor in [*transformer.named_parameters(), *transformer.named_buffers()]:
-        if tensor.is_floating_point() and not any(k in name.split(".") for k in keep):
-            tensor.data = tensor.data.to(torch.bfloat16)
+    cast_as_loaded(transformer, torch.bfloat16)
     if bf16.transformer is not transformer or transformer.dtype != torch.bfloat16:
         raise RuntimeError(f"the bf16 pipeline's transformer is {bf16.transformer.dtype}")
     bf16.set_progress_bar_config(disable=True)

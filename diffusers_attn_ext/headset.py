@@ -142,6 +142,9 @@ def preset_names() -> list[str]:
     return sorted(item.name.removesuffix(".json") for item in PRESETS.iterdir() if item.name.endswith(".json"))
 
 
+_ALLOWED = "allowed are a {layer: [heads]} mapping, a HeadSet, a JSON file path or a preset name"
+
+
 def as_headset(heads: HeadSet | Mapping[str, Iterable[int]] | str | Path, name: str = "heads") -> HeadSet:
     """A :class:`HeadSet` from a head set, a ``{layer: [heads]}`` mapping, the path of a head set JSON, or the name
     of a preset (:func:`preset_names`): a string that is not an existing file but names a preset loads the preset.
@@ -164,5 +167,3 @@ def as_headset(heads: HeadSet | Mapping[str, Iterable[int]] | str | Path, name: 
         raise ValueError(f"{name}={heads!r} is not allowed: {_ALLOWED}, one of {preset_names()}")
     return HeadSet(heads)
 
-
-_ALLOWED = "allowed are a {layer: [heads]} mapping, a HeadSet, a JSON file path or a preset name"
